@@ -1,0 +1,42 @@
+# cce_patch — developer entry points. `make test` works on a fresh CPU machine: it creates .venv,
+# installs the project with its test extras, and runs pytest with Triton's CPU interpreter.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On machines without an NVIDIA GPU, pin torch to the local CPU wheel so pip never downloads the
+# multi-GB CUDA build. Machines with a GPU (and users) keep whatever torch they choose.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+PIP_ENV :=
+else
+PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
+endif
+PYTEST_ARGS ?=
+
+.PHONY: install test lint finetune bench gpu clean
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_ENV) $(BIN)/python -m pip install -q --upgrade pip
+	$(PIP_ENV) $(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Run the test suite (CPU; GPU-marked tests skip). Triton kernels run under TRITON_INTERPRET=1.
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS) tests
+
+lint: install
+	$(BIN)/ruff check cce_patch tests recipes
+
+## The main job: fine-tune on the embedded offline default (tiny model, generated data), on CPU.
+finetune: install
+	$(BIN)/accelerate launch --num_processes 1 --cpu recipes/finetune_alpaca.py
+
+## GPU tests + benchmarks (run on a CUDA machine); results under $$OUT (default ./outputs/gpu).
+gpu:
+	bash tests/gpu/run_all.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

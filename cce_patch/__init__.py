@@ -1,0 +1,11 @@
+"""cce_patch: Cut Cross-Entropy for Hugging Face Transformers.
+
+The language-model loss computed from the final hidden states and ``lm_head.weight`` in fused kernels,
+so the ``[tokens x vocab]`` logit matrix is never materialized.
+"""
+
+from .ops import linear_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = ["linear_cross_entropy", "__version__"]

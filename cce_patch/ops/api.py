@@ -1,0 +1,173 @@
+"""``linear_cross_entropy``: the public op. Validation, dispatch between backends, autograd, reductions.
+
+Every backend implements the same two functions on flattened rows (see ``spec.py`` for the math):
+``forward(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows)`` and the matching ``backward``.
+Reductions are ordinary torch ops on the (N,) per-row losses, so autograd hands the backend exactly the
+per-row upstream gradient whatever the reduction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+from .spec import LossSpec
+from .validation import validate_inputs
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if impl == "triton":
+        if not _triton_available():
+            raise RuntimeError("impl='triton' needs the `triton` package; install it or use impl='torch'")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (got {device}); use impl='torch' or 'auto' on CPU "
+                "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
+            )
+    return impl
+
+
+def _backend(name: str) -> tuple[Callable, Callable]:
+    if name == "torch":
+        return reference.torch_forward, reference.torch_backward
+    from . import triton_backend  # imported lazily: importing triton is slow and absent on some platforms
+
+    return triton_backend.triton_forward, triton_backend.triton_backward
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd glue: saves inputs and the per-row LSE; the backward pass recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str):
+        ctx.set_materialize_grads(False)
+        forward_fn, _ = _backend(impl)
+        if e2d.shape[0] == 0:
+            loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
+            lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
+        else:
+            loss, lse = forward_fn(e2d, c, bias, targets_flat, spec)
+        ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
+        ctx.spec, ctx.impl = spec, impl
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        e2d, c, bias, targets_flat, lse = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if not any(needs):
+            return None, None, None, None, None, None
+        if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
+            zero = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
+            return zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, None, None, None
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        _, backward_fn = _backend(ctx.impl)
+        de, dc, db = backward_fn(
+            e2d, c, bias, targets_flat, ctx.spec, lse,
+            grad_loss.float().contiguous(),
+            grad_lse.float().contiguous() if grad_lse is not None else None,
+            needs,
+        )
+        return de, dc, db, None, None, None
+
+
+def linear_cross_entropy(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    shift: bool = False,
+    label_smoothing: float = 0.0,
+    return_lse: bool = False,
+    impl: str = "auto",
+    filter_eps: float | None = None,
+    check_targets: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
+
+    Args:
+        e: ``(..., D)`` hidden states (fp32, fp16 or bf16).
+        c: ``(V, D)`` classifier, e.g. ``lm_head.weight``; same dtype as ``e``.
+        targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``(V,)`` classifier bias, added before ``softcap``.
+        ignore_index: targets with this value contribute nothing (loss 0, gradient 0).
+        softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma 2 uses 30.0).
+        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (shape of ``targets``, 0 at
+            ignored positions). If every target is ignored, ``"mean"`` returns 0 with zero gradients (not NaN).
+        shift: causal-LM shift: position ``t`` of the last sequence dimension is scored against target
+            ``t + 1``; the last position of each sequence is ignored. Nothing is copied. Per-token outputs
+            keep the shape of ``targets`` and are aligned with ``e`` (position ``t`` holds the loss of
+            predicting ``targets[..., t + 1]``).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        return_lse: also return the per-token log-sum-exp (fp32, shape of ``targets``, 0 at ignored positions),
+            differentiable, e.g. for a z-loss ``(lse ** 2).sum() / n``.
+        impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        filter_eps: opt-in gradient filtering threshold: softmax blocks whose values are all below it are
+            skipped in the backward pass. ``None`` (default) means exact gradients.
+        check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
+            off is faster and unsafe: an out-of-range target is then undefined behaviour.
+
+    Returns:
+        The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
+
+    Non-contiguous ``e`` or ``targets`` are made contiguous first (a copy); gradients are computed only for
+    the tensors that require them. Accumulation is always fp32.
+    """
+    validate_inputs(
+        e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
+        label_smoothing=label_smoothing, impl=impl, check_targets=check_targets,
+    )
+    if filter_eps is not None and not (0.0 < filter_eps < 1.0):
+        raise ValueError(f"filter_eps must be None or in (0, 1), got {filter_eps!r}")
+    backend = resolve_impl(impl, e.device)
+    d = e.shape[-1]
+    e2d = e.reshape(-1, d)
+    if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
+        e2d = e2d.contiguous()
+    targets_flat = targets.reshape(-1)
+    if not targets_flat.is_contiguous():
+        targets_flat = targets_flat.contiguous()
+    c_in = c if c.is_contiguous() else c.contiguous()
+    bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    spec = LossSpec(
+        ignore_index=ignore_index,
+        softcap=float(softcap) if softcap is not None else None,
+        label_smoothing=float(label_smoothing),
+        shift_period=targets.shape[-1] if shift else 0,
+        filter_eps=filter_eps,
+    )
+    loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
+
+    if reduction == "none":
+        loss = loss_rows.view(targets.shape)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        n_valid = reference.valid_rows(targets_flat, spec).sum()
+        loss = loss_rows.sum() / n_valid.clamp_min(1)
+    if return_lse:
+        return loss, lse_rows.view(targets.shape)
+    return loss

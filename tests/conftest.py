@@ -1,0 +1,30 @@
+"""Test configuration: Triton's CPU interpreter on machines without CUDA, and the `gpu` marker.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before cce_patch's
+kernel modules are imported; conftest.py is imported by pytest before any test module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
