@@ -103,7 +103,6 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     return_lse: bool = False,
     impl: str = "auto",
-    filter_eps: float | None = None,
     check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
@@ -125,8 +124,6 @@ def linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp (fp32, shape of ``targets``, 0 at ignored positions),
             differentiable, e.g. for a z-loss ``(lse ** 2).sum() / n``.
         impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
-        filter_eps: opt-in gradient filtering threshold: softmax blocks whose values are all below it are
-            skipped in the backward pass. ``None`` (default) means exact gradients.
         check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
             off is faster and unsafe: an out-of-range target is then undefined behaviour.
 
@@ -140,8 +137,6 @@ def linear_cross_entropy(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets,
     )
-    if filter_eps is not None and not (0.0 < filter_eps < 1.0):
-        raise ValueError(f"filter_eps must be None or in (0, 1), got {filter_eps!r}")
     backend = resolve_impl(impl, e.device)
     d = e.shape[-1]
     e2d = e.reshape(-1, d)
@@ -157,7 +152,6 @@ def linear_cross_entropy(
         softcap=float(softcap) if softcap is not None else None,
         label_smoothing=float(label_smoothing),
         shift_period=targets.shape[-1] if shift else 0,
-        filter_eps=filter_eps,
     )
     loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
 

@@ -25,4 +25,3 @@ class LossSpec:
     softcap: float | None = None
     label_smoothing: float = 0.0
     shift_period: int = 0  # 0: no shift; T: row i scores target i+1 and rows with i % T == T-1 are ignored
-    filter_eps: float | None = None  # opt-in gradient filtering threshold (None: exact gradients)
