@@ -1,0 +1,134 @@
+"""The chunked torch path against the fp64 oracle, over the whole option matrix."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from cce_patch import linear_cross_entropy
+from cce_patch.ops import LossSpec, reference
+from oracle import dense_reference, rel_err
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _inputs(shape, d, v, dtype, regime="flat", bias=False, ignore_frac=0.2):
+    e = torch.randn(*shape, d) / d**0.25
+    scale = 6.0 if regime == "peaked" else 1.0
+    c = scale * torch.randn(v, d) / d**0.25
+    t = torch.randint(0, v, shape)
+    t[torch.rand(shape) < ignore_frac] = -100
+    b = torch.randn(v) if bias else None
+    e, c = e.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+    if b is not None:
+        b = b.to(dtype).requires_grad_()
+    return e, c, t, b
+
+
+def _check(e, c, t, b, tol, *, return_lse=False, **kw):
+    out = linear_cross_entropy(e, c, t, bias=b, impl="torch", return_lse=return_lse, **kw)
+    loss, lse = out if return_lse else (out, None)
+    assert loss.dtype == torch.float32
+    ref, ref_lse, (e64, c64, b64) = dense_reference(e, c, t, bias=b, **kw)
+    weight = torch.randn(loss.shape, dtype=torch.float64) if loss.dim() else torch.tensor(1.0, dtype=torch.float64)
+    objective = (loss.double() * weight).sum()
+    ref_objective = (ref * weight).sum()
+    if return_lse:  # a z-loss-like term: gradients must flow through the LSE as well
+        objective = objective + 0.1 * (lse.double() ** 2).sum()
+        ref_objective = ref_objective + 0.1 * (ref_lse**2).sum()
+        assert rel_err(lse.detach(), ref_lse.detach()) < tol
+    objective.backward()
+    ref_objective.backward()
+    assert rel_err(loss.detach(), ref.detach()) < tol
+    assert rel_err(e.grad, e64.grad) < tol
+    assert rel_err(c.grad, c64.grad) < tol
+    if b is not None:
+        assert rel_err(b.grad, b64.grad) < tol
+
+
+@pytest.mark.parametrize(
+    "reduction,shift,softcap,smoothing",
+    list(itertools.product(["mean", "sum", "none"], [False, True], [None, 4.0], [0.0, 0.1])),
+)
+def test_matrix_fp32(reduction, shift, softcap, smoothing):
+    e, c, t, b = _inputs((3, 13), 67, 1003, torch.float32, bias=True)
+    _check(e, c, t, b, TOL[torch.float32], reduction=reduction, shift=shift, softcap=softcap,
+           label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("regime", ["flat", "peaked"])
+def test_half_dtypes(dtype, regime):
+    e, c, t, _ = _inputs((37,), 67, 1003, dtype, regime=regime)
+    _check(e, c, t, None, TOL[dtype], reduction="mean")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_return_lse_gradient(shift):
+    e, c, t, b = _inputs((2, 11), 40, 301, torch.float32, bias=True)
+    _check(e, c, t, b, TOL[torch.float32], return_lse=True, shift=shift, softcap=3.0)
+
+
+def test_chunking_is_invisible():
+    """Many tiny chunks give the same result as one chunk: the chunk loop has no seams."""
+    e, c, t, _ = _inputs((53,), 24, 97, torch.float32)
+    spec = LossSpec()
+    one = reference.torch_forward(e.detach(), c.detach(), None, t, spec, chunk_rows=1000)
+    many = reference.torch_forward(e.detach(), c.detach(), None, t, spec, chunk_rows=7)
+    torch.testing.assert_close(one, many)
+    grads = [
+        reference.torch_backward(e.detach(), c.detach(), None, t, spec, one[1], torch.ones(53), None,
+                                 (True, True, False), chunk_rows=rows)
+        for rows in (1000, 7)
+    ]
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_all_ignored_mean_is_zero_with_zero_grads():
+    e, c, t, _ = _inputs((2, 5), 8, 11, torch.float32, ignore_frac=1.0)
+    loss = linear_cross_entropy(e, c, t, impl="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert torch.count_nonzero(e.grad) == 0 and torch.count_nonzero(c.grad) == 0
+
+
+def test_shift_ignores_last_position_and_copies_nothing():
+    e, c, t, _ = _inputs((2, 6), 8, 11, torch.float32, ignore_frac=0.0)
+    rows = linear_cross_entropy(e, c, t, impl="torch", shift=True, reduction="none")
+    assert rows.shape == t.shape
+    assert torch.all(rows[:, -1] == 0) and torch.all(rows[:, :-1] > 0)
+
+
+def test_grads_only_where_required():
+    e, c, t, _ = _inputs((9,), 8, 11, torch.float32)
+    c.requires_grad_(False)
+    linear_cross_entropy(e, c, t, impl="torch").backward()
+    assert e.grad is not None and c.grad is None
+
+
+def test_non_contiguous_inputs():
+    e, c, t, _ = _inputs((4, 7), 16, 50, torch.float32, ignore_frac=0.0)
+    e_nc = e.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    c_nc = c.detach().T.contiguous().T.requires_grad_()
+    t_nc = t.T.contiguous().T
+    assert not e_nc.is_contiguous() and not c_nc.is_contiguous() and not t_nc.is_contiguous()
+    _check(e_nc, c_nc, t_nc, None, TOL[torch.float32], shift=True)
+
+
+def test_empty_input():
+    e = torch.randn(0, 8, requires_grad=True)
+    c = torch.randn(11, 8, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    loss = linear_cross_entropy(e, c, t, impl="torch")
+    loss.backward()
+    assert loss.item() == 0.0 and c.grad is not None and torch.count_nonzero(c.grad) == 0
+    assert linear_cross_entropy(e, c, t, impl="torch", reduction="none").shape == (0,)
+
+
+def test_auto_picks_torch_on_cpu():
+    from cce_patch.ops import resolve_impl
+
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
