@@ -1,0 +1,131 @@
+"""``python -m cce_patch.bench`` / ``cce-patch bench``: the kernel-level benchmark, ours and peers side by side.
+
+Examples::
+
+    cce-patch bench --preset paper                       # N=8192 D=2304 V=256000, flat/peaked/lm, all methods
+    cce-patch bench --preset families --out outputs/fam  # the five families' head shapes at N=8192
+    cce-patch bench --preset scaling --methods ours,torch.compile
+    cce-patch bench --shape 4096x2048x128256 --regimes lm --methods 'ours,ours[mode=speed],torch'
+    cce-patch bench --preset tiny --device cpu           # seconds on a CPU (CI smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import methods as M
+from .regimes import REGIMES
+from .report import environment, markdown_table, write_all
+from .runner import BenchConfig, records_to_dicts, run
+
+#: The five families' lm-head shapes (D, V) from ANCHORS.md: Gemma 2 2B, Qwen 2.5 7B, Phi 3.5 mini,
+#: Mistral NeMo 12B, Llama 3.1 8B.
+FAMILY_HEADS = {
+    "gemma2-2b": (2304, 256000),
+    "qwen2.5-7b": (3584, 152064),
+    "phi3.5-mini": (3072, 32064),
+    "mistral-nemo-12b": (5120, 131072),
+    "llama3.1-8b": (4096, 128256),
+}
+
+PRESETS: dict[str, dict] = {
+    "paper": {"shapes": [(8192, 2304, 256000)], "regimes": list(REGIMES)},
+    "families": {"shapes": [(8192, d, v) for d, v in FAMILY_HEADS.values()], "regimes": ["lm"]},
+    "scaling": {"shapes": [(1024 * k, 2304, 256000) for k in (1, 2, 4, 8, 16, 32, 64)], "regimes": ["lm"]},
+    "tiny": {"shapes": [(64, 32, 500)], "regimes": list(REGIMES)},
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"8192x2304x256000"`` or ``"8192,2304,256000"`` -> ``(N, D, V)``."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        n, d, v = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxDxV, e.g. 8192x2304x256000") from None
+    if min(n, d, v) <= 0:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: sizes must be positive")
+    return n, d, v
+
+
+def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="shapes + regimes: paper (3 regimes), families (5 heads, lm), scaling (N 1k..64k, lm), "
+                        "tiny (CPU smoke test). Default: paper on CUDA, tiny on CPU")
+    p.add_argument("--shape", action="append", type=parse_shape, default=None, metavar="NxDxV",
+                   help="shape(s) to run instead of the preset's (repeatable)")
+    p.add_argument("--n", default=None, help="comma-separated N values, replacing N in every shape")
+    p.add_argument("--regimes", default=None, help=f"comma-separated subset of {','.join(REGIMES)}")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated method specs; known: {','.join(M.KNOWN)}; ours takes options, e.g. "
+                        "'ours[mode=speed]' (passed to linear_cross_entropy). Default: all (CUDA) / torch,ours")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-errors", action="store_true", help="skip the fp32 reference and the gradient errors")
+    p.add_argument("--warmup-ms", type=float, default=100.0)
+    p.add_argument("--rep-ms", type=float, default=500.0, help="do_bench budget (at least 7 runs are timed)")
+    p.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for <name>.md/.json/.png")
+    p.add_argument("--name", default=None, help="file stem of the outputs (default: the preset, or 'bench')")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    preset = PRESETS[args.preset or ("paper" if device.type == "cuda" else "tiny")]
+    shapes = list(args.shape or preset["shapes"])
+    if args.n:
+        ns = [int(x) for x in args.n.split(",") if x.strip()]
+        shapes = list(dict.fromkeys((n, d, v) for d, v in dict.fromkeys((d, v) for _, d, v in shapes) for n in ns))
+    regimes = [r.strip() for r in args.regimes.split(",")] if args.regimes else list(preset["regimes"])
+    for r in regimes:
+        if r not in REGIMES:
+            raise SystemExit(f"error: unknown regime {r!r}; choose from {', '.join(REGIMES)}")
+    specs = M.split_specs(args.methods) if args.methods else M.default_specs(device)
+    for s in specs:  # fail fast on typos, before any GPU work
+        name, _ = M.parse_spec(s)
+        if name not in M.KNOWN:
+            raise SystemExit(f"error: unknown method {name!r}; known: {', '.join(M.KNOWN)}")
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return BenchConfig(shapes=shapes, regimes=regimes, methods=specs, device=device, dtype=dtype, seed=args.seed,
+                       errors=not args.no_errors, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    cfg = config_from_args(args)
+    env = environment(cfg.device, [*prog.split(), *argv])
+    logging.getLogger("cce_patch.bench").info(
+        "device %s | shapes %s | regimes %s | methods %s | %s", env["device"], cfg.shapes, cfg.regimes,
+        cfg.methods, str(cfg.dtype).removeprefix("torch."))
+    results = records_to_dicts(run(cfg))
+    name = args.name or args.preset or ("bench" if args.shape else ("paper" if cfg.device.type == "cuda" else "tiny"))
+    config = {"shapes": cfg.shapes, "regimes": cfg.regimes, "methods": cfg.methods, "dtype": str(cfg.dtype),
+              "seed": cfg.seed, "errors": cfg.errors, "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms,
+              "timing": "triton.testing.do_bench median (CUDA events)" if cfg.device.type == "cuda"
+              else "time.perf_counter median", "preset": args.preset}
+    paths = write_all(args.out, name, env, config, results, png=not args.no_png)
+    print(markdown_table(results, env))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""Benchmark outputs: environment header, markdown table, JSON, PNG plot.
+
+``python -m cce_patch.bench.report RESULTS.json [--out DIR]`` re-renders the table and the plot from a JSON
+written earlier (e.g. one fetched from the GPU machine), so figures never need a second GPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cce_patch.bench")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict:
+    """Everything needed to reproduce or compare a run: device, versions, date, exact command."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        dev_name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})"
+    else:
+        dev_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "device": dev_name,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "cce_patch": _version("cce_patch"),
+        "git_commit": _git_commit(),
+        "cut-cross-entropy": _version("cut-cross-entropy"),
+        "liger-kernel": _version("liger-kernel"),
+    }
+
+
+def header_lines(env: dict) -> list[str]:
+    keys = ("device", "date", "torch", "cuda", "triton", "transformers", "cce_patch", "git_commit",
+            "cut-cross-entropy", "liger-kernel")
+    parts = [f"{k} {env[k]}" for k in keys if env.get(k)]
+    return [f"<!-- {', '.join(parts)} -->", f"`{env.get('command', '')}`", ""]
+
+
+def _num(x: float | None, digits: int) -> str:
+    if x is None:
+        return "-"
+    if digits == 0:
+        return f"{x:,.0f}"
+    return f"{x:,.{digits}f}"
+
+
+def _err(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def _mem(x: float | None, device_is_cuda: bool) -> str:
+    if x is None:
+        return "-" if device_is_cuda else "n/a"
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _status(rec: dict) -> str:
+    bad = {k: s for k, s in rec["status"].items() if s != "ok"}
+    if not bad:
+        return "ok"
+    if "all" in bad:
+        return bad["all"]
+    return "; ".join(f"{k}: {s}" for k, s in bad.items())
+
+
+def markdown_table(results: list[dict], env: dict) -> str:
+    """One row per (shape, regime, method), with the environment header above it."""
+    cuda = not str(env.get("device", "")).startswith("CPU")
+    lines = header_lines(env)
+    lines.append("| method | N | D | V | regime | fwd ms | fwd MB | fwd+bwd ms | fwd+bwd MB | grads MB "
+                 "| dE rel.err | dC rel.err | status |")
+    lines.append("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['n']} | {r['d']} | {r['v']} | {r['regime']} | {_num(r['fwd_ms'], 2)} "
+            f"| {_mem(r['fwd_mb'], cuda)} | {_num(r['fwdbwd_ms'], 2)} | {_mem(r['fwdbwd_mb'], cuda)} "
+            f"| {_mem(r['grads_mb'], True)} | {_err(r['de_rel_err'])} | {_err(r['dc_rel_err'])} "
+            f"| {_status(r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, env: dict, config: dict, results: list[dict]) -> None:
+    path.write_text(json.dumps({"environment": env, "config": config, "results": results}, indent=1) + "\n")
+
+
+def plot(results: list[dict], env: dict, path: Path) -> bool:
+    """Scaling runs (several N at one D, V): time and memory vs N, one line per method. Otherwise grouped bars
+    of fwd+bwd time and memory per (shape, regime). Returns False (and logs why) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no plot written (pip install 'cce_patch[bench]')")
+        return False
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    dv = {(r["d"], r["v"]) for r in results}
+    ns = sorted({r["n"] for r in results})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    title = f"{env.get('device', '')} — torch {env.get('torch')}, triton {env.get('triton')}"
+    if len(dv) == 1 and len(ns) > 1:
+        d, v = next(iter(dv))
+        regimes = sorted({r["regime"] for r in results})
+        for m in methods:
+            for key, ax in (("fwdbwd_ms", axes[0]), ("fwdbwd_mb", axes[1])):
+                pts = sorted((r["n"], r[key]) for r in results if r["method"] == m and r[key] is not None
+                             and r["regime"] == regimes[0])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs")):
+            ax.set_xscale("log", base=2)
+            if ax.lines:
+                ax.set_yscale("log")
+            ax.set_xlabel("N tokens")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].set_title(f"D={d}, V={v}, regime {regimes[0]}")
+        axes[0].legend(fontsize=8)
+        if not axes[1].lines:
+            axes[1].text(0.5, 0.5, "memory not measured on CPU", ha="center", transform=axes[1].transAxes)
+    else:
+        groups = list(dict.fromkeys((r["n"], r["d"], r["v"], r["regime"]) for r in results))
+        width = 0.8 / max(1, len(methods))
+        for i, m in enumerate(methods):
+            by = {(r["n"], r["d"], r["v"], r["regime"]): r for r in results if r["method"] == m}
+            for key, ax in (("fwdbwd_ms", axes[0]), ("fwdbwd_mb", axes[1])):
+                ys = [(by[g][key] if g in by and by[g][key] is not None else 0.0) for g in groups]
+                ax.bar([j + i * width for j in range(len(groups))], ys, width, label=m)
+        labels = [f"{n}x{d}x{v}\n{reg}" for n, d, v, reg in groups]
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs (log)")):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], labels, fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, axis="y", alpha=0.3)
+        if any(r["fwdbwd_mb"] for r in results):
+            axes[1].set_yscale("log")
+        else:
+            axes[1].text(0.5, 0.5, "memory not measured on CPU", ha="center", transform=axes[1].transAxes)
+        axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(out: Path, name: str, env: dict, config: dict, results: list[dict], *, png: bool = True) -> dict:
+    """Write ``<name>.md``, ``<name>.json`` and (if ``png``) ``<name>.png`` under ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / f"{name}.md", "json": out / f"{name}.json"}
+    paths["md"].write_text(markdown_table(results, env))
+    write_json(paths["json"], env, config, results)
+    if png and plot(results, env, out / f"{name}.png"):
+        paths["png"] = out / f"{name}.png"
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cce_patch.bench.report",
+                                description="Re-render the table and plot of a benchmark JSON.")
+    p.add_argument("json", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
+    args = p.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    out = args.out or args.json.parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.json.stem
+    (out / f"{stem}.md").write_text(markdown_table(data["results"], data["environment"]))
+    plot(data["results"], data["environment"], out / f"{stem}.png")
+    print(markdown_table(data["results"], data["environment"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
