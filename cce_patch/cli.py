@@ -1,8 +1,8 @@
 """The ``cce-patch`` console script.
 
-    cce-patch bench ...      kernel benchmark (python -m cce_patch.bench)
-    cce-patch e2e ...        training-step benchmark of a real architecture (python -m cce_patch.bench.e2e)
-    cce-patch report X.json  re-render a benchmark JSON as table + plot (python -m cce_patch.bench.report)
+cce-patch bench ...      kernel benchmark (python -m cce_patch.bench)
+cce-patch e2e ...        training-step benchmark of a real architecture (python -m cce_patch.bench.e2e)
+cce-patch report X.json  re-render a benchmark JSON as table + plot (python -m cce_patch.bench.report)
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: cce-patch COMMAND [options]   (cce-patch COMMAND --help for its options)", "", "commands:"]
+    lines = [
+        "usage: cce-patch COMMAND [options]   (cce-patch COMMAND --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""``python -m cce_patch.bench`` / ``cce-patch bench``: the kernel-level benchmark, ours and peers side by side.
+"""``python -m cce_patch.bench`` / ``cce-patch bench``: kernel benchmark, ours and peers side by side.
 
 Examples::
 
@@ -50,25 +50,44 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         n, d, v = (int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected NxDxV, e.g. 8192x2304x256000") from None
+        raise argparse.ArgumentTypeError(
+            f"bad shape {text!r}: expected NxDxV, e.g. 8192x2304x256000"
+        ) from None
     if min(n, d, v) <= 0:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: sizes must be positive")
     return n, d, v
 
 
 def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="shapes + regimes: paper (3 regimes), families (5 heads, lm), scaling (N 1k..64k, lm), "
-                        "tiny (CPU smoke test). Default: paper on CUDA, tiny on CPU")
-    p.add_argument("--shape", action="append", type=parse_shape, default=None, metavar="NxDxV",
-                   help="shape(s) to run instead of the preset's (repeatable)")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="shapes + regimes: paper (3 regimes), families (5 heads, lm), scaling (N 1k..64k, lm), "
+        "tiny (CPU smoke test). Default: paper on CUDA, tiny on CPU",
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        type=parse_shape,
+        default=None,
+        metavar="NxDxV",
+        help="shape(s) to run instead of the preset's (repeatable)",
+    )
     p.add_argument("--n", default=None, help="comma-separated N values, replacing N in every shape")
     p.add_argument("--regimes", default=None, help=f"comma-separated subset of {','.join(REGIMES)}")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated method specs; known: {','.join(M.KNOWN)}; ours takes options, e.g. "
-                        "'ours[mode=speed]' (passed to linear_cross_entropy). Default: all (CUDA) / torch,ours")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated method specs; known: {','.join(M.KNOWN)}; ours takes options, e.g. "
+        "'ours[mode=speed]' (passed to linear_cross_entropy). Default: all (CUDA) / torch,ours",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -90,7 +109,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     shapes = list(args.shape or preset["shapes"])
     if args.n:
         ns = [int(x) for x in args.n.split(",") if x.strip()]
-        shapes = list(dict.fromkeys((n, d, v) for d, v in dict.fromkeys((d, v) for _, d, v in shapes) for n in ns))
+        shapes = list(
+            dict.fromkeys((n, d, v) for d, v in dict.fromkeys((d, v) for _, d, v in shapes) for n in ns)
+        )
     regimes = [r.strip() for r in args.regimes.split(",")] if args.regimes else list(preset["regimes"])
     for r in regimes:
         if r not in REGIMES:
@@ -101,26 +122,58 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if name not in M.KNOWN:
             raise SystemExit(f"error: unknown method {name!r}; known: {', '.join(M.KNOWN)}")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    return BenchConfig(shapes=shapes, regimes=regimes, methods=specs, device=device, dtype=dtype, seed=args.seed,
-                       errors=not args.no_errors, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    return BenchConfig(
+        shapes=shapes,
+        regimes=regimes,
+        methods=specs,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        errors=not args.no_errors,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.bench") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     cfg = config_from_args(args)
     env = environment(cfg.device, [*prog.split(), *argv])
     logging.getLogger("cce_patch.bench").info(
-        "device %s | shapes %s | regimes %s | methods %s | %s", env["device"], cfg.shapes, cfg.regimes,
-        cfg.methods, str(cfg.dtype).removeprefix("torch."))
+        "device %s | shapes %s | regimes %s | methods %s | %s",
+        env["device"],
+        cfg.shapes,
+        cfg.regimes,
+        cfg.methods,
+        str(cfg.dtype).removeprefix("torch."),
+    )
     results = records_to_dicts(run(cfg))
-    name = args.name or args.preset or ("bench" if args.shape else ("paper" if cfg.device.type == "cuda" else "tiny"))
-    config = {"shapes": cfg.shapes, "regimes": cfg.regimes, "methods": cfg.methods, "dtype": str(cfg.dtype),
-              "seed": cfg.seed, "errors": cfg.errors, "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms,
-              "timing": "triton.testing.do_bench median (CUDA events)" if cfg.device.type == "cuda"
-              else "time.perf_counter median", "preset": args.preset}
+    name = (
+        args.name
+        or args.preset
+        or ("bench" if args.shape else ("paper" if cfg.device.type == "cuda" else "tiny"))
+    )
+    config = {
+        "shapes": cfg.shapes,
+        "regimes": cfg.regimes,
+        "methods": cfg.methods,
+        "dtype": str(cfg.dtype),
+        "seed": cfg.seed,
+        "errors": cfg.errors,
+        "warmup_ms": cfg.warmup_ms,
+        "rep_ms": cfg.rep_ms,
+        "timing": "triton.testing.do_bench median (CUDA events)"
+        if cfg.device.type == "cuda"
+        else "time.perf_counter median",
+        "preset": args.preset,
+    }
     paths = write_all(args.out, name, env, config, results, png=not args.no_png)
     print(markdown_table(results, env))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

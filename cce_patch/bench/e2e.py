@@ -2,9 +2,10 @@
 patched with ``cce_patch.patch(model)``.
 
 The model is built from its published config at random init (no downloads): Gemma-2-2B or Llama-3.2-1B (the
-architecture facts of ../shared/ANCHORS.md), in bf16, with gradient checkpointing and SDPA attention (eager where transformers refuses SDPA), on
-``batch x seq`` random tokens (default 4 x 2048 = 8k tokens). The same instance (same weights, same tokens) is
-measured stock, then patched, then unpatched, so the losses must agree to bf16 rounding. Per variant: the loss
+architecture facts of ../shared/ANCHORS.md), in bf16, with gradient checkpointing and SDPA attention (eager
+where transformers refuses SDPA), on ``batch x seq`` random tokens (default 4 x 2048 = 8k tokens). The same
+instance (same weights, same tokens) is measured stock, then patched, then unpatched, so the losses must agree
+to bf16 rounding. Per variant: the loss
 of the first step, the gradient norm, the peak memory of a forward+backward (absolute, and above the weights
 and inputs), and the median step time. Outputs: ``<out>/<name>.json`` and ``<name>.md``.
 
@@ -37,25 +38,77 @@ log = logging.getLogger("cce_patch.bench")
 # Architecture facts from the published configs (ANCHORS.md). rope_theta only shapes the rotary table, but
 # is kept so the model is the real one.
 MODELS: dict[str, tuple[str, dict]] = {
-    "gemma2-2b": ("gemma2", dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, final_logit_softcapping=30.0,
-        attn_logit_softcapping=50.0, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
-        max_position_embeddings=8192, rope_theta=10000.0)),
-    "llama3.2-1b": ("llama", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
-        eos_token_id=128001)),
+    "gemma2-2b": (
+        "gemma2",
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            tie_word_embeddings=True,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+        ),
+    ),
+    "llama3.2-1b": (
+        "llama",
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            bos_token_id=128000,
+            eos_token_id=128001,
+        ),
+    ),
     # Tiny stand-ins with the same structure, for CPU smoke tests.
-    "tiny-llama": ("llama", dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512, rope_theta=10000.0)),
-    "tiny-gemma2": ("gemma2", dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-        query_pre_attn_scalar=16, sliding_window=32, tie_word_embeddings=True, max_position_embeddings=512,
-        rope_theta=10000.0)),
+    "tiny-llama": (
+        "llama",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+        ),
+    ),
+    "tiny-gemma2": (
+        "gemma2",
+        dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            query_pre_attn_scalar=16,
+            sliding_window=32,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+        ),
+    ),
 }
 
 
@@ -78,9 +131,10 @@ def make_config(name: str):
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa"):
-    """Random-init model on ``device`` in ``dtype`` (created there directly), gradient checkpointing, attention
-    ``attn`` — falling back to ``eager`` where transformers refuses it (recent versions refuse SDPA for Gemma 2,
-    whose attention logit softcapping SDPA cannot apply). ``model.config._attn_implementation`` says which ran."""
+    """Random-init model on ``device`` in ``dtype`` (created there directly), gradient checkpointing,
+    attention ``attn`` — falling back to ``eager`` where transformers refuses it (recent versions refuse SDPA
+    for Gemma 2, whose attention logit softcapping SDPA cannot apply).
+    ``model.config._attn_implementation`` says which ran."""
     from transformers import AutoModelForCausalLM
 
     cfg = make_config(name)
@@ -95,14 +149,22 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int =
             except ValueError as exc:
                 if attn == "eager":
                     raise
-                log.warning("%s: attn_implementation=%r refused (%s); using 'eager'", name, attn,
-                            str(exc).split(".")[0])
+                log.warning(
+                    "%s: attn_implementation=%r refused (%s); using 'eager'",
+                    name,
+                    attn,
+                    str(exc).split(".")[0],
+                )
                 torch.manual_seed(seed)
                 model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     finally:
         torch.set_default_dtype(old)
     model.to(device=device, dtype=dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5.2x renamed it; older versions only have the first name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
@@ -145,7 +207,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_variant(model, ids, labels, rec: E2ERecord, device: torch.device, steps: int, warmup: int) -> None:
+def measure_variant(
+    model, ids, labels, rec: E2ERecord, device: torch.device, steps: int, warmup: int
+) -> None:
     """First step: loss + gradient norm (+ peak memory on CUDA). Then ``warmup`` + ``steps`` timed steps."""
 
     def step(keep_grads: bool = False) -> torch.Tensor:
@@ -191,8 +255,19 @@ def measure_variant(model, ids, labels, rec: E2ERecord, device: torch.device, st
     rec.step_ms = statistics.median(times) if times else None
 
 
-def run_model(name: str, variants: list[str], options: dict, device: torch.device, dtype: torch.dtype,
-              batch: int, seq: int, steps: int, warmup: int, seed: int, attn: str = "sdpa") -> list[E2ERecord]:
+def run_model(
+    name: str,
+    variants: list[str],
+    options: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    attn: str = "sdpa",
+) -> list[E2ERecord]:
     dtype_name = str(dtype).removeprefix("torch.")
     t0 = time.perf_counter()
     model = build_model(name, device, dtype, seed, attn)
@@ -207,8 +282,16 @@ def run_model(name: str, variants: list[str], options: dict, device: torch.devic
     records: list[E2ERecord] = []
     stock: E2ERecord | None = None
     for variant in variants:
-        rec = E2ERecord(name, variant, batch, seq, dtype_name, attn=attn_used, weights_gib=weights,
-                        options=options if variant == "patched" else {})
+        rec = E2ERecord(
+            name,
+            variant,
+            batch,
+            seq,
+            dtype_name,
+            attn=attn_used,
+            weights_gib=weights,
+            options=options if variant == "patched" else {},
+        )
         unpatch = None
         t1 = time.perf_counter()
         try:
@@ -240,20 +323,26 @@ def run_model(name: str, variants: list[str], options: dict, device: torch.devic
 
 def _brief(r: E2ERecord) -> str:
     f = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    return (f"loss {f(r.loss, 4)} (rel.diff {f(r.loss_rel_diff, 5)}), peak {f(r.peak_gib, 2)} GiB "
-            f"({f(r.above_weights_gib, 2)} above weights+inputs), step {f(r.step_ms, 1)} ms, {r.status}")
+    return (
+        f"loss {f(r.loss, 4)} (rel.diff {f(r.loss_rel_diff, 5)}), peak {f(r.peak_gib, 2)} GiB "
+        f"({f(r.above_weights_gib, 2)} above weights+inputs), step {f(r.step_ms, 1)} ms, {r.status}"
+    )
 
 
 def markdown(records: list[E2ERecord], env: dict) -> str:
     f = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = header_lines(env)
-    lines.append("| model | variant | tokens | attn | loss | loss rel.diff | grad-norm rel.diff | peak GiB "
-                 "| GiB above weights | step ms | status |")
+    lines.append(
+        "| model | variant | tokens | attn | loss | loss rel.diff | grad-norm rel.diff | peak GiB "
+        "| GiB above weights | step ms | status |"
+    )
     lines.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for r in records:
-        lines.append(f"| {r.model} | {r.variant} | {r.batch}x{r.seq} | {r.attn} | {f(r.loss, 4)} | {f(r.loss_rel_diff, 5)} "
-                     f"| {f(r.grad_norm_rel_diff, 4)} | {f(r.peak_gib, 2)} | {f(r.above_weights_gib, 2)} "
-                     f"| {f(r.step_ms, 1)} | {r.status} |")
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.batch}x{r.seq} | {r.attn} | {f(r.loss, 4)} "
+            f"| {f(r.loss_rel_diff, 5)} | {f(r.grad_norm_rel_diff, 4)} | {f(r.peak_gib, 2)} "
+            f"| {f(r.above_weights_gib, 2)} | {f(r.step_ms, 1)} | {r.status} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -274,18 +363,34 @@ def _parse_options(items: list[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.bench.e2e") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", action="append", choices=sorted(MODELS), default=None,
-                   help="repeatable; default gemma2-2b and llama3.2-1b on CUDA, tiny-llama on CPU")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(MODELS),
+        default=None,
+        help="repeatable; default gemma2-2b and llama3.2-1b on CUDA, tiny-llama on CPU",
+    )
     p.add_argument("--variants", default="stock,patched")
-    p.add_argument("--patch-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to cce_patch.patch(model, **options), e.g. impl=triton")
+    p.add_argument(
+        "--patch-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to cce_patch.patch(model, **options), e.g. impl=triton",
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 (CUDA), fp32 (CPU)")
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 (CUDA), fp32 (CPU)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn", default="sdpa", help="attn_implementation (falls back to eager where refused)")
@@ -294,26 +399,52 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
     p.add_argument("--name", default="e2e")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
     models = args.model or (["gemma2-2b", "llama3.2-1b"] if device.type == "cuda" else ["tiny-llama"])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     options = _parse_options(args.patch_option)
     env = environment(device, [*prog.split(), *argv])
     records: list[E2ERecord] = []
     for name in models:
-        records += run_model(name, variants, options, device, dtype, args.batch, args.seq, args.steps,
-                             args.warmup, args.seed, args.attn)
+        records += run_model(
+            name,
+            variants,
+            options,
+            device,
+            dtype,
+            args.batch,
+            args.seq,
+            args.steps,
+            args.warmup,
+            args.seed,
+            args.attn,
+        )
     agree = all(r.loss_rel_diff is None or r.loss_rel_diff <= args.tol for r in records)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(records, env)
     (args.out / f"{args.name}.md").write_text(table)
-    (args.out / f"{args.name}.json").write_text(json.dumps(
-        {"environment": env, "config": {**vars(args), "out": str(args.out), "models": models, "tol": args.tol},
-         "losses_agree": agree, "results": [asdict(r) for r in records]}, indent=1, default=str) + "\n")
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "config": {**vars(args), "out": str(args.out), "models": models, "tol": args.tol},
+                "losses_agree": agree,
+                "results": [asdict(r) for r in records],
+            },
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
     print(table)
     print(f"losses agree within {args.tol}: {agree}; wrote {args.out / (args.name + '.json')}")
     return 0 if all(r.status == "ok" for r in records) and agree else 1

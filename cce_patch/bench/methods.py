@@ -47,7 +47,8 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)(?:\[(?P<opts>.*)\])?$")
 def parse_spec(spec: str) -> tuple[str, dict]:
     """``"ours[mode=speed,chunk=4096]"`` -> ``("ours", {"mode": "speed", "chunk": 4096})``.
 
-    Values are Python literals when they parse as one (numbers, True/False/None, quoted strings), else strings.
+    Values are Python literals when they parse as one (numbers, True/False/None, quoted strings), else
+    strings.
     """
     m = _SPEC.match(spec.strip())
     if not m:
@@ -111,7 +112,7 @@ def _need_cuda(device: torch.device, name: str) -> None:
 
 
 def build(spec: str, device: torch.device) -> Method:
-    """Build the method named by ``spec`` for ``device``; raises ``MethodUnavailable`` if it cannot run here."""
+    """Build the method named by ``spec`` for ``device``; ``MethodUnavailable`` if it cannot run here."""
     name, opts = parse_spec(spec)
     if name == "ours":
         from cce_patch import linear_cross_entropy
@@ -132,7 +133,7 @@ def build(spec: str, device: torch.device) -> Method:
     if name == "torch.compile":
         import torch._dynamo
 
-        # A fresh cache per shape: static shapes (as a training loop sees them) and no recompile-limit surprises.
+        # A fresh cache per shape: static shapes (as a training loop sees them), no recompile-limit surprises.
         torch._dynamo.reset()
         compiled = torch.compile(dense_loss, dynamic=False)
         return Method(name, compiled, "torch.compile(F.cross_entropy((e @ c.T).float(), t))")
@@ -152,7 +153,9 @@ def build(spec: str, device: torch.device) -> Method:
             out = loss_mod(c, e, t)
             return getattr(out, "loss", out)
 
-        return Method(name, liger, f"liger_kernel {_version('liger-kernel')} LigerFusedLinearCrossEntropyLoss")
+        return Method(
+            name, liger, f"liger_kernel {_version('liger-kernel')} LigerFusedLinearCrossEntropyLoss"
+        )
     raise ValueError(f"unknown method {name!r}; known: {', '.join(KNOWN)} (ours takes [key=value,...])")
 
 
@@ -168,10 +171,14 @@ def _apple(name: str, device: torch.device) -> Method:
         return Method(name, lambda e, c, t: lce(e, c, t, impl="cce"), f"cut_cross_entropy {ver} impl='cce'")
     impls = getattr(mod, "LinearCrossEntropyImpl", None)
     if impls is not None and hasattr(impls, "CCE_EXACT"):
-        return Method(name, lambda e, c, t: lce(e, c, t, impl="cce_exact"),
-                      f"cut_cross_entropy {ver} impl='cce_exact'")
-    return Method(name, lambda e, c, t: lce(e, c, t, impl="cce", filter_eps=None),
-                  f"cut_cross_entropy {ver} impl='cce', filter_eps=None (no cce_exact in this version)")
+        return Method(
+            name, lambda e, c, t: lce(e, c, t, impl="cce_exact"), f"cut_cross_entropy {ver} impl='cce_exact'"
+        )
+    return Method(
+        name,
+        lambda e, c, t: lce(e, c, t, impl="cce", filter_eps=None),
+        f"cut_cross_entropy {ver} impl='cce', filter_eps=None (no cce_exact in this version)",
+    )
 
 
 def _fmt(kwargs: dict) -> str:

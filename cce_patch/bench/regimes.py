@@ -5,8 +5,8 @@ softmax values are tiny) is fast on flat or trained-LM-like logits and slow on p
 most on LM-like logits. A benchmark that shows one regime hides both effects.
 
 - ``flat``: an untrained head. Logits ~ N(0, 1), softmax close to uniform (entropy ~ log V).
-- ``peaked``: logits ~ N(0, 36): each row's mass sits on a few random columns (low entropy, but on columns that
-  differ per row, so no block of the vocabulary is skippable for all rows).
+- ``peaked``: logits ~ N(0, 36): each row's mass sits on a few random columns (low entropy, but on
+  columns that differ per row, so no block of the vocabulary is skippable for all rows).
 - ``lm``: trained-LM-like: Zipf(1.1) target frequencies scattered over the vocabulary, a shared "frequency"
   direction in the classifier, and hidden states close to their target's row (high target probability).
 

@@ -34,8 +34,9 @@ def _version(dist: str) -> str | None:
 def _git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except Exception:  # noqa: BLE001
         return None
@@ -66,8 +67,18 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
 
 
 def header_lines(env: dict) -> list[str]:
-    keys = ("device", "date", "torch", "cuda", "triton", "transformers", "cce_patch", "git_commit",
-            "cut-cross-entropy", "liger-kernel")
+    keys = (
+        "device",
+        "date",
+        "torch",
+        "cuda",
+        "triton",
+        "transformers",
+        "cce_patch",
+        "git_commit",
+        "cut-cross-entropy",
+        "liger-kernel",
+    )
     parts = [f"{k} {env[k]}" for k in keys if env.get(k)]
     return [f"<!-- {', '.join(parts)} -->", f"`{env.get('command', '')}`", ""]
 
@@ -105,8 +116,10 @@ def markdown_table(results: list[dict], env: dict) -> str:
     """One row per (shape, regime, method), with the environment header above it."""
     cuda = not str(env.get("device", "")).startswith("CPU")
     lines = header_lines(env)
-    lines.append("| method | N | D | V | regime | fwd ms | fwd MB | fwd+bwd ms | fwd+bwd MB | grads MB "
-                 "| dE rel.err | dC rel.err | status |")
+    lines.append(
+        "| method | N | D | V | regime | fwd ms | fwd MB | fwd+bwd ms | fwd+bwd MB | grads MB "
+        "| dE rel.err | dC rel.err | status |"
+    )
     lines.append("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         lines.append(
@@ -143,11 +156,14 @@ def plot(results: list[dict], env: dict, path: Path) -> bool:
         regimes = sorted({r["regime"] for r in results})
         for m in methods:
             for key, ax in (("fwdbwd_ms", axes[0]), ("fwdbwd_mb", axes[1])):
-                pts = sorted((r["n"], r[key]) for r in results if r["method"] == m and r[key] is not None
-                             and r["regime"] == regimes[0])
+                pts = sorted(
+                    (r["n"], r[key])
+                    for r in results
+                    if r["method"] == m and r[key] is not None and r["regime"] == regimes[0]
+                )
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=m)
-        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs")):
+                    ax.plot(*zip(*pts, strict=False), marker="o", label=m)
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs"), strict=False):
             ax.set_xscale("log", base=2)
             if ax.lines:
                 ax.set_yscale("log")
@@ -167,7 +183,7 @@ def plot(results: list[dict], env: dict, path: Path) -> bool:
                 ys = [(by[g][key] if g in by and by[g][key] is not None else 0.0) for g in groups]
                 ax.bar([j + i * width for j in range(len(groups))], ys, width, label=m)
         labels = [f"{n}x{d}x{v}\n{reg}" for n, d, v, reg in groups]
-        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs (log)")):
+        for ax, ylabel in zip(axes, ("fwd+bwd ms", "fwd+bwd peak MB above inputs (log)"), strict=False):
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], labels, fontsize=7)
             ax.set_ylabel(ylabel)
             ax.grid(True, axis="y", alpha=0.3)
@@ -183,8 +199,10 @@ def plot(results: list[dict], env: dict, path: Path) -> bool:
     return True
 
 
-def write_all(out: Path, name: str, env: dict, config: dict, results: list[dict], *, png: bool = True) -> dict:
-    """Write ``<name>.md``, ``<name>.json`` and (if ``png``) ``<name>.png`` under ``out``; return the paths."""
+def write_all(
+    out: Path, name: str, env: dict, config: dict, results: list[dict], *, png: bool = True
+) -> dict:
+    """Write ``<name>.md``, ``<name>.json`` and (if ``png``) ``<name>.png`` under ``out``; return paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{name}.md", "json": out / f"{name}.json"}
     paths["md"].write_text(markdown_table(results, env))
@@ -195,8 +213,10 @@ def write_all(out: Path, name: str, env: dict, config: dict, results: list[dict]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cce_patch.bench.report",
-                                description="Re-render the table and plot of a benchmark JSON.")
+    p = argparse.ArgumentParser(
+        prog="python -m cce_patch.bench.report",
+        description="Re-render the table and plot of a benchmark JSON.",
+    )
     p.add_argument("json", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
     args = p.parse_args(argv)

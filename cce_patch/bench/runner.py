@@ -71,7 +71,9 @@ def _run_phase(rec: Record, phase: str, device: torch.device, fn: Callable[[], N
         if is_oom(exc):
             rec.status[phase] = "OOM"
         else:
-            rec.status[phase] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rec.status[phase] = (
+                f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
             log.debug("phase %s of %s failed", phase, rec.method, exc_info=True)
     finally:
         free_cached(device)
@@ -149,15 +151,30 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
                 except Exception as exc:  # noqa: BLE001
                     ref_status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"
                     free_cached(cfg.device)
-            log.info("inputs %s N=%d D=%d V=%d ready in %.1fs%s", regime, n, d, v, time.perf_counter() - t0,
-                     f" (fp32 reference: {ref_status})" if ref_status else "")
+            log.info(
+                "inputs %s N=%d D=%d V=%d ready in %.1fs%s",
+                regime,
+                n,
+                d,
+                v,
+                time.perf_counter() - t0,
+                f" (fp32 reference: {ref_status})" if ref_status else "",
+            )
             for m in built:
                 if isinstance(m, str):
                     spec, reason = m.split("\0")
                     rec = Record(spec, n, d, v, regime, dtype_name, status={"all": f"skipped: {reason}"})
                 else:
-                    rec = Record(m.name, n, d, v, regime, dtype_name, description=m.description,
-                                 grads_mb=(n * d + v * d) * elem / 1e6)
+                    rec = Record(
+                        m.name,
+                        n,
+                        d,
+                        v,
+                        regime,
+                        dtype_name,
+                        description=m.description,
+                        grads_mb=(n * d + v * d) * elem / 1e6,
+                    )
                     t1 = time.perf_counter()
                     measure(m, e, c, t, ref, rec, cfg)
                     if ref is None and cfg.errors and not m.fwd_only:
@@ -174,9 +191,11 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
 def _brief(rec: Record) -> str:
     f = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     bad = {k: s for k, s in rec.status.items() if s != "ok"}
-    return (f"fwd {f(rec.fwd_ms, 2)} ms / {f(rec.fwd_mb, 1)} MB, fwd+bwd {f(rec.fwdbwd_ms, 2)} ms / "
-            f"{f(rec.fwdbwd_mb, 1)} MB, dE {f(rec.de_rel_err, 4)} dC {f(rec.dc_rel_err, 4)}"
-            + (f" {bad}" if bad else ""))
+    return (
+        f"fwd {f(rec.fwd_ms, 2)} ms / {f(rec.fwd_mb, 1)} MB, fwd+bwd {f(rec.fwdbwd_ms, 2)} ms / "
+        f"{f(rec.fwdbwd_mb, 1)} MB, dE {f(rec.de_rel_err, 4)} dC {f(rec.dc_rel_err, 4)}"
+        + (f" {bad}" if bad else "")
+    )
 
 
 def records_to_dicts(records: Iterable[Record]) -> list[dict]:

@@ -1,8 +1,8 @@
 """Wall-time of a callable: CUDA events through ``triton.testing.do_bench`` on GPU, ``perf_counter`` on CPU.
 
 Why adaptive repetitions: ``do_bench`` sizes its loop from a ``rep`` budget in milliseconds, so a 225 ms
-method under a 100 ms budget would be timed once. We first time one call, then give ``do_bench`` a budget of at
-least ``min_runs`` calls, so every method's median is over several samples whatever its speed.
+method under a 100 ms budget would be timed once. We first time one call, then give ``do_bench`` a budget
+of at least ``min_runs`` calls, so every method's median is over several samples whatever its speed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""The benchmark as a product feature, on CPU: the CLI end to end at a tiny shape, the regimes' statistics,
+the fp32 reference, failure isolation, and the e2e script on a tiny model. GPU-marked: the regimes match the
+shared anchor generator bit for bit on CUDA (numbers compare with the published peers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cce_patch
+from cce_patch.bench import methods as M
+from cce_patch.bench.reference import fp32_reference, rel_err
+from cce_patch.bench.regimes import REGIMES, describe, make_inputs
+from cce_patch.bench.runner import BenchConfig, Record, measure, run
+from cce_patch.cli import main as cli_main
+
+ANCHOR_REGIMES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "regimes.py"
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def test_cli_bench_tiny_writes_table_json_png(tmp_path, capsys):
+    rc = cli_main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--methods",
+            "torch,ours,gemm,cce",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "smoke",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| method | N | D | V | regime |" in out and "cce-patch bench" in out
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "transformers", "date", "command"):
+        assert key in env
+    assert env["device"].startswith("CPU") and "--preset tiny" in env["command"]
+    res = data["results"]
+    assert len(res) == 4 * len(REGIMES)
+    for r in res:
+        if r["method"] in ("torch", "ours"):
+            assert r["status"] == {
+                "fwd": "ok",
+                "fwd_mem": "ok",
+                "fwdbwd": "ok",
+                "fwdbwd_mem": "ok",
+                "errors": "ok",
+            }
+            assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+            assert r["fwd_mb"] is None and r["fwdbwd_mb"] is None  # no allocator statistics on CPU
+            assert (
+                r["de_rel_err"] < 1e-5 and r["dc_rel_err"] < 1e-5 and r["loss_abs_err"] < 1e-4
+            )  # fp32 inputs
+        elif r["method"] == "gemm":
+            assert r["fwd_ms"] > 0 and r["status"]["fwdbwd"].startswith("skipped")
+        else:  # apple's CCE needs CUDA: reported as skipped, the run goes on
+            assert r["status"]["all"].startswith("skipped") and r["fwd_ms"] is None
+    md = (tmp_path / "smoke.md").read_text()
+    assert md.count("\n| ours |") == len(REGIMES) and "n/a" in md
+    assert (tmp_path / "smoke.png").exists() == HAS_MPL
+
+
+def test_cli_rejects_unknown_method_and_bad_shape(tmp_path):
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        cli_main(["bench", "--device", "cpu", "--methods", "torch,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--device", "cpu", "--shape", "12x3", "--out", str(tmp_path)])
+    assert cli_main(["frobnicate"]) == 2
+
+
+def test_method_specs_parse_options():
+    assert M.parse_spec("ours") == ("ours", {})
+    assert M.parse_spec("ours[mode=speed, chunk=4096, exact=True]") == (
+        "ours",
+        {"mode": "speed", "chunk": 4096, "exact": True},
+    )
+    assert M.split_specs("ours[a=1,b=2],torch, torch.compile") == ["ours[a=1,b=2]", "torch", "torch.compile"]
+    with pytest.raises(ValueError, match="key=value"):
+        M.parse_spec("ours[speed]")
+    with pytest.raises(ValueError, match="takes no options"):
+        M.build("torch[x=1]", torch.device("cpu"))
+    m = M.build("ours[impl=torch,reduction='sum']", torch.device("cpu"))
+    e, c, t = make_inputs("flat", 8, 4, 16, device="cpu", dtype=torch.float32)
+    ref = F.cross_entropy((e @ c.T).double(), t, reduction="sum")
+    assert torch.allclose(m.loss(e, c, t).double(), ref, rtol=1e-5)
+
+
+def test_regimes_statistics_cpu():
+    n, d, v = 256, 256, 8192
+    stats = {r: describe(*make_inputs(r, n, d, v, device="cpu", dtype=torch.float32)) for r in REGIMES}
+    # flat: softmax close to uniform; peaked: a few columns per row; lm: the target gets real mass.
+    assert stats["flat"]["entropy"] > 0.9 * math.log(v)
+    assert stats["peaked"]["entropy"] < stats["flat"]["entropy"] - 3
+    assert stats["peaked"]["frac_above_eps"] < 0.2 * stats["flat"]["frac_above_eps"]
+    assert stats["lm"]["target_prob"] > 0.05 > 100 / v > stats["flat"]["target_prob"]
+    assert stats["lm"]["entropy"] < 0.5 * stats["flat"]["entropy"]
+
+
+def test_regimes_seeded_dtype_and_errors():
+    a = make_inputs("lm", 64, 32, 1000, device="cpu", dtype=torch.float32, seed=3)
+    b = make_inputs("lm", 64, 32, 1000, device="cpu", dtype=torch.float32, seed=3)
+    c = make_inputs("lm", 64, 32, 1000, device="cpu", dtype=torch.float32, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False)) and not torch.equal(a[0], c[0])
+    e16, c16, t16 = make_inputs("lm", 64, 32, 1000, device="cpu", dtype=torch.bfloat16, seed=3)
+    assert e16.dtype == c16.dtype == torch.bfloat16 and t16.dtype == torch.int64 and torch.equal(t16, a[2])
+    assert torch.equal(e16, a[0].to(torch.bfloat16))  # fp32 math, cast at the end
+    assert int(t16.min()) >= 0 and int(t16.max()) < 1000
+    with pytest.raises(ValueError, match="unknown regime"):
+        make_inputs("spiky", 4, 4, 4, device="cpu")
+
+
+def _anchor_make():
+    if not ANCHOR_REGIMES.exists():
+        pytest.skip(f"{ANCHOR_REGIMES} not present")
+    sys.path.insert(0, str(ANCHOR_REGIMES.parent))
+    try:
+        import regimes as anchor  # noqa: PLC0415
+    finally:
+        sys.path.pop(0)
+    return anchor.make
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regimes_match_anchor_generator_cpu(regime):
+    make = _anchor_make()
+    ref = make(regime, 96, 48, 3000, dev="cpu")
+    ours = make_inputs(regime, 96, 48, 3000, device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(ref, ours, strict=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", REGIMES)
+def test_regimes_match_anchor_generator_cuda(regime):
+    make = _anchor_make()
+    ref = make(regime, 1024, 2304, 32000, dev="cuda")
+    ours = make_inputs(regime, 1024, 2304, 32000, device="cuda")
+    assert all(torch.equal(x, y) for x, y in zip(ref, ours, strict=False))
+
+
+def test_fp32_reference_chunked_matches_autograd():
+    e, c, t = make_inputs("peaked", 37, 24, 301, device="cpu", dtype=torch.float32, seed=1)
+    e64 = e.double().requires_grad_(True)
+    c64 = c.double().requires_grad_(True)
+    loss = F.cross_entropy(e64 @ c64.T, t)
+    loss.backward()
+    ref = fp32_reference(e, c, t, chunk_bytes=4 * 301 * 5)  # 5 rows a chunk: exercises the chunk loop
+    assert abs(ref.loss - float(loss.detach())) < 1e-5
+    assert rel_err(ref.de, e64.grad.float()) < 1e-5 and rel_err(ref.dc, c64.grad.float()) < 1e-5
+
+
+def test_failures_are_recorded_not_raised():
+    dev = torch.device("cpu")
+    e, c, t = make_inputs("flat", 16, 8, 50, device="cpu", dtype=torch.float32)
+    cfg = BenchConfig(shapes=[(16, 8, 50)], regimes=["flat"], methods=[], device=dev, dtype=torch.float32)
+
+    def oom(e, c, t):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    def broken_backward(e, c, t):
+        if e.requires_grad:
+            raise RuntimeError("no backward here")
+        return F.cross_entropy(e @ c.T, t)
+
+    rec = measure(M.Method("oom", oom, ""), e, c, t, None, Record("oom", 16, 8, 50, "flat", "fp32"), cfg)
+    assert rec.status["fwd"] == "OOM" and rec.status["fwdbwd"] == "OOM" and rec.fwd_ms is None
+    rec = measure(
+        M.Method("half", broken_backward, ""), e, c, t, None, Record("half", 16, 8, 50, "flat", "fp32"), cfg
+    )
+    assert rec.status["fwd"] == "ok" and rec.fwd_ms > 0
+    assert rec.status["fwdbwd"].startswith("error: RuntimeError: no backward here")
+
+
+def test_run_scaling_and_replot(tmp_path):
+    cfg = BenchConfig(
+        shapes=[(n, 16, 200) for n in (16, 32, 64)],
+        regimes=["lm"],
+        methods=["torch"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        errors=False,
+        cpu_repeats=1,
+    )
+    recs = run(cfg)
+    assert [r.n for r in recs] == [16, 32, 64] and all(r.ok for r in recs) and recs[0].de_rel_err is None
+    from cce_patch.bench.report import environment, write_all
+
+    paths = write_all(tmp_path, "scaling", environment(cfg.device, ["x"]), {}, [r.__dict__ for r in recs])
+    assert cli_main(["report", str(paths["json"]), "--out", str(tmp_path / "re")]) == 0
+    assert (tmp_path / "re" / "scaling.md").read_text() == paths["md"].read_text()
+
+
+def test_e2e_tiny_model_stock_vs_patched(tmp_path):
+    pytest.importorskip("transformers")
+    rc = cli_main(
+        [
+            "e2e",
+            "--model",
+            "tiny-llama",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    stock, patched = data["results"]
+    assert stock["variant"] == "stock" and stock["status"] == "ok"
+    assert 0.5 * math.log(1000) < stock["loss"] < 2 * math.log(1000) and stock["step_ms"] > 0
+    if not hasattr(cce_patch, "patch"):
+        assert patched["status"].startswith("error") and rc == 1
+        pytest.skip("cce_patch.patch not implemented yet: only the stock variant was checked")
+    assert rc == 0 and patched["status"] == "ok"
+    assert patched["loss_rel_diff"] < 1e-4 and patched["grad_norm_rel_diff"] < 1e-3  # fp32 on CPU
