@@ -21,7 +21,7 @@ import torch
 
 from . import methods as M
 from .regimes import REGIMES
-from .report import environment, markdown_table, write_all
+from .report import environment, markdown_table, write_all, write_json
 from .runner import BenchConfig, records_to_dicts, run
 
 #: The five families' lm-head shapes (D, V) from ANCHORS.md: Gemma 2 2B, Qwen 2.5 7B, Phi 3.5 mini,
@@ -154,7 +154,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
         cfg.methods,
         str(cfg.dtype).removeprefix("torch."),
     )
-    results = records_to_dicts(run(cfg))
     name = (
         args.name
         or args.preset
@@ -174,6 +173,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
         else "time.perf_counter median",
         "preset": args.preset,
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    done: list = []
+
+    def checkpoint(rec) -> None:
+        # Rewrite the JSON after every record: a run cut short (time limit, crash) still leaves its numbers.
+        done.append(rec)
+        write_json(args.out / f"{name}.json", env, {**config, "partial": True}, records_to_dicts(done))
+
+    results = records_to_dicts(run(cfg, on_record=checkpoint))
     paths = write_all(args.out, name, env, config, results, png=not args.no_png)
     print(markdown_table(results, env))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -190,10 +190,11 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
 
 def _brief(rec: Record) -> str:
     f = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    g = lambda x: "-" if x is None else f"{x:.2e}"  # noqa: E731
     bad = {k: s for k, s in rec.status.items() if s != "ok"}
     return (
         f"fwd {f(rec.fwd_ms, 2)} ms / {f(rec.fwd_mb, 1)} MB, fwd+bwd {f(rec.fwdbwd_ms, 2)} ms / "
-        f"{f(rec.fwdbwd_mb, 1)} MB, dE {f(rec.de_rel_err, 4)} dC {f(rec.dc_rel_err, 4)}"
+        f"{f(rec.fwdbwd_mb, 1)} MB, dE {g(rec.de_rel_err)} dC {g(rec.dc_rel_err)}"
         + (f" {bad}" if bad else "")
     )
 

@@ -67,6 +67,9 @@ if [[ -d "$SHARED" ]]; then
   rm -rf "$DATA"
   mkdir -p "$DATA/tokenizers"
   cp "$SHARED/alpaca_5000.json" "$DATA/"
+  # The anchor input generator, so the GPU test can check ours against it bit for bit (tests/test_bench.py).
+  REF=${SHARED%/data}/reference/regimes.py
+  if [[ -f "$REF" ]]; then mkdir -p "$DATA/reference" && cp "$REF" "$DATA/reference/"; fi
   for tok in $TOKENIZERS; do
     [[ -d "$SHARED/tokenizers/$tok" ]] && cp -r "$SHARED/tokenizers/$tok" "$DATA/tokenizers/"
   done

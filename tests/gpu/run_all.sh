@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Everything the project verifies and measures on a CUDA machine, in sections that fit one device call each.
+#
+#   bash tests/gpu/run_all.sh                                  # every default section
+#   CCE_GPU_STEPS="tests bench" bash tests/gpu/run_all.sh      # a subset (split the work over ≤10-minute calls)
+#
+# Run from the repository root (any cwd works). Outputs go to $OUT (default ./outputs/gpu), at most 8 files,
+# because the device tool returns at most 8:
+#   run_all.log            everything printed (versions, nvidia-smi, pytest, every table), appended per call
+#   paper.json paper.png   kernel benchmark at N=8192 D=2304 V=256000, regimes flat/peaked/lm, all methods
+#   families.json          the five families' head shapes at N=8192 (lm regime); plot it locally with
+#                          `python -m cce_patch.bench.report families.json`
+#   scaling.json scaling.png   N = 1k..64k (only when the `scaling` section is asked for)
+#   e2e.json               Gemma-2-2B and Llama-3.2-1B training step, stock vs patched
+#   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
+#
+# Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" explicitly) and their
+# expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~5 min, scaling ~4 min,
+# e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
+# Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
+# Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
+# CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
+# CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS. A CPU dry run of the plumbing (seconds):
+#   PYTHON=.venv/bin/python CCE_GPU_STEPS="bench e2e" CCE_BENCH_ARGS="--preset tiny --device cpu" \
+#     CCE_E2E_MODELS=tiny-llama CCE_E2E_ARGS="--batch 1 --seq 32" bash tests/gpu/run_all.sh
+#
+# Wheels the image lacks (datasets, apple's cut-cross-entropy, liger-kernel) travel in .whl/ and data in
+# .gpu_data/: make both with tests/gpu/fetch_wheels.sh and name them in the device call's `carry`.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/outputs/gpu}
+mkdir -p "$OUT"
+STEPS=${CCE_GPU_STEPS:-tests bench families e2e finetune}
+SCRATCH=${CCE_SCRATCH:-/tmp/cce_gpu}
+mkdir -p "$SCRATCH"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/run_all.log") 2>&1
+
+declare -A RESULT
+hr() { printf '\n===== %s  [%s] =====\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+# --- environment: carried wheels, the project on the path, versions ------------------------------------
+hr "environment (sections: $STEPS)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    echo "WARNING: installing .whl/ failed; peers and datasets may be missing"
+  fi
+else
+  echo "no .whl/ carried: peers (apple CCE, Liger) and datasets are skipped where missing"
+fi
+nvidia-smi || echo "WARNING: nvidia-smi failed"
+"$PY" - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for mod in ("torch", "triton", "transformers", "accelerate", "peft", "datasets", "pyarrow", "fsspec",
+            "cut_cross_entropy", "liger_kernel", "matplotlib", "cce_patch"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod:18s} {getattr(m, '__version__', '?')}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{mod:18s} NOT IMPORTABLE: {type(exc).__name__}: {str(exc)[:160]}")
+import torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda device: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
+          f"torch.version.cuda {torch.version.cuda}")
+else:
+    print("WARNING: torch sees no CUDA device")
+EOF
+
+run_section() {  # name timeout_s command...
+  local name=$1 limit=$2
+  shift 2
+  hr "$name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=30 "$limit" "$@"
+  local rc=$?
+  RESULT[$name]="rc=$rc in $((SECONDS - t0))s$([[ $rc == 124 ]] && echo ' (TIMED OUT)')"
+  echo "----- $name: ${RESULT[$name]}"
+  return 0
+}
+
+keep() {  # copy outputs that exist into $OUT
+  for f in "$@"; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done
+  return 0
+}
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+# --- tests: every GPU-marked test (kernels vs fp32 reference, regimes vs the anchor generator, ...) ------
+if want tests; then
+  run_section tests "${CCE_TIMEOUT_TESTS:-540}" \
+    "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider
+fi
+
+# --- bench: the paper shape, three regimes, ours + torch + torch.compile + peers -------------------------
+BENCH_ARGS=(--out "$SCRATCH/bench" --no-png)
+if want bench; then
+  run_section bench "${CCE_TIMEOUT_BENCH:-540}" \
+    "$PY" -m cce_patch.bench --preset paper --name paper --out "$SCRATCH/bench" \
+    ${CCE_BENCH_METHODS:+--methods "$CCE_BENCH_METHODS"} ${CCE_BENCH_ARGS:-}
+  keep "$SCRATCH/bench/paper.json" "$SCRATCH/bench/paper.png"
+fi
+
+# --- families: the five families' lm-head shapes at N=8192 --------------------------------------------
+if want families; then
+  run_section families "${CCE_TIMEOUT_FAMILIES:-560}" \
+    "$PY" -m cce_patch.bench --preset families --name families "${BENCH_ARGS[@]}" \
+    ${CCE_BENCH_METHODS:+--methods "$CCE_BENCH_METHODS"} ${CCE_BENCH_ARGS:-}
+  keep "$SCRATCH/bench/families.json"
+fi
+
+# --- scaling: N from 1k to 64k (opt-in) -------------------------------------------------------------------
+if want scaling; then
+  run_section scaling "${CCE_TIMEOUT_SCALING:-560}" \
+    "$PY" -m cce_patch.bench --preset scaling --name scaling --no-errors --out "$SCRATCH/bench" \
+    --methods "${CCE_SCALING_METHODS:-gemm,torch,torch.compile,ours,cce,liger}" ${CCE_BENCH_ARGS:-}
+  keep "$SCRATCH/bench/scaling.json" "$SCRATCH/bench/scaling.png"
+fi
+
+# --- e2e: a training step of real architectures, stock vs patched ----------------------------------------
+if want e2e; then
+  E2E_MODELS=()
+  for m in ${CCE_E2E_MODELS:-gemma2-2b llama3.2-1b}; do E2E_MODELS+=(--model "$m"); done
+  run_section e2e "${CCE_TIMEOUT_E2E:-400}" \
+    "$PY" -m cce_patch.bench.e2e "${E2E_MODELS[@]}" --out "$SCRATCH/e2e" ${CCE_E2E_ARGS:-}
+  keep "$SCRATCH/e2e/e2e.json"
+fi
+
+# --- finetune: the Trainer recipe through accelerate on the real Alpaca sample ---------------------------
+# The GPU config is the training recipe's (docs/training.md). CCE_FT_CONFIG names it; otherwise the first
+# configs/*gpu*.yaml. Extra recipe arguments: CCE_FT_ARGS (default: the carried Alpaca sample).
+if want finetune; then
+  FT_CONFIG=${CCE_FT_CONFIG:-$(ls configs/*gpu*.yaml 2>/dev/null | head -1)}
+  FT_ACCEL=${CCE_FT_ACCELERATE:-configs/accelerate/single-gpu.yaml}
+  FT_DIR=$SCRATCH/finetune
+  if [[ -z "$FT_CONFIG" || ! -f "$FT_CONFIG" ]]; then
+    hr finetune
+    echo "SKIPPED: no GPU fine-tune config (set CCE_FT_CONFIG=configs/<file>.yaml; see docs/training.md)"
+    RESULT[finetune]="skipped: no config"
+  elif [[ ! -f recipes/finetune_alpaca.py ]]; then
+    hr finetune
+    echo "SKIPPED: recipes/finetune_alpaca.py not present"
+    RESULT[finetune]="skipped: no recipe"
+  else
+    if [[ ! -f .gpu_data/alpaca_5000.json ]]; then
+      echo "WARNING: .gpu_data/alpaca_5000.json missing (run tests/gpu/fetch_wheels.sh and carry .gpu_data)"
+    fi
+    ACCEL_ARGS=(--num_processes 1)
+    [[ -f "$FT_ACCEL" ]] && ACCEL_ARGS=(--config_file "$FT_ACCEL")
+    rm -rf "$FT_DIR"
+    # shellcheck disable=SC2086  # CCE_FT_ARGS is a list of words on purpose
+    run_section finetune "${CCE_TIMEOUT_FINETUNE:-560}" \
+      "$PY" -m accelerate.commands.launch "${ACCEL_ARGS[@]}" recipes/finetune_alpaca.py "$FT_CONFIG" \
+      ${CCE_FT_ARGS:---dataset_path .gpu_data/alpaca_5000.json --output_dir $FT_DIR}
+    state=$(ls -t "$FT_DIR"/trainer_state.json "$FT_DIR"/checkpoint-*/trainer_state.json 2>/dev/null | head -1)
+    if [[ -n "$state" ]]; then
+      cp "$state" "$OUT/finetune_state.json"
+      "$PY" - "$OUT/finetune_state.json" <<'EOF'
+import json, sys
+logs = [h for h in json.load(open(sys.argv[1]))["log_history"] if "loss" in h]
+if logs:
+    k = max(1, len(logs) // 10)
+    print("finetune loss: " + " -> ".join(f"{h['loss']:.3f}@{h.get('step')}" for h in logs[::k] + logs[-1:]))
+EOF
+    fi
+  fi
+fi
+
+# --- summary -------------------------------------------------------------------------------------------
+hr summary
+status=0
+for s in $STEPS; do
+  r=${RESULT[$s]:-not run}
+  echo "$s: $r"
+  [[ $r == rc=0* || $r == skipped* ]] || status=1
+done
+echo "files in $OUT:"
+ls -la "$OUT"
+n=$(find "$OUT" -type f | wc -l)
+if ((n > 8)); then echo "WARNING: $n files under \$OUT; the device tool returns at most 8"; fi
+exit $status
