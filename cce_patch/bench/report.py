@@ -128,7 +128,46 @@ def markdown_table(results: list[dict], env: dict) -> str:
             f"| {_mem(r['grads_mb'], True)} | {_err(r['de_rel_err'])} | {_err(r['dc_rel_err'])} "
             f"| {_status(r)} |"
         )
+    for shape in dict.fromkeys((r["n"], r["d"], r["v"]) for r in results):
+        rows = [r for r in results if (r["n"], r["d"], r["v"]) == shape]
+        if len({r["regime"] for r in rows}) > 1:
+            lines += ["", *compact_table(rows, cuda)]
     return "\n".join(lines) + "\n"
+
+
+def compact_table(rows: list[dict], cuda: bool) -> list[str]:
+    """ANCHORS.md's layout for one shape: one row per method, fwd+bwd time per regime side by side, memory
+    as the max over regimes (and its ratio to the gradients' own size), errors in the last regime (``lm``
+    when present: where filtering errs most)."""
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    err_regime = "lm" if "lm" in regimes else regimes[-1]
+    n, d, v = rows[0]["n"], rows[0]["d"], rows[0]["v"]
+    out = [
+        f"N={n}, D={d}, V={v}:",
+        "",
+        f"| method | fwd ms | fwd MB | fwd+bwd ms {' / '.join(regimes)} | fwd+bwd MB | × grads "
+        f"| dE rel.err {err_regime} | dC rel.err {err_regime} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        by = {r["regime"]: r for r in rows if r["method"] == m}
+        first = by[regimes[0]] if regimes[0] in by else next(iter(by.values()))
+        mems = [r["fwdbwd_mb"] for r in by.values() if r["fwdbwd_mb"] is not None]
+        fwd_mbs = [r["fwd_mb"] for r in by.values() if r["fwd_mb"] is not None]
+        mem = max(mems) if mems else None
+        ratio = f"{mem / first['grads_mb']:.2f}" if mem is not None and first["grads_mb"] else "-"
+        times = " / ".join(
+            "OOM"
+            if g in by and "OOM" in by[g]["status"].values()
+            else _num(by.get(g, {}).get("fwdbwd_ms"), 1)
+            for g in regimes
+        )
+        er = by.get(err_regime, {})
+        out.append(
+            f"| {m} | {_num(first['fwd_ms'], 1)} | {_mem(max(fwd_mbs) if fwd_mbs else None, cuda)} | {times} "
+            f"| {_mem(mem, cuda)} | {ratio} | {_err(er.get('de_rel_err'))} | {_err(er.get('dc_rel_err'))} |"
+        )
+    return out
 
 
 def write_json(path: Path, env: dict, config: dict, results: list[dict]) -> None:
