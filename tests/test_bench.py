@@ -23,7 +23,7 @@ from cce_patch.bench.runner import BenchConfig, Record, measure, run
 from cce_patch.cli import main as cli_main
 
 _ROOT = Path(__file__).resolve().parents[1]
-# The shared anchor generator: beside the checkout here; carried in the git-ignored .gpu_data/ to the GPU machine
+# The shared anchor generator: beside the checkout here; carried in git-ignored .gpu_data/ to the GPU machine
 # (tests/gpu/fetch_wheels.sh copies it); CCE_ANCHOR_REGIMES overrides both.
 ANCHOR_REGIMES = next(
     (
@@ -85,7 +85,8 @@ def test_cli_bench_tiny_writes_table_json_png(tmp_path, capsys):
         else:  # apple's CCE needs CUDA: reported as skipped, the run goes on
             assert r["status"]["all"].startswith("skipped") and r["fwd_ms"] is None
     md = (tmp_path / "smoke.md").read_text()
-    assert md.count("\n| ours |") == len(REGIMES) and "n/a" in md
+    assert md.count("\n| ours | 64 | 32 | 500 |") == len(REGIMES) and "n/a" in md
+    assert "fwd+bwd ms flat / peaked / lm" in md  # the compact per-shape table, regimes side by side
     assert (tmp_path / "smoke.png").exists() == HAS_MPL
 
 
