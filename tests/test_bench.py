@@ -217,6 +217,23 @@ def test_run_scaling_and_replot(tmp_path):
     paths = write_all(tmp_path, "scaling", environment(cfg.device, ["x"]), {}, [r.__dict__ for r in recs])
     assert cli_main(["report", str(paths["json"]), "--out", str(tmp_path / "re")]) == 0
     assert (tmp_path / "re" / "scaling.md").read_text() == paths["md"].read_text()
+    # Parts of one preset run over several calls merge into one table.
+    assert (
+        cli_main(["report", str(paths["json"]), str(paths["json"]), "--out", str(tmp_path), "--name", "m"])
+        == 0
+    )
+    assert len(json.loads((tmp_path / "m.json").read_text())["results"]) == 6
+
+
+def test_families_selection():
+    from cce_patch.bench.__main__ import FAMILY_HEADS, build_parser, config_from_args
+
+    args = build_parser().parse_args(["--device", "cpu", "--families", "phi3.5-mini,llama3.1-8b"])
+    cfg = config_from_args(args)
+    assert cfg.shapes == [(8192, *FAMILY_HEADS["phi3.5-mini"]), (8192, 3072 + 1024, 128256)]
+    assert cfg.regimes == ["lm"]
+    with pytest.raises(SystemExit, match="unknown families"):
+        config_from_args(build_parser().parse_args(["--device", "cpu", "--families", "gpt5"]))
 
 
 def test_e2e_tiny_model_stock_vs_patched(tmp_path):

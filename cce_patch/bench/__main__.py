@@ -80,6 +80,12 @@ def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentPa
         metavar="NxDxV",
         help="shape(s) to run instead of the preset's (repeatable)",
     )
+    p.add_argument(
+        "--families",
+        default=None,
+        help=f"comma-separated subset of the family heads ({','.join(FAMILY_HEADS)}), at N=8192 (or --n); "
+        "lets the families preset be split over several short runs",
+    )
     p.add_argument("--n", default=None, help="comma-separated N values, replacing N in every shape")
     p.add_argument("--regimes", default=None, help=f"comma-separated subset of {','.join(REGIMES)}")
     p.add_argument(
@@ -107,6 +113,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise SystemExit("error: --device cuda but no CUDA device is available")
     preset = PRESETS[args.preset or ("paper" if device.type == "cuda" else "tiny")]
     shapes = list(args.shape or preset["shapes"])
+    if args.families:
+        names = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in names if f not in FAMILY_HEADS]
+        if unknown:
+            raise SystemExit(f"error: unknown families {unknown}; choose from {', '.join(FAMILY_HEADS)}")
+        shapes = [(8192, *FAMILY_HEADS[f]) for f in names]
+        if not args.regimes and not args.preset:
+            preset = PRESETS["families"]
     if args.n:
         ns = [int(x) for x in args.n.split(",") if x.strip()]
         shapes = list(

@@ -254,18 +254,25 @@ def write_all(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m cce_patch.bench.report",
-        description="Re-render the table and plot of a benchmark JSON.",
+        description="Re-render the table and plot of benchmark JSONs (several are merged, e.g. the parts "
+        "of a preset run over several calls; the first one's environment heads the table).",
     )
-    p.add_argument("json", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the JSON)")
+    p.add_argument("json", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the first JSON)")
+    p.add_argument("--name", default=None, help="output file stem (default: the first JSON's)")
     args = p.parse_args(argv)
-    data = json.loads(args.json.read_text())
-    out = args.out or args.json.parent
+    datas = [json.loads(path.read_text()) for path in args.json]
+    env = datas[0]["environment"]
+    results = [r for d in datas for r in d["results"]]
+    out = args.out or args.json[0].parent
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.json.stem
-    (out / f"{stem}.md").write_text(markdown_table(data["results"], data["environment"]))
-    plot(data["results"], data["environment"], out / f"{stem}.png")
-    print(markdown_table(data["results"], data["environment"]))
+    stem = args.name or args.json[0].stem
+    table = markdown_table(results, env)
+    (out / f"{stem}.md").write_text(table)
+    if len(datas) > 1:
+        write_json(out / f"{stem}.json", env, {"merged_from": [str(a) for a in args.json]}, results)
+    plot(results, env, out / f"{stem}.png")
+    print(table)
     return 0
 
 

@@ -20,7 +20,7 @@
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
 # CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
-# CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS. A CPU dry run of the plumbing (seconds):
+# CCE_FAMILIES, CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS. A CPU dry run of the plumbing (seconds):
 #   PYTHON=.venv/bin/python CCE_GPU_STEPS="bench e2e" CCE_BENCH_ARGS="--preset tiny --device cpu" \
 #     CCE_E2E_MODELS=tiny-llama CCE_E2E_ARGS="--batch 1 --seq 32" bash tests/gpu/run_all.sh
 #
@@ -109,9 +109,13 @@ if want bench; then
 fi
 
 # --- families: the five families' lm-head shapes at N=8192 --------------------------------------------
+# ~1.5 min a shape (torch.compile recompiles per shape). To split it over two calls:
+#   CCE_FAMILIES=gemma2-2b,qwen2.5-7b,phi3.5-mini  then  CCE_FAMILIES=mistral-nemo-12b,llama3.1-8b
+# and merge locally: python -m cce_patch.bench.report A/families.json B/families.json --out X --name families
 if want families; then
   run_section families "${CCE_TIMEOUT_FAMILIES:-560}" \
     "$PY" -m cce_patch.bench --preset families --name families "${BENCH_ARGS[@]}" \
+    ${CCE_FAMILIES:+--families "$CCE_FAMILIES"} \
     ${CCE_BENCH_METHODS:+--methods "$CCE_BENCH_METHODS"} ${CCE_BENCH_ARGS:-}
   keep "$SCRATCH/bench/families.json"
 fi
