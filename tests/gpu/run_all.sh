@@ -15,7 +15,7 @@
 #   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
 #
 # Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" explicitly) and their
-# expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~5 min, scaling ~4 min,
+# expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~4 min,
 # e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
