@@ -47,5 +47,46 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     den = b.norm()
     num = (a - b).norm()
     if den == 0:
-        return float(num)
-    return float(num / den)
+        return float(num.detach())
+    return float((num / den).detach())
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def make_inputs(shape, d, v, dtype, regime="flat", bias=False, ignore_frac=0.2, device="cpu"):
+    """Fresh random (e, c, targets, bias) leaves. ``peaked`` scales c by 6 (logits ~ N(0, 36))."""
+    e = torch.randn(*shape, d, device=device) / d**0.25
+    scale = 6.0 if regime == "peaked" else 1.0
+    c = scale * torch.randn(v, d, device=device) / d**0.25
+    t = torch.randint(0, v, shape, device=device)
+    t[torch.rand(shape, device=device) < ignore_frac] = -100
+    b = torch.randn(v, device=device) if bias else None
+    e, c = e.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+    if b is not None:
+        b = b.to(dtype).requires_grad_()
+    return e, c, t, b
+
+
+def check_against_oracle(op, e, c, t, b, tol, *, return_lse=False, **kw):
+    """Run ``op`` (a linear_cross_entropy partial) and the fp64 oracle under the same random upstream
+    gradient (plus a z-loss term when ``return_lse``); assert loss, LSE and every gradient agree."""
+    out = op(e, c, t, bias=b, return_lse=return_lse, **kw)
+    loss, lse = out if return_lse else (out, None)
+    assert loss.dtype == torch.float32
+    ref, ref_lse, (e64, c64, b64) = dense_reference(e, c, t, bias=b, **kw)
+    weight = torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
+    objective = (loss.double() * weight).sum()
+    ref_objective = (ref * weight).sum()
+    if return_lse:
+        objective = objective + 0.1 * (lse.double() ** 2).sum()
+        ref_objective = ref_objective + 0.1 * (ref_lse**2).sum()
+        assert rel_err(lse.detach(), ref_lse.detach()) < tol
+    objective.backward()
+    ref_objective.backward()
+    errors = {"loss": rel_err(loss.detach(), ref.detach())}
+    for name, got, want in (("e", e, e64), ("c", c, c64), ("bias", b, b64)):
+        if got is not None and got.requires_grad:
+            errors[name] = rel_err(got.grad, want.grad)
+    assert max(errors.values()) < tol, errors
+    return errors

@@ -1,0 +1,140 @@
+"""Triton backend of ``linear_cross_entropy``: launch configuration, vocabulary chunking, cuBLAS GEMMs.
+
+Forward: one fused kernel (``triton_forward.lse_forward_kernel``) streams e @ c.T tile by tile and keeps only
+per-row statistics, so no logit is ever stored. Backward: for each vocabulary chunk, a fused kernel
+recomputes the logit tile and writes the logit gradient dS (``triton_backward.logit_grad_kernel``); then
+cuBLAS computes dC[chunk] = dS^T e (written in place, no accumulation) and dE += dS c[chunk] (fp32
+accumulator). Exact gradients: nothing is filtered or skipped except rows whose targets are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .spec import LossSpec
+from .triton_backward import logit_grad_kernel
+from .triton_common import INTERPRETING
+from .triton_forward import combine_partials, lse_forward_kernel
+
+#: Bytes allowed for one chunk of the logit gradient dS. 128 MiB keeps fwd+bwd memory at the paper shape
+#: (N=8192, V=256000, bf16) within 1.25x of the gradients (8192 x 8192 x 2 B = 128 MiB per chunk).
+DS_CHUNK_BYTES = 128 * 1024 * 1024
+#: Programs to aim for in the forward grid: a few waves over the 132 SMs of an H100.
+TARGET_PROGRAMS = 4 * 132
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape of the logit matmul. 128x128 tiles with K steps of 64 feed Hopper's tensor cores (wgmma)
+    with 8 warps; fp32 inputs halve BLOCK_K to fit shared memory. The interpreter runs on numpy, where fewer
+    and larger programs are cheaper, but tiles must stay small enough for the test shapes."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(dtype: torch.dtype) -> TileConfig:
+    if INTERPRETING:
+        return TileConfig(32, 64, 32, 4, 1)
+    if dtype == torch.float32:
+        return TileConfig(128, 128, 32, 8, 3)
+    return TileConfig(128, 128, 64, 8, 3)
+
+
+def _flags(e2d: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=spec.softcap is not None,
+        UPCAST=INTERPRETING and e2d.dtype != torch.float32,
+        IEEE_FP32=e2d.dtype == torch.float32,
+    )
+
+
+def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
+    """Per-row (loss, lse), fp32 (N,), zero on ignored rows."""
+    n, d = e2d.shape
+    v = c.shape[0]
+    cfg = tile_config(e2d.dtype)
+    row_blocks = triton.cdiv(n, cfg.block_m)
+    vocab_tiles = triton.cdiv(v, cfg.block_n)
+    splits = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside the vocabulary
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=e2d.device)
+    lse_forward_kernel[(row_blocks, splits)](
+        e2d, c, bias if bias is not None else e2d, targets_flat, part,
+        n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
+        float(spec.softcap or 1.0), tiles_per_split,
+        NEED_ZSUM=spec.label_smoothing > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec),
+    )
+    valid = _valid_rows(targets_flat, spec, n)
+    return combine_partials(part, valid, spec.label_smoothing, v)
+
+
+def _valid_rows(targets_flat: torch.Tensor, spec: LossSpec, n: int) -> torch.Tensor:
+    from .reference import valid_rows
+
+    return valid_rows(targets_flat, spec)[:n]
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b without rounding the partial product to a half type.
+
+    On CUDA, cuBLAS can write fp32 output from bf16/fp16 operands (``out_dtype``); CPU has no such kernel, so
+    the interpreter path upcasts (test shapes only)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b (out may be a slice of the full gradient)."""
+    if a.is_cuda or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.float() @ b.float())
+
+
+def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, grad_lse, needs):
+    """(dE, dC, dbias) in the input dtypes, for those in ``needs``."""
+    need_de, need_dc, need_db = needs
+    n, d = e2d.shape
+    v = c.shape[0]
+    cfg = tile_config(e2d.dtype)
+    ds_dtype = e2d.dtype
+    chunk = max(cfg.block_n, (DS_CHUNK_BYTES // (n * e2d.element_size())) // cfg.block_n * cfg.block_n)
+    chunk = min(chunk, triton.cdiv(v, cfg.block_n) * cfg.block_n)
+    ds_buf = torch.empty((n, chunk), dtype=ds_dtype, device=e2d.device)
+    de_acc = torch.zeros((n, d), dtype=torch.float32, device=e2d.device) if need_de else None
+    dc = torch.empty_like(c) if need_dc else None
+    db = torch.empty(v, dtype=bias.dtype, device=bias.device) if need_db else None
+    row_blocks = triton.cdiv(n, cfg.block_m)
+    for v0 in range(0, v, chunk):
+        cols = min(chunk, v - v0)
+        ds = ds_buf[:, :cols]
+        logit_grad_kernel[(row_blocks, triton.cdiv(cols, cfg.block_n))](
+            e2d, c, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
+            grad_lse if grad_lse is not None else grad_loss, ds,
+            n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
+            spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v,
+            HAS_H=grad_lse is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec),
+        )
+        if dc is not None:
+            _mm_into(dc[v0:v0 + cols], ds.T, e2d)
+        if de_acc is not None:
+            _accumulate_mm(de_acc, ds, c[v0:v0 + cols])
+        if db is not None:
+            db[v0:v0 + cols] = ds.float().sum(0).to(db.dtype)
+    de = de_acc.to(e2d.dtype) if de_acc is not None else None
+    return de, dc, db

@@ -1,0 +1,59 @@
+"""Backward kernel: the gradient of the loss with respect to the logits, one vocabulary chunk at a time.
+
+Math, for a tile of rows i and columns j of the chunk (see spec.py):
+    z_ij  = softcap(e_i . c_j + b_j)        recomputed exactly as in the forward kernel
+    p_ij  = exp(z_ij - lse_i)
+    dz_ij = g_i * (p_ij - (1 - a) [j == t_i] - a / V) + h_i * p_ij
+    dS_ij = dz_ij * (1 - (z_ij / softcap)^2)   (softcap only)
+Reads e, c, bias, targets, lse, g, h; writes dS for the chunk, (N x chunk) in the input dtype (fp32 for fp32
+inputs). The two big products dC[chunk] = dS^T e and dE += dS c[chunk] then run through cuBLAS: the GEMMs are
+the bulk of the work, and cuBLAS does them at full speed while the Triton kernel fuses every elementwise
+step into the recompute's epilogue. Memory: one dS chunk (bounded by a byte budget) plus the fp32 dE
+accumulator, on top of the gradients themselves.
+Grid: (row blocks, column tiles of the chunk); rows whose targets are all ignored write zeros and skip the
+matmul.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import logit_tile, row_targets
+
+
+@triton.jit
+def logit_grad_kernel(
+    E, C, BIAS, T, LSE, G, H, DS,
+    N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
+    smoothing, inv_vocab,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = v_start + offs_local
+    tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
+    row_ok = offs_m < N
+    col_ok = offs_local < chunk_cols
+    ds_ptrs = DS + offs_m.to(tl.int64)[:, None] * stride_ds + offs_local[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if tl.sum(valid.to(tl.int32), axis=0) > 0:
+        z = logit_tile(E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+        g = tl.where(valid, tl.load(G + offs_m, mask=row_ok, other=0.0), 0.0)
+        p = tl.exp(z - lse[:, None])
+        dz = g[:, None] * (p - smoothing * inv_vocab)
+        dz -= tl.where(offs_n[None, :] == tgt[:, None], ((1.0 - smoothing) * g)[:, None], 0.0)
+        if HAS_H:
+            h = tl.where(valid, tl.load(H + offs_m, mask=row_ok, other=0.0), 0.0)
+            dz += h[:, None] * p
+        if HAS_SOFTCAP:
+            zc = z / softcap
+            dz = dz * (1.0 - zc * zc)
+        ds = tl.where(valid[:, None], dz, 0.0)
+    tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=out_mask)

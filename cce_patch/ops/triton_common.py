@@ -1,0 +1,69 @@
+"""Pieces shared by the forward and backward kernels: target lookup under shifting, the logit epilogue.
+
+Both kernels compute the same logit tile ``z = softcap(e_rows @ c_cols.T + bias)``; keeping that code in
+one ``@triton.jit`` helper guarantees the backward recomputes exactly what the forward reduced.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+#: Under TRITON_INTERPRET=1 (CPU tests) bf16/fp16 ``tl.dot`` is unreliable: upcast tiles to fp32 there.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def row_targets(T, offs_m, N, shift_period, ignore_index):
+    """Target of each row and whether the row counts. Shifting reads ``T[i + 1]`` (no copy of T) and drops
+    the last row of every sequence; out-of-range rows read nothing."""
+    in_range = offs_m < N
+    if shift_period > 0:
+        t_idx = offs_m + 1
+        keep = in_range & ((t_idx % shift_period) != 0)
+    else:
+        t_idx = offs_m
+        keep = in_range
+    tgt = tl.load(T + t_idx, mask=keep, other=ignore_index).to(tl.int64)
+    valid = keep & (tgt != ignore_index)
+    return tgt, valid
+
+
+@triton.jit
+def logit_tile(
+    E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 tile ``softcap(E[offs_m] @ C[offs_n].T + bias)`` of shape (BLOCK_M, BLOCK_N).
+
+    Row and column offsets are widened to int64 before multiplying by the strides: N*D and V*D exceed 2**31
+    at real shapes (V=256000, D=2304 is 590M elements; fine, but 65536 tokens x 5120 is not far off)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    e_ptrs = E + offs_m.to(tl.int64)[:, None] * stride_e + offs_k[None, :]
+    c_ptrs = C + offs_n.to(tl.int64)[None, :] * stride_c + offs_k[:, None]
+    m_mask = offs_m[:, None] < N
+    n_mask = offs_n[None, :] < V
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + offs_k) < D
+        a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
+        b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_FP32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        e_ptrs += BLOCK_K
+        c_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < V, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # softcap * tanh(x / softcap), with tanh from exp (libdevice.tanh is missing in the interpreter);
+        # 1 - 2 / (exp(2x) + 1) saturates cleanly to +-1 at both ends.
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    return acc
