@@ -39,7 +39,8 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(dtype: torch.dtype) -> TileConfig:
+def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
+    """Tiles for ``kernel`` ("forward" or "backward") at ``dtype``; one place to tune per GPU generation."""
     if INTERPRETING:
         return TileConfig(32, 64, 32, 4, 1)
     if dtype == torch.float32:
@@ -97,12 +98,17 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a @ b (out may be a slice of the full gradient)."""
-    if a.is_cuda or a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    else:
-        out.copy_(a.float() @ b.float())
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """out = scale * (a @ b); out may be a slice of the full gradient. With a scale (fp16 only), the product
+    is formed in fp32 first so that undoing the scale cannot overflow fp16's range."""
+    if scale is None:
+        if a.is_cuda or a.dtype == torch.float32:
+            torch.mm(a, b, out=out)
+        else:
+            out.copy_(a.float() @ b.float())
+        return
+    prod = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+    out.copy_(prod.mul_(scale))
 
 
 def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, grad_lse, needs):
@@ -110,7 +116,7 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
     need_de, need_dc, need_db = needs
     n, d = e2d.shape
     v = c.shape[0]
-    cfg = tile_config(e2d.dtype)
+    cfg = tile_config(e2d.dtype, "backward")
     ds_dtype = e2d.dtype
     chunk = max(cfg.block_n, (DS_CHUNK_BYTES // (n * e2d.element_size())) // cfg.block_n * cfg.block_n)
     chunk = min(chunk, triton.cdiv(v, cfg.block_n) * cfg.block_n)
@@ -119,6 +125,17 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
     dc = torch.empty_like(c) if need_dc else None
     db = torch.empty(v, dtype=bias.dtype, device=bias.device) if need_db else None
     row_blocks = triton.cdiv(n, cfg.block_m)
+    # fp16 has a narrow range: g * (p - onehot) with g = 1/N and p ~ 1/V is far below its smallest normal.
+    # Store dS / max|g| instead (entries of order p - onehot) and multiply the GEMM results back. bf16 and fp32
+    # share fp32's exponent range and need no scale.
+    scale = None
+    if e2d.dtype == torch.float16:
+        peak = grad_loss.abs().max()
+        if grad_lse is not None:
+            peak = torch.maximum(peak, grad_lse.abs().max())
+        scale = peak.clamp_min(torch.finfo(torch.float32).tiny)
+        grad_loss = grad_loss / scale
+        grad_lse = grad_lse / scale if grad_lse is not None else None
     for v0 in range(0, v, chunk):
         cols = min(chunk, v - v0)
         ds = ds_buf[:, :cols]
@@ -131,10 +148,13 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec),
         )
         if dc is not None:
-            _mm_into(dc[v0:v0 + cols], ds.T, e2d)
+            _mm_into(dc[v0:v0 + cols], ds.T, e2d, scale)
         if de_acc is not None:
             _accumulate_mm(de_acc, ds, c[v0:v0 + cols])
         if db is not None:
-            db[v0:v0 + cols] = ds.float().sum(0).to(db.dtype)
+            db_chunk = ds.float().sum(0)
+            db[v0:v0 + cols] = (db_chunk * scale if scale is not None else db_chunk).to(db.dtype)
+    if de_acc is not None and scale is not None:
+        de_acc.mul_(scale)
     de = de_acc.to(e2d.dtype) if de_acc is not None else None
     return de, dc, db
