@@ -35,7 +35,7 @@ def row_targets(T, offs_m, N, shift_period, ignore_index):
 def logit_tile(
     E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fp32 tile ``softcap(E[offs_m] @ C[offs_n].T + bias)`` of shape (BLOCK_M, BLOCK_N).
 
@@ -48,9 +48,13 @@ def logit_tile(
     n_mask = offs_n[None, :] < V
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + offs_k) < D
-        a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
-        b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
+        if EVEN_K:  # D % BLOCK_K == 0: no mask along K, which lets the compiler pipeline the loads freely
+            a = tl.load(e_ptrs, mask=m_mask, other=0.0)
+            b = tl.load(c_ptrs, mask=n_mask, other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < D
+            a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
+            b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)

@@ -24,7 +24,7 @@ def lse_forward_kernel(
     E, C, BIAS, T, PART,  # PART: (4, splits, N) fp32 -> m, s, zt, zsum
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -44,7 +44,7 @@ def lse_forward_kernel(
     for tile in range(0, n_tiles):
         offs_n = (pid_s * tiles_per_split + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
         z = logit_tile(E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         col_ok = offs_n[None, :] < V
         if NEED_ZSUM:
             zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
