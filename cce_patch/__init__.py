@@ -4,8 +4,10 @@ The language-model loss computed from the final hidden states and ``lm_head.weig
 so the ``[tokens x vocab]`` logit matrix is never materialized.
 """
 
+from .config import CCEConfig
+from .models import is_patched, patch, unpatch
 from .ops import linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_cross_entropy", "__version__"]
+__all__ = ["linear_cross_entropy", "patch", "unpatch", "is_patched", "CCEConfig", "__version__"]

@@ -1,0 +1,53 @@
+"""CCEConfig: how a patched model computes its loss. One frozen object, stored on the patched model.
+
+Keeping options on the model (never in a module global) lets two differently configured models coexist, and
+makes ``patch(model, impl="torch")`` after ``patch(model)`` simply replace the object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .ops.validation import IMPLS
+
+
+@dataclass(frozen=True)
+class CCEConfig:
+    """Options of the patched forward.
+
+    Attributes:
+        impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        train_only: use CCE only while ``model.training`` (and when the Trainer asks for loss only through
+            ``skip_logits``); evaluation otherwise runs the stock forward and returns logits as usual.
+        return_logits: on the CCE path, also compute and return the logits (costs the memory CCE saves; for
+            users whose code reads ``outputs.logits`` during training).
+        check_targets: validate label values against the vocabulary before the kernel (one host sync).
+    """
+
+    impl: str = "auto"
+    train_only: bool = True
+    return_logits: bool = False
+    check_targets: bool = True
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"CCEConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> CCEConfig:
+        """Build from a plain dict (YAML / JSON / CLI), refusing keys that are not options."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown CCE option(s) {unknown}; valid options: {sorted(known)}")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> CCEConfig:
+        """A copy with ``changes`` applied (unknown keys refused)."""
+        return CCEConfig.from_dict({**dataclasses.asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Glue to the ecosystem: PEFT (``peft``), the Trainer flag (``trainer``). Only this room knows them."""
