@@ -102,7 +102,8 @@ def test_generation_and_logits_to_keep_unchanged():
     patched = patch(copy.deepcopy(stock), train_only=False)
     ids, _, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(patched(input_ids=ids, logits_to_keep=1).logits, stock(input_ids=ids, logits_to_keep=1).logits)
+        kept = patched(input_ids=ids, logits_to_keep=1).logits
+        torch.testing.assert_close(kept, stock(input_ids=ids, logits_to_keep=1).logits)
         gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(patched.generate(ids, **gen), stock.generate(ids, **gen))
 

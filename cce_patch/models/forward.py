@@ -1,6 +1,7 @@
 """The one generic patched forward for every ``*ForCausalLM`` (quirks come from ``registry.FamilySpec``).
 
-When labels are given (``shift_labels``, if passed too, are used pre-shifted as in stock) and CCE applies (training, or ``train_only=False``, or the Trainer's ``skip_logits``),
+When labels are given (``shift_labels``, if passed too, are used pre-shifted as in stock) and CCE applies
+(training, or ``train_only=False``, or the Trainer's ``skip_logits``),
 the decoder runs as usual and the loss comes from the final hidden states and the head weight through
 ``linear_cross_entropy``: the ``[tokens x vocab]`` logits are never built, and ``logits`` is ``None`` in the
 output (unless ``return_logits``). Otherwise the original forward runs untouched, so generation, caches and
