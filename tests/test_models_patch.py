@@ -48,7 +48,8 @@ def test_num_items_in_batch_and_shift_labels(family):
     patched = patch(copy.deepcopy(stock))
     ids, mask, labels = batch()
     n = (labels[..., 1:] != -100).sum() * 3  # as the Trainer counts across 3 accumulation steps
-    for extra in ({"num_items_in_batch": n}, {"shift_labels": torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()}):
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    for extra in ({"num_items_in_batch": n}, {"shift_labels": shifted}):
         inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
         _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
 
