@@ -79,3 +79,50 @@ def test_matches_torch_path():
         outs.append([loss.detach(), e.grad.clone(), c.grad.clone(), b.grad.clone()])
     for got, want in zip(*outs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_several_vocab_chunks_in_backward(monkeypatch):
+    """A dS budget of a few columns forces several vocabulary chunks, the last one ragged: every slice of dC
+    and dbias must be written once and dE must accumulate over all chunks."""
+    from cce_patch.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "DS_CHUNK_BYTES", 29 * 64 * 4)  # 29 rows x 64 cols fp32 -> 64-col chunks
+    e, c, t, b = make_inputs((29,), 40, 300, torch.float32, bias=True, device=DEVICE)
+    check_against_oracle(triton_op, e, c, t, b, TOL[torch.float32], label_smoothing=0.2, softcap=3.0)
+
+
+def test_fp16_smoothing_bias_lse_shift():
+    _check((2, 23), 56, 333, dtype=torch.float16, bias=True, shift=True, label_smoothing=0.1, return_lse=True,
+           softcap=20.0, reduction="none")
+
+
+def test_backend_computes_only_needed_grads():
+    """The backend returns None for (and never allocates) gradients nobody asked for."""
+    from cce_patch.ops import triton_backend
+    from cce_patch.ops.spec import LossSpec
+
+    e, c, t, b = make_inputs((13,), 24, 150, torch.float32, bias=True, device=DEVICE)
+    spec = LossSpec()
+    loss, lse = triton_backend.triton_forward(e.detach(), c.detach(), b.detach(), t, spec)
+    g = torch.ones_like(loss)
+    for needs in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
+        grads = triton_backend.triton_backward(e.detach(), c.detach(), b.detach(), t, spec, lse, g, None, needs)
+        assert [x is not None for x in grads] == list(needs)
+        for x, ref in zip(grads, (e, c, b), strict=True):
+            assert x is None or (x.shape == ref.shape and x.dtype == ref.dtype and torch.isfinite(x).all())
+
+
+def test_frozen_bias_gets_no_grad():
+    e, c, t, b = make_inputs((17,), 24, 150, torch.float32, bias=True, device=DEVICE)
+    b.requires_grad_(False)
+    triton_op(e, c, t, bias=b).backward()
+    assert b.grad is None and e.grad is not None and c.grad is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_all_ignored_with_lse(reduction):
+    e, c, t, _ = make_inputs((2, 5), 16, 100, torch.float32, ignore_frac=1.0, device=DEVICE)
+    loss, lse = triton_op(e, c, t, reduction=reduction, return_lse=True, shift=True)
+    assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(lse) == 0
+    (loss.sum() + (lse**2).sum()).backward()
+    assert torch.count_nonzero(e.grad) == 0 and torch.count_nonzero(c.grad) == 0

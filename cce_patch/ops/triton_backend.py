@@ -22,32 +22,43 @@ from .triton_forward import combine_partials, lse_forward_kernel
 #: Bytes allowed for one chunk of the logit gradient dS. 128 MiB keeps fwd+bwd memory at the paper shape
 #: (N=8192, V=256000, bf16) within 1.25x of the gradients (8192 x 8192 x 2 B = 128 MiB per chunk).
 DS_CHUNK_BYTES = 128 * 1024 * 1024
-#: Programs to aim for in the forward grid: a few waves over the 132 SMs of an H100.
-TARGET_PROGRAMS = 4 * 132
+#: Forward work items to aim for, in waves of one program per SM (a 128x256 fp32 accumulator fills an SM).
+#: Many short items keep the last wave's idle tail small (the first design gave each program 1/9 of the
+#: vocabulary: 576 items = 4.4 waves on 132 SMs, a fifth wave 36% full), while the per-split partials stay at
+#: ~8 B x BLOCK_M x items whatever N is (~4 MB at BLOCK_M=128).
+FWD_WAVES = 32
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape of the logit matmul. 128x128 tiles with K steps of 64 feed Hopper's tensor cores (wgmma)
-    with 8 warps; fp32 inputs halve BLOCK_K to fit shared memory. The interpreter runs on numpy, where fewer
-    and larger programs are cheaper, but tiles must stay small enough for the test shapes."""
+    """Tile shape of the logit matmul. 128x256 tiles with K steps of 64 feed Hopper's tensor cores (wgmma)
+    with 8 warps; fp32 inputs halve the tile to fit shared memory. ``group_m`` row blocks share each c tile
+    (see ``triton_common.grouped_pid``). The interpreter runs on numpy, where fewer and larger programs are
+    cheaper, but tiles must stay small enough for the test shapes to cover partial tiles and several splits."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    group_m: int = 32
 
 
 def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
     """Tiles for ``kernel`` ("forward" or "backward") at ``dtype``; one place to tune per GPU generation."""
     if INTERPRETING:
-        return TileConfig(32, 64, 32, 4, 1)
+        return TileConfig(32, 64, 32, 4, 1, group_m=2)
     if dtype == torch.float32:
         return TileConfig(128, 128, 32, 8, 3)
     # Measured on H100 at N=8192, D=2304, V=256000 (tests/gpu/tune_tiles.py, KERNEL_NOTES.md): 128x256x64 with
     # 8 warps and 3 stages beat 128x128x64 by 22% (forward) and 15% (forward+backward).
     return TileConfig(128, 256, 64, 8, 3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: a handful of items still exercises the split combination
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _flags(e2d: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec, cfg: TileConfig) -> dict:
@@ -67,19 +78,21 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
     cfg = tile_config(e2d.dtype)
     row_blocks = triton.cdiv(n, cfg.block_m)
     vocab_tiles = triton.cdiv(v, cfg.block_n)
-    splits = max(1, min(vocab_tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
+    splits = max(1, min(vocab_tiles, triton.cdiv(FWD_WAVES * _num_sms(e2d.device), row_blocks)))
     tiles_per_split = triton.cdiv(vocab_tiles, splits)
     splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside the vocabulary
-    part = torch.empty((4, splits, n), dtype=torch.float32, device=e2d.device)
-    lse_forward_kernel[(row_blocks, splits)](
-        e2d, c, bias if bias is not None else e2d, targets_flat, part,
+    need_zsum = spec.label_smoothing > 0
+    part = torch.empty((3 if need_zsum else 2, splits, n), dtype=torch.float32, device=e2d.device)
+    zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
+    lse_forward_kernel[(row_blocks * splits,)](
+        e2d, c, bias if bias is not None else e2d, targets_flat, part, zt,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
-        float(spec.softcap or 1.0), tiles_per_split,
-        NEED_ZSUM=spec.label_smoothing > 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
+        float(spec.softcap or 1.0), tiles_per_split, splits,
+        NEED_ZSUM=need_zsum, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     valid = _valid_rows(targets_flat, spec, n)
-    return combine_partials(part, valid, spec.label_smoothing, v)
+    return combine_partials(part, zt, valid, spec.label_smoothing, v)
 
 
 def _valid_rows(targets_flat: torch.Tensor, spec: LossSpec, n: int) -> torch.Tensor:
@@ -142,13 +155,13 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
     for v0 in range(0, v, chunk):
         cols = min(chunk, v - v0)
         ds = ds_buf[:, :cols]
-        logit_grad_kernel[(row_blocks, triton.cdiv(cols, cfg.block_n))](
+        logit_grad_kernel[(row_blocks * triton.cdiv(cols, cfg.block_n),)](
             e2d, c, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
             grad_lse if grad_lse is not None else grad_loss, ds,
             n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
             spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v,
-            HAS_H=grad_lse is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
+            HAS_H=grad_lse is not None, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
         )
         if dc is not None:
             _mm_into(dc[v0:v0 + cols], ds.T, e2d, scale)

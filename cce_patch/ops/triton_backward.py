@@ -10,8 +10,8 @@ inputs). The two big products dC[chunk] = dS^T e and dE += dS c[chunk] then run 
 the bulk of the work, and cuBLAS does them at full speed while the Triton kernel fuses every elementwise
 step into the recompute's epilogue. Memory: one dS chunk (bounded by a byte budget) plus the fp32 dE
 accumulator, on top of the gradients themselves.
-Grid: (row blocks, column tiles of the chunk); rows whose targets are all ignored write zeros and skip the
-matmul.
+Grid: 1-D over (row block, column tile of the chunk), grouped GROUP_M row blocks at a time (see
+``triton_common.grouped_pid``); row blocks whose targets are all ignored write zeros and skip the matmul.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import logit_tile, row_targets
+from .triton_common import grouped_pid, logit_tile, row_targets
 
 
 @triton.jit
@@ -28,10 +28,10 @@ def logit_grad_kernel(
     N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
     smoothing, inv_vocab,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(chunk_cols, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = v_start + offs_local

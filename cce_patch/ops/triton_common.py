@@ -32,6 +32,21 @@ def row_targets(T, offs_m, N, shift_period, ignore_index):
 
 
 @triton.jit
+def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to (row block, column block), GROUP_M row blocks at a time with rows fastest.
+
+    Programs that run together then read the same column tile of c (each tile fetched from DRAM about once
+    per group) and a bounded set of e's rows that L2 can hold (GROUP_M x BLOCK_M x D)."""
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def logit_tile(
     E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,

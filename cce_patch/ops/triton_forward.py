@@ -1,13 +1,18 @@
 """Forward kernel: per-row log-sum-exp, target logit and logit sum, without storing any logit.
 
-Math, for rows i of a BLOCK_M block and the vocabulary slice [v_lo, v_hi) owned by one program:
+Math, for rows i of a BLOCK_M block and the vocabulary slice [v_lo, v_hi) of one work item:
     z_ij   = softcap(e_i . c_j + b_j)                 (fp32, one BLOCK_M x BLOCK_N tile at a time)
     m_i    = max_j z_ij,  s_i = sum_j exp(z_ij - m_i) (online: rescaled as m_i grows)
-    zt_i   = z_{i, t_i} if t_i in the slice else 0
-    zsum_i = sum_j z_ij                              (only for label smoothing)
-Reads e (N x D) and c (V x D) once per tile pass; writes 4 floats per row per vocabulary split, so memory
-is O(N * splits): 2 MB at N=8192 with 16 splits. The splits are combined in ``combine_partials``.
-Grid: (row blocks, vocabulary splits), rows fastest so programs running together share c's slice in L2.
+    zt_i   = z_{i, t_i}                               (stored by the one slice that holds t_i)
+    zsum_i = sum_j z_ij                               (only for label smoothing)
+Reads e (N x D) and c (V x D) once per tile pass (from L2 after the first); writes (m, s[, zsum]) per row
+per vocabulary split plus zt per row. The launcher sizes the splits so that the grid holds a fixed number of
+waves, so that partial memory is ~8 B x BLOCK_M x programs (~4 MB on an H100) whatever N and V are.
+The splits are combined in ``combine_partials``.
+
+Grid: 1-D over work items (row block, vocabulary split). Items are ordered in groups of GROUP_M row blocks,
+rows fastest inside a group: programs running together share one c tile across GROUP_M row blocks, and the
+group's rows of e (GROUP_M x BLOCK_M x D) stay resident in L2 while the group walks the vocabulary.
 """
 
 from __future__ import annotations
@@ -16,33 +21,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import logit_tile, row_targets
+from .triton_common import grouped_pid, logit_tile, row_targets
 
 
 @triton.jit
 def lse_forward_kernel(
-    E, C, BIAS, T, PART,  # PART: (4, splits, N) fp32 -> m, s, zt, zsum
-    N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split,
+    E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
+    N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
     out = PART + pid_s.to(tl.int64) * N + offs_m
     plane = n_splits.to(tl.int64) * N
     row_ok = offs_m < N
+    v_lo = pid_s * tiles_per_split * BLOCK_N
+    v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_N, V)
     # A block whose rows are all ignored (prompt tokens, padding) does no matmul work at all.
     any_valid = tl.sum(valid.to(tl.int32), axis=0) > 0
-    n_tiles = tl.where(any_valid, tiles_per_split, 0)
+    n_tiles = tl.where(any_valid, tl.cdiv(v_hi - v_lo, BLOCK_N), 0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zsum_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(0, n_tiles):
-        offs_n = (pid_s * tiles_per_split + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = v_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         z = logit_tile(E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
                        HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         col_ok = offs_n[None, :] < V
@@ -55,18 +61,21 @@ def lse_forward_kernel(
         m_i = m_new
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
-    tl.store(out + 2 * plane, zt_i, mask=row_ok)
-    tl.store(out + 3 * plane, zsum_i, mask=row_ok)
+    if NEED_ZSUM:
+        tl.store(out + 2 * plane, zsum_i, mask=row_ok)
+    # Exactly one split holds each valid row's target: a plain masked store, no atomics, no per-split plane.
+    owns_target = valid & (tgt >= v_lo) & (tgt < v_hi)
+    tl.store(ZT + offs_m, zt_i, mask=owns_target)
 
 
-def combine_partials(part: torch.Tensor, valid: torch.Tensor, label_smoothing: float, vocab: int):
-    """Merge per-split (m, s, zt, zsum) into per-row (loss, lse); ignored rows get exactly 0."""
-    m, s, zt, zsum = part.unbind(0)  # each (splits, N)
+def combine_partials(part: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, label_smoothing: float, vocab: int):
+    """Merge per-split (m, s[, zsum]) and the target logits into per-row (loss, lse); ignored rows get 0."""
+    m, s = part[0], part[1]  # each (splits, N)
     m_max = m.max(dim=0).values
     m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
     lse = m_safe + torch.log((s * torch.exp(m - m_safe)).sum(dim=0))
-    loss = lse - (1.0 - label_smoothing) * zt.sum(dim=0)
+    loss = lse - (1.0 - label_smoothing) * zt
     if label_smoothing:
-        loss = loss - (label_smoothing / vocab) * zsum.sum(dim=0)
+        loss = loss - (label_smoothing / vocab) * part[2].sum(dim=0)
     zero = torch.zeros_like(lse)
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
