@@ -87,8 +87,8 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
     lse_forward_kernel[(row_blocks * splits,)](
         e2d, c, bias if bias is not None else e2d, targets_flat, part, zt,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
-        float(spec.softcap or 1.0), tiles_per_split, splits,
-        NEED_ZSUM=need_zsum, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
+        NEED_ZSUM=need_zsum, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     valid = _valid_rows(targets_flat, spec, n)
@@ -159,8 +159,8 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
             e2d, c, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
             grad_lse if grad_lse is not None else grad_loss, ds,
             n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
-            spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v,
-            HAS_H=grad_lse is not None, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v, cfg.group_m,
+            HAS_H=grad_lse is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
         )
         if dc is not None:

@@ -26,9 +26,9 @@ from .triton_common import grouped_pid, logit_tile, row_targets
 def logit_grad_kernel(
     E, C, BIAS, T, LSE, G, H, DS,
     N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
-    smoothing, inv_vocab,
+    smoothing, inv_vocab, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(chunk_cols, BLOCK_N), GROUP_M)

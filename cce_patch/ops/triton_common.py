@@ -32,7 +32,7 @@ def row_targets(T, offs_m, N, shift_period, ignore_index):
 
 
 @triton.jit
-def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M):
     """Map a 1-D program id to (row block, column block), GROUP_M row blocks at a time with rows fastest.
 
     Programs that run together then read the same column tile of c (each tile fetched from DRAM about once

@@ -1,48 +1,113 @@
-"""Time the two Triton kernels under candidate tile shapes at the paper shape (bf16, lm regime).
+"""Profile and tune the two Triton kernels at the paper shape (bf16, lm regime) in one device call.
 
-Run on the device: ``python3 tests/gpu/tune_tiles.py``. Prints one row per candidate: forward ms (loss only)
-and forward+backward ms through ``linear_cross_entropy``; the winner becomes ``tile_config``'s default.
+Run on the device: ``python3 tests/gpu/tune_tiles.py [--quick]``. Prints, for KERNEL_NOTES.md:
+  1. cuBLAS floors: S = e @ c.T, dC = dS^T e, dE = dS c (bf16, the same sizes as ours);
+  2. forward (loss only) per candidate tile shape x row-group size x forward waves;
+  3. the backward's logit-gradient kernel alone (all vocabulary chunks, no GEMM) per tile shape x group;
+  4. the full backward (kernel + cuBLAS GEMMs) and forward+backward through ``linear_cross_entropy``.
+The winners become ``tile_config`` / ``FWD_WAVES`` defaults.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import triton
 import triton.testing
 
 from cce_patch import linear_cross_entropy
 from cce_patch.bench.regimes import make_inputs
 from cce_patch.ops import triton_backend as tb
+from cce_patch.ops.spec import LossSpec
 
-CANDIDATES = [  # block_m, block_n, block_k, num_warps, num_stages
+TILES = [  # block_m, block_n, block_k, num_warps, num_stages
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
     (256, 128, 64, 8, 3),
-    (128, 256, 32, 8, 4),
-    (256, 256, 64, 8, 2),
-    (128, 128, 128, 8, 3),
 ]
+GROUPS = [8, 16, 32, 64]
+WAVES = [8, 32, 64]
 
 
-def main() -> None:
-    e, c, t = make_inputs("lm", 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
-    print(f"{'tiles':>24} | fwd ms | fwd+bwd ms")
-    for cand in CANDIDATES:
-        cfg = tb.TileConfig(*cand)
-        tb.tile_config = lambda dtype, kernel="forward", cfg=cfg: cfg  # noqa: E731
-        try:
-            with torch.no_grad():
-                fwd = triton.testing.do_bench(lambda: linear_cross_entropy(e, c, t), warmup=50, rep=300)
-            ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
+def bench(fn, rep=300) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
 
-            def step(ee=ee, cc=cc):
-                ee.grad = cc.grad = None
-                linear_cross_entropy(ee, cc, t).backward()
 
-            both = triton.testing.do_bench(step, warmup=50, rep=500)
-            print(f"{str(cand):>24} | {fwd:6.2f} | {both:6.2f}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - a config may exceed shared memory; report and go on
-            print(f"{str(cand):>24} | failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+def use(tiles, group):
+    cfg = tb.TileConfig(*tiles, group_m=group)
+    tb.tile_config = lambda dtype, kernel="forward", cfg=cfg: cfg  # noqa: E731
+
+
+def cublas_floors(e, c) -> None:
+    n, d, v = e.shape[0], e.shape[1], c.shape[0]
+    ds = torch.randn(n, 8192, device="cuda", dtype=torch.bfloat16) * 1e-4
+    acc = torch.zeros(n, d, device="cuda")
+    dc = torch.empty_like(c)
+    s_ms = bench(lambda: e @ c.T)
+    dc_ms = bench(lambda: torch.mm(ds.T, e, out=dc[:8192])) * v / 8192
+    de_ms = bench(lambda: torch.addmm(acc, ds, c[:8192], out_dtype=torch.float32, out=acc)) * v / 8192
+    print(f"cuBLAS: S {s_ms:.2f} ms, dC {dc_ms:.2f} ms (chunks of 8192), dE += (fp32 out) {de_ms:.2f} ms (chunked)")
+
+
+def main(quick: bool) -> None:
+    n, d, v = 8192, 2304, 256000
+    e, c, t = make_inputs("lm", n, d, v, device="cuda", dtype=torch.bfloat16)
+    default = tb.tile_config(torch.bfloat16)
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), "default", default, tb.FWD_WAVES)
+    cublas_floors(e, c)
+    spec = LossSpec()
+    fwd = {}
+    print(f"{'forward tiles':>22} group waves | ms")
+    for tiles in TILES[:1] if quick else TILES:
+        for group in GROUPS:
+            for waves in WAVES:
+                use(tiles, group)
+                tb.FWD_WAVES = waves
+                try:
+                    fwd[tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
+                    print(f"{str(tiles):>22} {group:5d} {waves:5d} | {ms:6.2f}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - a shape may exceed shared memory; report, go on
+                    print(f"{str(tiles):>22} {group:5d} {waves:5d} | failed {type(exc).__name__}: {str(exc)[:80]}")
+    best_f = min(fwd, key=fwd.get)
+    print("best forward", best_f, f"{fwd[best_f]:.2f} ms", flush=True)
+    tb.FWD_WAVES = best_f[2]
+    loss, lse = tb.triton_forward(e, c, None, t, spec)
+    g = torch.full_like(loss, 1.0 / n)
+    bwd = {}
+    print(f"{'logit-grad tiles':>22} group | ms (all chunks, kernel only)")
+    for tiles in TILES:
+        for group in GROUPS:
+            use(tiles, group)
+            try:
+                bwd[tiles, group] = ms = bench(
+                    lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
+                print(f"{str(tiles):>22} {group:5d} | {ms:6.2f}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{str(tiles):>22} {group:5d} | failed {type(exc).__name__}: {str(exc)[:80]}")
+    best_b = min(bwd, key=bwd.get)
+    print("best logit-grad", best_b, f"{bwd[best_b]:.2f} ms", flush=True)
+    old = tuple(getattr(default, f) for f in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
+    for label, (f_tiles, f_group), (b_tiles, b_group) in (
+        ("default", (old, default.group_m), (old, default.group_m)),
+        ("best", best_f[:2], best_b),
+    ):
+        fc = tb.TileConfig(*f_tiles, group_m=f_group)
+        bc = tb.TileConfig(*b_tiles, group_m=b_group)
+        tb.tile_config = lambda dtype, kernel="forward", fc=fc, bc=bc: fc if kernel == "forward" else bc  # noqa: E731
+        full_b = bench(lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (True, True, False)))
+        with torch.no_grad():
+            f_ms = bench(lambda: linear_cross_entropy(e, c, t))
+        ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
+
+        def step(ee=ee, cc=cc):
+            ee.grad = cc.grad = None
+            linear_cross_entropy(ee, cc, t).backward()
+
+        fb = bench(step, rep=1000)
+        print(f"{label}: fwd {fc} bwd {bc}: op fwd {f_ms:.2f} ms, backend bwd {full_b:.2f} ms, op fwd+bwd {fb:.2f} ms",
+              flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main("--quick" in sys.argv)
