@@ -83,7 +83,7 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
         model.forward = types.MethodType(cce_forward, model)
     model._cce_config = new_config
     logger.info(
-        "cce_patch: patched %s (model_type=%s%s) with impl=%s",
+        "patched %s (model_type=%s%s) with impl=%s",
         type(model).__name__, model.config.model_type, ", via PEFT" if is_peft_model(target) else "", new_config.impl,
     )
     return target
@@ -98,7 +98,7 @@ def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -
         cls._cce_class_own_forward = cls.__dict__.get("forward")
         cls.forward = cce_forward
     cls._cce_config = _config_from(config, options, cls.__dict__.get("_cce_config"))
-    logger.info("cce_patch: patched class %s with impl=%s", cls.__name__, cls._cce_config.impl)
+    logger.info("patched class %s with impl=%s", cls.__name__, cls._cce_config.impl)
     return cls
 
 
