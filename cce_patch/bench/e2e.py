@@ -75,6 +75,23 @@ MODELS: dict[str, tuple[str, dict]] = {
             eos_token_id=128001,
         ),
     ),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            bos_token_id=151643,
+            eos_token_id=151645,
+        ),
+    ),
     # Tiny stand-ins with the same structure, for CPU smoke tests.
     "tiny-llama": (
         "llama",
