@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train(resume_from_checkpoint=train.resume_from_checkpoint)
     trainer.save_model(train.output_dir)
+    trainer.save_state()  # trainer_state.json: the loss curve, also when no checkpoints are kept
     tokenizer.save_pretrained(train.output_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
