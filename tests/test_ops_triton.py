@@ -68,8 +68,14 @@ def test_grads_only_where_required():
     assert c2.grad is not None and e2.grad is None
 
 
-def test_matches_torch_path():
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+def test_matches_torch_path(tma, monkeypatch):
+    """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) against the torch path."""
+    from cce_patch.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "USE_TMA", tma)
     e, c, t, b = make_inputs((4, 9), 32, 211, torch.float32, bias=True, device=DEVICE)
+    assert triton_backend._matmul_operands(e.reshape(-1, 32), c, triton_backend.tile_config(e.dtype))[2] == tma
     outs = []
     for impl in ("triton", "torch"):
         for x in (e, c, b):

@@ -19,6 +19,11 @@ from .triton_backward import logit_grad_kernel
 from .triton_common import INTERPRETING
 from .triton_forward import combine_partials, lse_forward_kernel
 
+try:  # host-side tensor descriptors (Triton >= 3.3); without them the kernels use pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 #: Bytes allowed for one chunk of the logit gradient dS. 128 MiB keeps fwd+bwd memory at the paper shape
 #: (N=8192, V=256000, bf16) within 1.25x of the gradients (8192 x 8192 x 2 B = 128 MiB per chunk).
 DS_CHUNK_BYTES = 128 * 1024 * 1024
@@ -27,6 +32,8 @@ DS_CHUNK_BYTES = 128 * 1024 * 1024
 #: vocabulary: 576 items = 4.4 waves on 132 SMs, a fifth wave 36% full), while the per-split partials stay at
 #: ~8 B x BLOCK_M x items whatever N is (~4 MB at BLOCK_M=128).
 FWD_WAVES = 32
+#: Load the matmul tiles through Hopper's tensor memory accelerator where possible (see _matmul_operands).
+USE_TMA = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,24 @@ def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
     # Measured on H100 at N=8192, D=2304, V=256000 (tests/gpu/tune_tiles.py, KERNEL_NOTES.md): 128x256x64 with
     # 8 warps and 3 stages beat 128x128x64 by 22% (forward) and 15% (forward+backward).
     return TileConfig(128, 256, 64, 8, 3)
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    """Whether ``x`` (rows x D, contiguous) meets the copy engine's rules: 16-byte aligned base and rows."""
+    return x.stride(-1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def _matmul_operands(e2d: torch.Tensor, c: torch.Tensor, cfg: TileConfig) -> tuple[object, object, bool]:
+    """(E, C, use_tma): tensor descriptors for Hopper's copy engine (TMA) when the GPU and the layout allow
+    it, else the plain tensors for pointer loads. The interpreter runs both paths (the tests cover each)."""
+    if USE_TMA and TensorDescriptor is not None and _tma_ok(e2d) and _tma_ok(c):
+        if INTERPRETING or (e2d.is_cuda and torch.cuda.get_device_capability(e2d.device)[0] >= 9):
+            return (
+                TensorDescriptor.from_tensor(e2d, [cfg.block_m, cfg.block_k]),
+                TensorDescriptor.from_tensor(c, [cfg.block_n, cfg.block_k]),
+                True,
+            )
+    return e2d, c, False
 
 
 def _num_sms(device: torch.device) -> int:
@@ -84,11 +109,12 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
     need_zsum = spec.label_smoothing > 0
     part = torch.empty((3 if need_zsum else 2, splits, n), dtype=torch.float32, device=e2d.device)
     zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
+    e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
     lse_forward_kernel[(row_blocks * splits,)](
-        e2d, c, bias if bias is not None else e2d, targets_flat, part, zt,
+        e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NEED_ZSUM=need_zsum, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     valid = _valid_rows(targets_flat, spec, n)
@@ -152,15 +178,16 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
         scale = peak.clamp_min(torch.finfo(torch.float32).tiny)
         grad_loss = grad_loss / scale
         grad_lse = grad_lse / scale if grad_lse is not None else None
+    e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
     for v0 in range(0, v, chunk):
         cols = min(chunk, v - v0)
         ds = ds_buf[:, :cols]
         logit_grad_kernel[(row_blocks * triton.cdiv(cols, cfg.block_n),)](
-            e2d, c, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
+            e_arg, c_arg, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
             grad_lse if grad_lse is not None else grad_loss, ds,
             n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
             spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v, cfg.group_m,
-            HAS_H=grad_lse is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HAS_H=grad_lse is not None, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
         )
         if dc is not None:

@@ -28,7 +28,7 @@ def logit_grad_kernel(
     N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
     smoothing, inv_vocab, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(chunk_cols, BLOCK_N), GROUP_M)
@@ -42,8 +42,8 @@ def logit_grad_kernel(
     out_mask = row_ok[:, None] & col_ok[None, :]
     ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
-        z = logit_tile(E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        z = logit_tile(E, C, BIAS, pid_m * BLOCK_M, v_start + pid_n * BLOCK_N, N, V, D, stride_e, stride_c, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         g = tl.where(valid, tl.load(G + offs_m, mask=row_ok, other=0.0), 0.0)
         p = tl.exp(z - lse[:, None])

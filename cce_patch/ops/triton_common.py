@@ -48,37 +48,54 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M):
 
 @triton.jit
 def logit_tile(
-    E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
+    E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """fp32 tile ``softcap(E[offs_m] @ C[offs_n].T + bias)`` of shape (BLOCK_M, BLOCK_N).
+    """fp32 tile ``softcap(E[m0:m0+BLOCK_M] @ C[n0:n0+BLOCK_N].T + bias)`` of shape (BLOCK_M, BLOCK_N).
 
-    Row and column offsets are widened to int64 before multiplying by the strides: N*D and V*D exceed 2**31
-    at real shapes (V=256000, D=2304 is 590M elements; fine, but 65536 tokens x 5120 is not far off)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    e_ptrs = E + offs_m.to(tl.int64)[:, None] * stride_e + offs_k[None, :]
-    c_ptrs = C + offs_n.to(tl.int64)[None, :] * stride_c + offs_k[:, None]
-    m_mask = offs_m[:, None] < N
-    n_mask = offs_n[None, :] < V
+    With USE_TMA, E and C are tensor descriptors (blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): Hopper's
+    copy engine fetches the tiles, zero-filling rows past N or V and columns past D, with no address
+    arithmetic in the threads. Otherwise they are pointers, and row offsets are widened to int64 before
+    multiplying by the strides (N*D and V*D can exceed 2**31, e.g. 65536 tokens x 5120 hidden)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:  # D % BLOCK_K == 0: no mask along K, which lets the compiler pipeline the loads freely
-            a = tl.load(e_ptrs, mask=m_mask, other=0.0)
-            b = tl.load(c_ptrs, mask=n_mask, other=0.0)
-        else:
-            k_ok = (k0 + offs_k) < D
-            a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
-            b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE_FP32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        e_ptrs += BLOCK_K
-        c_ptrs += BLOCK_K
+    if USE_TMA:
+        for k0 in range(0, D, BLOCK_K):
+            a = E.load([m0, k0])
+            b = C.load([n0, k0]).T
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE_FP32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        e_ptrs = E + offs_m.to(tl.int64)[:, None] * stride_e + offs_k[None, :]
+        c_ptrs = C + offs_n.to(tl.int64)[None, :] * stride_c + offs_k[:, None]
+        m_mask = offs_m[:, None] < N
+        n_mask = offs_n[None, :] < V
+        for k0 in range(0, D, BLOCK_K):
+            if EVEN_K:  # D % BLOCK_K == 0: no mask along K, which lets the compiler pipeline the loads freely
+                a = tl.load(e_ptrs, mask=m_mask, other=0.0)
+                b = tl.load(c_ptrs, mask=n_mask, other=0.0)
+            else:
+                k_ok = (k0 + offs_k) < D
+                a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
+                b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE_FP32:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            e_ptrs += BLOCK_K
+            c_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < V, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

@@ -29,7 +29,7 @@ def lse_forward_kernel(
     E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
@@ -48,9 +48,10 @@ def lse_forward_kernel(
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zsum_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for tile in range(0, n_tiles):
-        offs_n = v_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        z = logit_tile(E, C, BIAS, offs_m, offs_n, N, V, D, stride_e, stride_c, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        n0 = v_lo + tile * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        z = logit_tile(E, C, BIAS, pid_m * BLOCK_M, n0, N, V, D, stride_e, stride_c, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
         col_ok = offs_n[None, :] < V
         if NEED_ZSUM:
             zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)

@@ -26,8 +26,9 @@ TILES = [  # block_m, block_n, block_k, num_warps, num_stages
     (128, 256, 64, 8, 4),
     (256, 128, 64, 8, 3),
 ]
-GROUPS = [8, 16, 32, 64]
-WAVES = [8, 32, 64]
+GROUPS = [8, 16, 32]
+WAVES = [32, 64]
+TMA = [True, False]
 
 
 def bench(fn, rep=300) -> float:
@@ -58,43 +59,52 @@ def main(quick: bool) -> None:
     cublas_floors(e, c)
     spec = LossSpec()
     fwd = {}
-    print(f"{'forward tiles':>22} group waves | ms")
-    for tiles in TILES[:1] if quick else TILES:
-        for group in GROUPS:
-            for waves in WAVES:
-                use(tiles, group)
-                tb.FWD_WAVES = waves
-                try:
-                    fwd[tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
-                    print(f"{str(tiles):>22} {group:5d} {waves:5d} | {ms:6.2f}", flush=True)
-                except Exception as exc:  # noqa: BLE001 - a shape may exceed shared memory; report, go on
-                    print(f"{str(tiles):>22} {group:5d} {waves:5d} | failed {type(exc).__name__}: {str(exc)[:80]}")
+    print(f"tma {'forward tiles':>22} group waves | ms")
+    for tma in TMA:
+        tb.USE_TMA = tma
+        for tiles in TILES[:1] if quick else TILES:
+            for group in GROUPS:
+                for waves in WAVES:
+                    use(tiles, group)
+                    tb.FWD_WAVES = waves
+                    key = f"{tma:d} {str(tiles):>22} {group:5d} {waves:5d}"
+                    try:
+                        fwd[tma, tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
+                        print(f"{key} | {ms:6.2f}", flush=True)
+                    except Exception as exc:  # noqa: BLE001 - a shape may exceed shared memory; report, go on
+                        print(f"{key} | failed {type(exc).__name__}: {str(exc)[:80]}")
     best_f = min(fwd, key=fwd.get)
     print("best forward", best_f, f"{fwd[best_f]:.2f} ms", flush=True)
-    tb.FWD_WAVES = best_f[2]
+    tb.FWD_WAVES = best_f[3]
     loss, lse = tb.triton_forward(e, c, None, t, spec)
     g = torch.full_like(loss, 1.0 / n)
     bwd = {}
-    print(f"{'logit-grad tiles':>22} group | ms (all chunks, kernel only)")
-    for tiles in TILES:
-        for group in GROUPS:
-            use(tiles, group)
-            try:
-                bwd[tiles, group] = ms = bench(
-                    lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
-                print(f"{str(tiles):>22} {group:5d} | {ms:6.2f}", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"{str(tiles):>22} {group:5d} | failed {type(exc).__name__}: {str(exc)[:80]}")
+    print(f"tma {'logit-grad tiles':>22} group | ms (all chunks, kernel only)")
+    for tma in TMA:
+        tb.USE_TMA = tma
+        for tiles in TILES:
+            for group in GROUPS:
+                use(tiles, group)
+                key = f"{tma:d} {str(tiles):>22} {group:5d}"
+                try:
+                    bwd[tma, tiles, group] = ms = bench(
+                        lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
+                    print(f"{key} | {ms:6.2f}", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{key} | failed {type(exc).__name__}: {str(exc)[:80]}")
     best_b = min(bwd, key=bwd.get)
     print("best logit-grad", best_b, f"{bwd[best_b]:.2f} ms", flush=True)
     old = tuple(getattr(default, f) for f in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
-    for label, (f_tiles, f_group), (b_tiles, b_group) in (
-        ("default", (old, default.group_m), (old, default.group_m)),
-        ("best", best_f[:2], best_b),
+    for label, (f_tma, f_tiles, f_group), (b_tma, b_tiles, b_group) in (
+        ("default", (True, old, default.group_m), (True, old, default.group_m)),
+        ("best", best_f[:3], best_b),
     ):
         fc = tb.TileConfig(*f_tiles, group_m=f_group)
         bc = tb.TileConfig(*b_tiles, group_m=b_group)
         tb.tile_config = lambda dtype, kernel="forward", fc=fc, bc=bc: fc if kernel == "forward" else bc  # noqa: E731
+        if f_tma != b_tma:
+            print(f"{label}: forward tma={f_tma} and backward tma={b_tma} differ; timing with tma={b_tma}")
+        tb.USE_TMA = b_tma
         full_b = bench(lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (True, True, False)))
         with torch.no_grad():
             f_ms = bench(lambda: linear_cross_entropy(e, c, t))
@@ -105,8 +115,8 @@ def main(quick: bool) -> None:
             linear_cross_entropy(ee, cc, t).backward()
 
         fb = bench(step, rep=1000)
-        print(f"{label}: fwd {fc} bwd {bc}: op fwd {f_ms:.2f} ms, backend bwd {full_b:.2f} ms, op fwd+bwd {fb:.2f} ms",
-              flush=True)
+        print(f"{label}: tma {f_tma}/{b_tma} waves {tb.FWD_WAVES} fwd {fc} bwd {bc}:", flush=True)
+        print(f"    op fwd {f_ms:.2f} ms, backend bwd {full_b:.2f} ms, op fwd+bwd {fb:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
