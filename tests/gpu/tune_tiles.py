@@ -25,8 +25,10 @@ TILES = [  # block_m, block_n, block_k, num_warps, num_stages
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
     (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),  # half the accumulator: two programs per SM, one's epilogue under the other's matmul
+    (128, 128, 64, 4, 4),
 ]
-GROUPS = [8, 16, 32]
+GROUPS = [8, 32]
 WAVES = [32, 64]
 TMA = [True, False]
 
