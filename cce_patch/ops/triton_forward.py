@@ -21,7 +21,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import grouped_pid, logit_tile, row_targets
+from .triton_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
+
+
+@triton.jit
+def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.constexpr):
+    """Fold one logit tile into the running (max, sum of exp, target logit, logit sum) of each row."""
+    col_ok = offs_n[None, :] < V
+    if NEED_ZSUM:
+        zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
+    zt_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
+    z = tl.where(col_ok, z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s_i, zt_i, zsum_i
 
 
 @triton.jit
@@ -29,14 +42,14 @@ def lse_forward_kernel(
     E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
     out = PART + pid_s.to(tl.int64) * N + offs_m
-    plane = n_splits.to(tl.int64) * N
+    plane = tl.cast(n_splits, tl.int64) * N  # tl.cast: n_splits == 1 arrives as a Python int (specialised)
     row_ok = offs_m < N
     v_lo = pid_s * tiles_per_split * BLOCK_N
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_N, V)
@@ -47,19 +60,30 @@ def lse_forward_kernel(
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zsum_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for tile in range(0, n_tiles):
-        n0 = v_lo + tile * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        z = logit_tile(E, C, BIAS, pid_m * BLOCK_M, n0, N, V, D, stride_e, stride_c, softcap,
-                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-        col_ok = offs_n[None, :] < V
-        if NEED_ZSUM:
-            zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
-        zt_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
-        z = tl.where(col_ok, z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
+    m0 = pid_m * BLOCK_M
+    if FLAT_LOOP:
+        # One loop over (tile, K step) pairs with the epilogue on each tile's last step: the software
+        # pipeliner then keeps the next tile's loads in flight across the epilogue and the tile boundary.
+        k_steps = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in range(0, n_tiles * k_steps):
+            tile = it // k_steps
+            ki = it - tile * k_steps
+            n0 = v_lo + tile * BLOCK_N
+            acc = dot_step(E, C, acc, m0, n0, ki * BLOCK_K, N, V, D, stride_e, stride_c,
+                           UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            if ki == k_steps - 1:
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
+                m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for tile in range(0, n_tiles):
+            n0 = v_lo + tile * BLOCK_N
+            z = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
+                           HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            m_i, s_i, zt_i, zsum_i = online_update(
+                z, n0 + tl.arange(0, BLOCK_N), tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:
