@@ -69,11 +69,15 @@ def test_grads_only_where_required():
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_matches_torch_path(tma, monkeypatch):
-    """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) against the torch path."""
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_matches_torch_path(tma, flat, monkeypatch):
+    """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) and both forward loop
+    structures against the torch path."""
     from cce_patch.ops import triton_backend
 
     monkeypatch.setattr(triton_backend, "USE_TMA", tma)
+    monkeypatch.setattr(triton_backend, "FWD_FLAT_LOOP", flat)
+    monkeypatch.setattr(triton_backend, "FWD_WAVES", 1)  # one split: each program walks every vocab tile
     e, c, t, b = make_inputs((4, 9), 32, 211, torch.float32, bias=True, device=DEVICE)
     assert triton_backend._matmul_operands(e.reshape(-1, 32), c, triton_backend.tile_config(e.dtype))[2] == tma
     outs = []

@@ -32,6 +32,8 @@ DS_CHUNK_BYTES = 128 * 1024 * 1024
 #: vocabulary: 576 items = 4.4 waves on 132 SMs, a fifth wave 36% full), while the per-split partials stay at
 #: ~8 B x BLOCK_M x items whatever N is (~4 MB at BLOCK_M=128).
 FWD_WAVES = 32
+#: Forward as one flat loop over (vocab tile, K step) so loads stay in flight across tile boundaries.
+FWD_FLAT_LOOP = False
 #: Load the matmul tiles through Hopper's tensor memory accelerator where possible (see _matmul_operands).
 USE_TMA = True
 
@@ -114,7 +116,7 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NEED_ZSUM=need_zsum, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     valid = _valid_rows(targets_flat, spec, n)

@@ -47,55 +47,43 @@ def grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M):
 
 
 @triton.jit
-def logit_tile(
-    E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+def dot_step(
+    E, C, acc, m0, n0, k0, N, V, D, stride_e, stride_c,
+    UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """fp32 tile ``softcap(E[m0:m0+BLOCK_M] @ C[n0:n0+BLOCK_N].T + bias)`` of shape (BLOCK_M, BLOCK_N).
+    """acc + E[m0:+BLOCK_M, k0:+BLOCK_K] @ C[n0:+BLOCK_N, k0:+BLOCK_K].T (fp32 accumulator).
 
     With USE_TMA, E and C are tensor descriptors (blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): Hopper's
     copy engine fetches the tiles, zero-filling rows past N or V and columns past D, with no address
     arithmetic in the threads. Otherwise they are pointers, and row offsets are widened to int64 before
     multiplying by the strides (N*D and V*D can exceed 2**31, e.g. 65536 tokens x 5120 hidden)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
-        for k0 in range(0, D, BLOCK_K):
-            a = E.load([m0, k0])
-            b = C.load([n0, k0]).T
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE_FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+        a = E.load([m0, k0])
+        b = C.load([n0, k0]).T
     else:
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         e_ptrs = E + offs_m.to(tl.int64)[:, None] * stride_e + offs_k[None, :]
         c_ptrs = C + offs_n.to(tl.int64)[None, :] * stride_c + offs_k[:, None]
-        m_mask = offs_m[:, None] < N
-        n_mask = offs_n[None, :] < V
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN_K:  # D % BLOCK_K == 0: no mask along K, which lets the compiler pipeline the loads freely
-                a = tl.load(e_ptrs, mask=m_mask, other=0.0)
-                b = tl.load(c_ptrs, mask=n_mask, other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < D
-                a = tl.load(e_ptrs, mask=m_mask & k_ok[None, :], other=0.0)
-                b = tl.load(c_ptrs, mask=n_mask & k_ok[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE_FP32:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            e_ptrs += BLOCK_K
-            c_ptrs += BLOCK_K
+        if EVEN_K:  # D % BLOCK_K == 0: no mask along K, which lets the compiler pipeline the loads freely
+            a = tl.load(e_ptrs, mask=offs_m[:, None] < N, other=0.0)
+            b = tl.load(c_ptrs, mask=offs_n[None, :] < V, other=0.0)
+        else:
+            a = tl.load(e_ptrs, mask=(offs_m[:, None] < N) & (offs_k[None, :] < D), other=0.0)
+            b = tl.load(c_ptrs, mask=(offs_n[None, :] < V) & (offs_k[:, None] < D), other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Bias, then softcap: the logits z from the raw products e . c."""
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < V, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -103,3 +91,18 @@ def logit_tile(
         # 1 - 2 / (exp(2x) + 1) saturates cleanly to +-1 at both ends.
         acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
     return acc
+
+
+@triton.jit
+def logit_tile(
+    E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 tile ``softcap(E[m0:m0+BLOCK_M] @ C[n0:n0+BLOCK_N].T + bias)`` of shape (BLOCK_M, BLOCK_N)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        acc = dot_step(E, C, acc, m0, n0, k0, N, V, D, stride_e, stride_c,
+                       UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    return finish_logits(acc, BIAS, n0 + tl.arange(0, BLOCK_N), V, softcap, HAS_BIAS, HAS_SOFTCAP)

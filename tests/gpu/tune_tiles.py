@@ -31,6 +31,7 @@ TILES = [  # block_m, block_n, block_k, num_warps, num_stages
 GROUPS = [8, 32]
 WAVES = [32, 64]
 TMA = [True, False]
+FWD_LOADS = [(True, False), (True, True), (False, False), (False, True)]  # (tma, flat loop)
 
 
 def bench(fn, rep=300) -> float:
@@ -61,23 +62,24 @@ def main(quick: bool) -> None:
     cublas_floors(e, c)
     spec = LossSpec()
     fwd = {}
-    print(f"tma {'forward tiles':>22} group waves | ms")
-    for tma in TMA:
-        tb.USE_TMA = tma
+    print(f"tma flat {'forward tiles':>22} group waves | ms")
+    for tma, flat in FWD_LOADS:
+        tb.USE_TMA, tb.FWD_FLAT_LOOP = tma, flat
         for tiles in TILES[:1] if quick else TILES:
-            for group in GROUPS:
+            for group in GROUPS[-1:]:
                 for waves in WAVES:
                     use(tiles, group)
                     tb.FWD_WAVES = waves
-                    key = f"{tma:d} {str(tiles):>22} {group:5d} {waves:5d}"
+                    key = f"{tma:d}   {flat:d}  {str(tiles):>22} {group:5d} {waves:5d}"
                     try:
-                        fwd[tma, tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
+                        fwd[tma, flat, tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
                         print(f"{key} | {ms:6.2f}", flush=True)
                     except Exception as exc:  # noqa: BLE001 - a shape may exceed shared memory; report, go on
                         print(f"{key} | failed {type(exc).__name__}: {str(exc)[:80]}")
     best_f = min(fwd, key=fwd.get)
     print("best forward", best_f, f"{fwd[best_f]:.2f} ms", flush=True)
-    tb.FWD_WAVES = best_f[3]
+    tb.FWD_WAVES = best_f[4]
+    tb.USE_TMA, tb.FWD_FLAT_LOOP = best_f[:2]
     loss, lse = tb.triton_forward(e, c, None, t, spec)
     g = torch.full_like(loss, 1.0 / n)
     bwd = {}
@@ -99,7 +101,7 @@ def main(quick: bool) -> None:
     old = tuple(getattr(default, f) for f in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
     for label, (f_tma, f_tiles, f_group), (b_tma, b_tiles, b_group) in (
         ("default", (True, old, default.group_m), (True, old, default.group_m)),
-        ("best", best_f[:3], best_b),
+        ("best", (best_f[0], best_f[2], best_f[3]), best_b),
     ):
         fc = tb.TileConfig(*f_tiles, group_m=f_group)
         bc = tb.TileConfig(*b_tiles, group_m=b_group)
