@@ -1,4 +1,5 @@
-"""The use_cce Trainer flag: parsing, and identical training to stock under gradient accumulation."""
+"""The use_cce Trainer flag: parsing, identical training to stock under gradient accumulation, when patching
+happens (before accelerate's autocast wrapper), evaluation without logits, model_init and refusals."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import copy
 
 import pytest
 import torch
+import transformers
 from models_tiny import VOCAB, tiny_model
 from transformers import HfArgumentParser, Trainer
 
 from cce_patch import is_patched
-from cce_patch.integrations.trainer import CCECallback, CCETrainingArguments, cce_config_from_args
+from cce_patch.integrations.trainer import CCECallback, CCETrainer, CCETrainingArguments, cce_config_from_args
 
 
-def _data(n=16, t=10):
-    g = torch.Generator().manual_seed(0)
+def _data(n=16, t=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
         ids = torch.randint(1, VOCAB, (t,), generator=g)
@@ -24,16 +26,26 @@ def _data(n=16, t=10):
     return rows
 
 
-def _train(use_cce: bool, tmp_path, **extra):
-    model = tiny_model("llama")
-    args = CCETrainingArguments(
+def _args(tmp_path, use_cce, **extra):
+    base = dict(
         output_dir=str(tmp_path / str(use_cce)), use_cce=use_cce, max_steps=3, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, learning_rate=1e-2, report_to="none", use_cpu=True, logging_steps=1,
-        save_strategy="no", seed=0, data_seed=0, **extra,
+        save_strategy="no", seed=0, data_seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[CCECallback()])
+    return CCETrainingArguments(**{**base, **extra})
+
+
+def _train(use_cce: bool, tmp_path, **extra):
+    model = tiny_model("llama")
+    trainer = Trainer(model=model, args=_args(tmp_path, use_cce, **extra), train_dataset=_data(), callbacks=[CCECallback()])
     trainer.train()
     return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _count_head_calls(model):
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    return calls
 
 
 @pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True}], ids=["plain", "checkpointing"])
@@ -46,6 +58,20 @@ def test_use_cce_matches_stock_with_accumulation(tmp_path, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_patched_before_accelerate_wraps_forward_for_autocast(tmp_path):
+    """bf16 mixed precision: accelerate wraps forward in autocast at train(); the CCE forward must be inside it."""
+    dtypes = {}
+    for use_cce in (False, True):
+        model = tiny_model("llama")
+        seen = dtypes.setdefault(use_cce, set())
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o, seen=seen: seen.add(o.dtype))
+        heads = _count_head_calls(model)
+        Trainer(model=model, args=_args(tmp_path, use_cce, bf16=True, max_steps=1), train_dataset=_data(),
+                callbacks=[CCECallback()]).train()
+        assert (len(heads) == 0) == use_cce  # CCE never runs the head
+    assert dtypes[True] == dtypes[False] == {torch.bfloat16}
+
+
 def test_flag_parses_from_cli_and_dict():
     parser = HfArgumentParser(CCETrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
@@ -56,14 +82,52 @@ def test_flag_parses_from_cli_and_dict():
     assert cce_config_from_args(args).return_logits
     with pytest.raises(ValueError, match="unknown CCE option"):
         CCETrainingArguments(output_dir="x", use_cce=True, cce_config={"bogus": 1}, report_to="none")
+    with pytest.raises(ValueError, match="JSON object"):
+        CCETrainingArguments(output_dir="x", use_cce=True, cce_config="{impl: torch", report_to="none")
 
 
-def test_prediction_loss_only_evaluates_without_logits():
-    args = CCETrainingArguments(output_dir="x", use_cce=True, prediction_loss_only=True, report_to="none")
+def test_prediction_loss_only_evaluates_without_logits(tmp_path):
+    """With prediction_loss_only the plain Trainer + callback evaluates through CCE (the head never runs)."""
+    stock = Trainer(model=tiny_model("llama"), args=_args(tmp_path, False), eval_dataset=_data(8, seed=1))
+    expected = stock.evaluate()["eval_loss"]
+    model = tiny_model("llama")
+    heads = _count_head_calls(model)
+    args = _args(tmp_path, True, prediction_loss_only=True)
     assert cce_config_from_args(args).train_only is False
+    trainer = Trainer(model=model, args=args, eval_dataset=_data(8, seed=1), callbacks=[CCECallback()])
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert heads == [] and is_patched(model)
+
+
+def test_cce_trainer_skips_logits_in_loss_only_evaluation(tmp_path):
+    """CCETrainer: evaluate() without compute_metrics asks for the loss alone (skip_logits); predict() keeps logits."""
+    model = tiny_model("llama")
+    heads = _count_head_calls(model)
+    trainer = CCETrainer(model=model, args=_args(tmp_path, True), eval_dataset=_data(8, seed=1))
+    assert is_patched(model) and cce_config_from_args(trainer.args).train_only
+    loss = trainer.evaluate()["eval_loss"]
+    assert heads == []
+    stock = Trainer(model=tiny_model("llama"), args=_args(tmp_path, False), eval_dataset=_data(8, seed=1))
+    assert loss == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-5)
+    out = trainer.predict(_data(4, seed=2))
+    assert out.predictions.shape == (4, 10, VOCAB) and len(heads) > 0  # logits when the caller wants them
+
+
+def test_cce_trainer_patches_models_from_model_init(tmp_path):
+    trainer = CCETrainer(model_init=lambda: tiny_model("llama"), args=_args(tmp_path, True, max_steps=1),
+                         train_dataset=_data())
+    first = trainer.model
+    trainer.train()
+    assert trainer.model is not first and is_patched(trainer.model)
 
 
 def test_callback_respects_use_cce_false(tmp_path):
     model, _ = _train(False, tmp_path)
     assert not is_patched(model)
     copy.deepcopy(model)  # a patched-or-not model stays copyable
+
+
+def test_model_that_cannot_be_patched_is_refused_at_init(tmp_path):
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(NotImplementedError, match="use_cce: cannot patch GPT2LMHeadModel"):
+        CCETrainer(model=model, args=_args(tmp_path, True), train_dataset=_data())

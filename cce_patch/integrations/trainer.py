@@ -1,9 +1,18 @@
 """The ``use_cce`` Trainer flag, in the shape of transformers' own ``use_liger_kernel`` / ``liger_kernel_config``.
 
 ``CCETrainingArguments`` adds the two fields, which ``HfArgumentParser`` reads from YAML or the command line.
-``CCECallback`` applies them when training starts: a plain ``transformers.Trainer`` user adds one line,
-``callbacks=[CCECallback()]``. The callback patches the model the Trainer holds (the unwrapped model, or the
-``PeftModel``, whose base model ``patch`` finds), so DDP/accelerate wrappers are never touched.
+Two ways to honour them, sharing :func:`apply_cce`:
+
+- ``CCECallback``: a plain ``transformers.Trainer`` user adds one line, ``callbacks=[CCECallback()]``.
+- ``CCETrainer``: a drop-in ``Trainer`` that also asks the patched model for the loss alone whenever evaluation
+  only needs the loss (``skip_logits``, as the Trainer does for Liger), and patches models made by ``model_init``.
+
+When to patch matters. ``accelerate`` wraps ``model.forward`` in autocast when it prepares the model for mixed
+precision, which happens inside ``Trainer.train()`` before ``on_train_begin``. Patching after that would replace
+the autocast wrapper and run the decoder without autocast; so the callback patches in ``on_init_end`` (the end of
+``Trainer.__init__``, before any wrapping), and the wrapper later wraps the patched forward. What gets patched is
+the model the Trainer holds: the ``*ForCausalLM`` itself or a ``PeftModel`` (``patch`` finds its base model);
+DDP / FSDP / DeepSpeed wrap that same object later, so their wrappers are never touched.
 """
 
 from __future__ import annotations
@@ -13,10 +22,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainerCallback, TrainingArguments
+import torch.nn as nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
-from ..models.patching import patch
+from ..models.patching import is_patched, patch
+from .zero3 import register_head_with_zero3
 
 logger = logging.getLogger("cce_patch")
 
@@ -38,19 +49,42 @@ class CCETrainingArguments(TrainingArguments):
                 self.cce_config = json.loads(self.cce_config)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"cce_config must be a JSON object string, got {self.cce_config!r}") from exc
-        CCEConfig.from_dict(self.cce_config)  # refuse unknown option names at parse time
+        if self.cce_config is not None and not isinstance(self.cce_config, dict):
+            raise ValueError(f"cce_config must be a dict or a JSON object string, got {type(self.cce_config).__name__}")
+        CCEConfig.from_dict(self.cce_config)  # refuse unknown option names at parse time, not mid-run
 
 
 def cce_config_from_args(args: Any) -> CCEConfig:
-    """CCEConfig from training arguments. With ``prediction_loss_only`` evaluation also skips the logits."""
+    """CCEConfig from training arguments.
+
+    With ``prediction_loss_only`` the Trainer never reads logits in evaluation or prediction, so the patched
+    model may use CCE in eval mode too (``train_only=False``): evaluation then builds no logits either.
+    """
     config = CCEConfig.from_dict(getattr(args, "cce_config", None) or {})
     if getattr(args, "prediction_loss_only", False):
         config = config.replace(train_only=False)
     return config
 
 
+def apply_cce(model: nn.Module, args: Any = None, config: CCEConfig | None = None) -> nn.Module:
+    """Patch the model a Trainer holds (a ``*ForCausalLM`` or a ``PeftModel``). Idempotent.
+
+    ``config`` wins over ``args.cce_config``. Raises ``NotImplementedError`` (with the model type) for an
+    architecture cce_patch cannot patch, before any training step runs.
+    """
+    if model is None:
+        raise RuntimeError("use_cce is set but the Trainer has no model to patch")
+    config = config or cce_config_from_args(args)
+    try:
+        patch(model, config)
+    except NotImplementedError as exc:
+        raise NotImplementedError(f"use_cce: cannot patch {type(model).__name__}: {exc}") from exc
+    register_head_with_zero3(model)
+    return model
+
+
 class CCECallback(TrainerCallback):
-    """Patches the Trainer's model with CCE at the start of training.
+    """Patches the Trainer's model with CCE; ``callbacks=[CCECallback()]`` on a plain ``Trainer``.
 
     With ``CCETrainingArguments`` it follows ``use_cce``; with plain ``TrainingArguments`` adding the callback
     is the opt-in. ``config`` overrides the arguments' ``cce_config``.
@@ -59,9 +93,46 @@ class CCECallback(TrainerCallback):
     def __init__(self, config: CCEConfig | None = None) -> None:
         self.config = config
 
+    def _enabled(self, args: Any) -> bool:
+        return bool(getattr(args, "use_cce", True))
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # End of Trainer.__init__: before accelerate wraps forward for autocast, and before evaluate()/predict().
+        if self._enabled(args) and model is not None:
+            apply_cce(model, args, self.config)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not getattr(args, "use_cce", True):
-            return
-        if model is None:
-            raise RuntimeError("CCECallback needs the Trainer to pass its model to callbacks")
-        patch(model, self.config or cce_config_from_args(args))
+        # A model the Trainer received after __init__ (e.g. the callback was added later) is patched here.
+        if self._enabled(args) and model is not None and not is_patched(model):
+            logger.warning("use_cce: patching at train start; the model was not patched when the Trainer was built")
+            apply_cce(model, args, self.config)
+
+
+class CCETrainer(Trainer):
+    """A ``Trainer`` that honours ``args.use_cce`` by itself.
+
+    Beyond the callback it (1) patches each model ``model_init`` makes (hyper-parameter search, re-init at
+    ``train()``), and (2) passes ``skip_logits=True`` to the patched model whenever the Trainer evaluates for
+    the loss alone (``evaluate()`` without ``compute_metrics``), so evaluation never builds logits either.
+    """
+
+    def __init__(self, *args: Any, cce_config: CCEConfig | None = None, **kwargs: Any) -> None:
+        self._cce_overrides = cce_config
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, CCECallback) or c is CCECallback for c in callbacks):
+            callbacks.append(CCECallback(cce_config))
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def _use_cce(self) -> bool:
+        return bool(getattr(self.args, "use_cce", True))
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self._use_cce():
+            apply_cce(model, self.args, self._cce_overrides)
+        return model
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if prediction_loss_only and self._use_cce() and is_patched(self.model) and "labels" in inputs:
+            inputs = {**inputs, "skip_logits": True}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
