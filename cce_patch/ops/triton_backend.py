@@ -32,10 +32,12 @@ DS_CHUNK_BYTES = 128 * 1024 * 1024
 #: vocabulary: 576 items = 4.4 waves on 132 SMs, a fifth wave 36% full), while the per-split partials stay at
 #: ~8 B x BLOCK_M x items whatever N is (~4 MB at BLOCK_M=128).
 FWD_WAVES = 32
-#: Forward as one flat loop over (vocab tile, K step) so loads stay in flight across tile boundaries.
-FWD_FLAT_LOOP = False
 #: Load the matmul tiles through Hopper's tensor memory accelerator where possible (see _matmul_operands).
+#: H100, paper shape: forward 16.8 -> 14.4 ms, logit-gradient kernel 18.3 -> 17.0 ms (KERNEL_NOTES.md, v3).
 USE_TMA = True
+#: With TMA, run the forward as one flat loop over (vocab tile, K step) so that the next tile's loads stay in
+#: flight across the epilogue: 14.4 -> 13.9 ms. With pointer loads it is slower (16.8 -> 19.1), so it is off there.
+FWD_FLAT_LOOP = True
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,9 @@ def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
     if dtype == torch.float32:
         return TileConfig(128, 128, 32, 8, 3)
     # Measured on H100 at N=8192, D=2304, V=256000 (tests/gpu/tune_tiles.py, KERNEL_NOTES.md): 128x256x64 with
-    # 8 warps and 3 stages beat 128x128x64 by 22% (forward) and 15% (forward+backward).
-    return TileConfig(128, 256, 64, 8, 3)
+    # 8 warps beats 128x128 (one or two programs per SM) and 256x128 by 1-3 ms in both kernels; 3 stages are
+    # best for the forward, 4 for the logit-gradient kernel (16.7 vs 17.0 ms).
+    return TileConfig(128, 256, 64, 8, 3 if kernel == "forward" else 4)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -116,7 +119,8 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NEED_ZSUM=need_zsum, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     valid = _valid_rows(targets_flat, spec, n)
