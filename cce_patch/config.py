@@ -24,16 +24,25 @@ class CCEConfig:
         return_logits: on the CCE path, also compute and return the logits (costs the memory CCE saves; for
             users whose code reads ``outputs.logits`` during training).
         check_targets: validate label values against the vocabulary before the kernel (one host sync).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, applied inside the kernel. Stock
+            transformers models have no such option (the Trainer's ``label_smoothing_factor`` smooths the
+            logits outside the model, which a patched model does not return), so this is where it goes.
     """
 
     impl: str = "auto"
     train_only: bool = True
     return_logits: bool = False
     check_targets: bool = True
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
             raise ValueError(f"CCEConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        for name in ("train_only", "return_logits", "check_targets"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"CCEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.label_smoothing) < 1.0:
+            raise ValueError(f"CCEConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> CCEConfig:

@@ -3,110 +3,177 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 import transformers
-from models_tiny import GENERIC_FAMILIES, REGISTRY_FAMILIES, batch, tiny_model
+from models_tiny import GENERIC_FAMILIES, REGISTRY_FAMILIES, batch, tiny_config, tiny_model
 
-import cce_patch
-from cce_patch import CCEConfig, is_patched, patch, unpatch
+from cce_patch import is_patched, patch, unpatch
+from cce_patch.models import spec_for
 
 ALL = REGISTRY_FAMILIES + GENERIC_FAMILIES
 
 
-def _loss_and_grads(model, **inputs):
+def _loss_and_grads(model, *args, **inputs):
     model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
+    out = model(*args, **inputs)
+    loss = out[0] if isinstance(out, tuple) else out.loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same(a, b, rtol=1e-5, atol=1e-6):
-    (out_a, grads_a), (out_b, grads_b) = a, b
-    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=rtol, atol=atol)
-    assert grads_a.keys() == grads_b.keys()
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
 
 
+def _pair(family, **overrides):
+    """A stock model with a sharpened head (logits of order 1, so soft caps and scales matter) and a patched copy."""
+    stock = tiny_model(family, **overrides).train()
+    with torch.no_grad():
+        getattr(stock, spec_for(stock).head_attr).weight.mul_(10.0)
+    return stock, patch(copy.deepcopy(stock))
+
+
 @pytest.mark.parametrize("family", ALL)
-def test_patched_matches_stock(family):
-    stock = tiny_model(family).train()
+def test_patched_matches_stock_train_and_eval(family):
+    stock, patched = _pair(family)
+    head = getattr(patched, spec_for(patched).head_attr)
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))  # the [tokens x vocab] logits would come from here
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    assert patched(**inputs).logits is None and calls == []
+
+    stock.eval(), patched.eval()
+    with torch.no_grad():
+        ref = stock(**inputs)
+        assert torch.equal(patched(**inputs).logits, ref.logits)  # train_only: eval is the stock forward
+        calls.clear()
+        got = patch(patched, train_only=False)(**inputs)  # eval through CCE
+        assert got.logits is None and calls == []
+        torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "gpt2"])
+def test_num_items_in_batch_and_shift_labels(family):
+    stock, patched = _pair(family)
+    ids, mask, labels = batch()
+    n = torch.tensor(int((labels[..., 1:] != -100).sum()) * 3)  # as the Trainer counts over 3 accumulation steps
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    for extra in ({"num_items_in_batch": n}, {"num_items_in_batch": int(n)}, {"shift_labels": shifted},
+                  {"shift_labels": shifted, "num_items_in_batch": n}):
+        inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    # shift_labels alone (no labels) also trains with CCE; stock needs `labels` to compute any loss
+    alone = _loss_and_grads(patched, input_ids=ids, attention_mask=mask, shift_labels=shifted)
+    _assert_same(alone, _loss_and_grads(stock, input_ids=ids, attention_mask=mask, labels=labels))
+
+
+@pytest.mark.parametrize(
+    ("family", "attr", "neutral"),
+    [("gemma2", "final_logit_softcapping", None), ("gemma3_text", "final_logit_softcapping", None),
+     ("cohere", "logit_scale", 1.0), ("granite", "logits_scaling", 1.0)],
+)
+def test_family_quirk_is_applied(family, attr, neutral):
+    stock, patched = _pair(family)
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        with_quirk = patched(**inputs).loss
+        torch.testing.assert_close(with_quirk, stock(**inputs).loss, rtol=1e-5, atol=1e-6)
+        for model in (stock, patched):
+            setattr(model.config, attr, neutral)
+            if hasattr(model, attr):  # Cohere copies logit_scale onto the model at init
+                setattr(model, attr, neutral)
+        without = patched(**inputs).loss
+        torch.testing.assert_close(without, stock(**inputs).loss, rtol=1e-5, atol=1e-6)
+    assert abs(with_quirk - without) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "granite"])
+def test_head_bias_and_tied_embeddings(family):
+    stock = tiny_model(family).train()  # untied: give the head a bias (scaled along with the logits for granite)
+    stock.lm_head = torch.nn.Linear(32, stock.config.vocab_size, bias=True)
+    with torch.no_grad():
+        stock.lm_head.bias.normal_()
     patched = patch(copy.deepcopy(stock))
     ids, mask, labels = batch()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    ref, got = _loss_and_grads(stock, **inputs), _loss_and_grads(patched, **inputs)
-    assert got[0].logits is None and ref[0].logits is not None
+    got, ref = _loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs)
+    assert "lm_head.bias" in got[1]
     _assert_same(got, ref)
 
+    tied = tiny_model(family, tie_word_embeddings=True).train()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    patched = patch(copy.deepcopy(tied))
+    _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(tied, **inputs))
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_num_items_in_batch_and_shift_labels(family):
-    stock = tiny_model(family).train()
+
+def test_bf16_matches_stock_within_bf16_tolerance():
+    stock = tiny_model("llama").train().to(torch.bfloat16)
     patched = patch(copy.deepcopy(stock))
     ids, mask, labels = batch()
-    n = (labels[..., 1:] != -100).sum() * 3  # as the Trainer counts across 3 accumulation steps
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
-    for extra in ({"num_items_in_batch": n}, {"shift_labels": shifted}):
-        inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
-        _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    (loss_got, grads_got), (loss_ref, grads_ref) = _loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs)
+    assert loss_got.dtype == torch.float32 and loss_ref.dtype == torch.float32  # stock upcasts the logits too
+    torch.testing.assert_close(loss_got, loss_ref, rtol=1e-2, atol=1e-2)
+    for name, ref in grads_ref.items():
+        err = (grads_got[name].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)
+        assert err < 3e-2, (name, float(err))
 
 
-def test_gemma2_softcap_is_applied():
-    model = patch(tiny_model("gemma2").train())
-    ids, mask, labels = batch()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50.0)  # logits well beyond the cap of 2.0, where tanh bites
-        capped = model(input_ids=ids, labels=labels).loss
-        model.config.final_logit_softcapping = None
-        uncapped = model(input_ids=ids, labels=labels).loss
-    assert not torch.allclose(capped, uncapped)
-
-
-def test_logits_never_materialized_in_training():
-    model = patch(tiny_model("llama").train())
-    calls = []
-    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    ids, mask, labels = batch()
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    assert calls == []
-
-
-def test_eval_without_train_only_and_return_logits():
+def test_eval_return_logits_and_skip_logits():
     stock = tiny_model("qwen2").eval()
     patched = patch(copy.deepcopy(stock))
     ids, mask, labels = batch()
     with torch.no_grad():
         ref = stock(input_ids=ids, labels=labels)
-        got = patched(input_ids=ids, labels=labels)  # train_only: eval runs the stock forward
-        torch.testing.assert_close(got.logits, ref.logits)
         patch(patched, train_only=False, return_logits=True)
         got = patched(input_ids=ids, labels=labels)
         torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
-        skip = patch(patched, train_only=True, return_logits=False)(input_ids=ids, labels=labels, skip_logits=True)
+        patch(patched, train_only=True, return_logits=False)
+        skip = patched(input_ids=ids, labels=labels, skip_logits=True)  # Trainer, prediction_loss_only
         assert skip.logits is None
         torch.testing.assert_close(skip.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    patched.train()
+    kept = patched(input_ids=ids, labels=labels, skip_logits=False)  # an explicit request for logits is honoured
+    torch.testing.assert_close(kept.logits, ref.logits)
 
 
-def test_tuple_output_and_labels_on_other_dtype():
-    model = patch(tiny_model("mistral").train())
+def test_tuple_output_positional_arguments_and_signature():
+    stock, patched = _pair("mistral")
     ids, mask, labels = batch()
-    out = model(input_ids=ids, labels=labels.int(), return_dict=False)
+    assert inspect.signature(patched.forward) == inspect.signature(stock.forward)  # the Trainer reads it
+    out = patched(input_ids=ids, labels=labels.int(), return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0
+    positional = _loss_and_grads(patched, ids, mask, None, None, None, labels)  # llama-style parameter order
+    _assert_same(positional, _loss_and_grads(stock, input_ids=ids, attention_mask=mask, labels=labels))
+    stock, patched = _pair("gpt2")  # gpt2's order differs: (input_ids, past_key_values, attention_mask, ...)
+    _assert_same(_loss_and_grads(patched, ids, None, mask, labels=labels),
+                 _loss_and_grads(stock, ids, None, mask, labels=labels))
 
 
-def test_generation_and_logits_to_keep_unchanged():
-    stock = tiny_model("llama").eval()
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generation_and_logits_to_keep_unchanged(family):
+    stock = tiny_model(family).eval()
     patched = patch(copy.deepcopy(stock), train_only=False)
     ids, _, _ = batch()
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         kept = patched(input_ids=ids, logits_to_keep=1).logits
+        assert kept.shape[1] == 1
         torch.testing.assert_close(kept, stock(input_ids=ids, logits_to_keep=1).logits)
-        gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(patched.generate(ids, **gen), stock.generate(ids, **gen))
+        patched.train(), stock.train()  # no labels: stock behaviour in training mode too
+        torch.testing.assert_close(patched(input_ids=ids).logits, stock(input_ids=ids).logits)
 
 
 def test_unpatch_idempotence_and_isolation():
@@ -115,9 +182,11 @@ def test_unpatch_idempotence_and_isolation():
     patch(a)
     patch(a, impl="torch")  # twice: options updated, still one patch
     assert is_patched(a) and not is_patched(b) and a._cce_config.impl == "torch"
-    assert type(b).forward is transformers.LlamaForCausalLM.forward
+    assert type(b).forward is transformers.LlamaForCausalLM.forward and "forward" not in b.__dict__
     unpatch(a)
     assert not is_patched(a) and a.forward == original and "_cce_config" not in a.__dict__
+    assert "forward" not in a.__dict__
+    unpatch(a)  # no-op
 
 
 def test_two_models_keep_their_own_options():
@@ -126,56 +195,106 @@ def test_two_models_keep_their_own_options():
     assert a._cce_config.return_logits and not b._cce_config.return_logits
 
 
-def test_class_patch():
+@pytest.mark.parametrize("target", ["llama", transformers.LlamaForCausalLM])
+def test_class_patch(target):
+    original = transformers.LlamaForCausalLM.forward
+    ids, mask, labels = batch()
     try:
-        patch("llama", impl="torch")
-        assert is_patched(transformers.LlamaForCausalLM)
-        model = tiny_model("llama").train()
-        ids, mask, labels = batch()
+        patch(target, impl="torch")
+        assert is_patched(transformers.LlamaForCausalLM) and is_patched("llama")
+        model = transformers.LlamaForCausalLM(tiny_config("llama")).train()  # made after the patch
+        stock = copy.deepcopy(model)
         out = model(input_ids=ids, labels=labels)
-        assert out.logits is None
-        unpatch(transformers.LlamaForCausalLM)
+        assert out.logits is None and model._cce_config.impl == "torch"
+        patch(model, impl="auto")  # an instance patch over a class patch, then undone
+        unpatch(model)
+        assert model(input_ids=ids, labels=labels).logits is None
+        unpatch(target)
         assert not is_patched(transformers.LlamaForCausalLM)
-        assert model(input_ids=ids, labels=labels).logits is not None
+        assert transformers.LlamaForCausalLM.forward is original
+        torch.testing.assert_close(stock(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
     finally:
         unpatch(transformers.LlamaForCausalLM)
 
 
-def test_unsupported_architecture_is_refused():
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
-    with pytest.raises(NotImplementedError, match="gpt2"):
-        patch(transformers.GPT2LMHeadModel(config))
+def _bart():
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=32)
+    return transformers.BartForCausalLM(config)  # has .model and .lm_head, but scores labels unshifted
 
 
-def test_unknown_logit_scaling_is_refused(monkeypatch):
-    model = tiny_model("qwen3")
-    model.config.logit_scale = 2.0
-    with pytest.raises(NotImplementedError, match="qwen3"):
+def _mixtral():
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    return transformers.MixtralForCausalLM(config)  # adds a router auxiliary loss
+
+
+@pytest.mark.parametrize(("make", "model_type"), [(_bart, "bart"), (_mixtral, "mixtral")])
+def test_non_standard_architectures_are_refused(make, model_type):
+    model = make()
+    with pytest.raises(NotImplementedError, match=model_type):
         patch(model)
+    with pytest.raises(NotImplementedError, match=model_type):
+        patch(model_type)
+    assert not is_patched(model) and not is_patched(type(model))
+
+
+def test_unknown_model_type_and_bad_targets():
+    with pytest.raises(NotImplementedError, match="no_such_model"):
+        patch("no_such_model")
+    with pytest.raises(TypeError, match="patch expects"):
+        patch(42)
+    with pytest.raises(TypeError, match="patch expects"):
+        patch(int)
 
 
 def test_config_errors():
+    from cce_patch import CCEConfig
+
     with pytest.raises(ValueError, match="unknown CCE option"):
         CCEConfig.from_dict({"imple": "torch"})
     with pytest.raises(ValueError, match="impl must be one of"):
         CCEConfig(impl="cuda")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CCEConfig(label_smoothing=1.5)
     with pytest.raises(ValueError, match="unknown CCE option"):
         patch(tiny_model("llama"), chunk=3)
+    config = CCEConfig.from_dict({"impl": "torch", "train_only": False})
+    assert config.replace(return_logits=True) == CCEConfig(impl="torch", train_only=False, return_logits=True)
 
 
-def test_version_gate():
+def test_label_smoothing_option():
+    stock, patched = _pair("llama")
+    ids, mask, labels = batch()
+    patch(patched, label_smoothing=0.1)
+    with torch.no_grad():
+        got = patched(input_ids=ids, labels=labels).loss
+        logits = stock(input_ids=ids).logits[:, :-1].float()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                label_smoothing=0.1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_version_gate(monkeypatch):
     from cce_patch.models.patching import check_transformers_version
 
     check_transformers_version()
     with pytest.raises(RuntimeError, match="supports transformers"):
         check_transformers_version("4.40.0")
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    with pytest.raises(RuntimeError, match="found 6.0.0"):
+        patch(tiny_model("llama"))
 
 
 def test_logs_one_line(caplog):
     with caplog.at_level("INFO", logger="cce_patch"):
         patch(tiny_model("phi3"))
-    assert any("phi3" in r.message and "impl=auto" in r.message for r in caplog.records)
+    lines = [r.message for r in caplog.records if r.name == "cce_patch"]
+    assert len(lines) == 1 and "phi3" in lines[0] and "impl=auto" in lines[0]
 
 
 def test_public_api():
-    assert {"patch", "unpatch", "linear_cross_entropy", "CCEConfig"} <= set(cce_patch.__all__)
+    import cce_patch
+
+    assert {"patch", "unpatch", "is_patched", "linear_cross_entropy", "CCEConfig", "__version__"} <= set(cce_patch.__all__)

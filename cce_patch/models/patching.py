@@ -18,8 +18,9 @@ from packaging.version import Version
 
 from ..config import CCEConfig
 from ..integrations.peft import effective_head, is_peft_model, unwrap_peft
-from .forward import cce_forward
-from .registry import spec_for
+from .forward import make_patched_forward
+from .registry import FAMILIES, original_forward, spec_for
+from .structure import NonStandardForward, forward_shape
 
 logger = logging.getLogger("cce_patch")
 
@@ -80,7 +81,7 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
     new_config = _config_from(config, options, model.__dict__.get("_cce_config"))
     if not is_patched(model):
         model.__dict__["_cce_original_forward"] = model.__dict__.get("forward")
-        model.forward = types.MethodType(cce_forward, model)
+        model.forward = types.MethodType(make_patched_forward(original_forward(type(model))), model)
     model._cce_config = new_config
     logger.info(
         "patched %s (model_type=%s%s) with impl=%s",
@@ -92,11 +93,20 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
 def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -> type:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "forward")):
         raise TypeError(f"patch expects a *ForCausalLM class, got {cls!r}")
+    model_type = getattr(getattr(cls, "config_class", None), "model_type", None) or cls.__name__
+    if model_type not in FAMILIES:  # refuse a non-standard class now, not at the first training step
+        try:
+            forward_shape(original_forward(cls))
+        except NonStandardForward as exc:
+            raise NotImplementedError(
+                f"model type {model_type!r} ({cls.__name__}) is not supported by cce_patch: its forward does not "
+                f"have the standard causal-LM shape (at: {str(exc)[:200]})."
+            ) from None
     if not is_patched(cls):
         cls._cce_class_original_forward = cls.forward
         cls._cce_class_had_own_forward = "forward" in cls.__dict__
         cls._cce_class_own_forward = cls.__dict__.get("forward")
-        cls.forward = cce_forward
+        cls.forward = make_patched_forward(cls.forward)
     cls._cce_config = _config_from(config, options, cls.__dict__.get("_cce_config"))
     logger.info("patched class %s with impl=%s", cls.__name__, cls._cce_config.impl)
     return cls

@@ -1,9 +1,10 @@
 """Declarative table of model-family quirks. Adding a family is one row here plus one test entry.
 
-The generic forward (``forward.py``) needs to know four things about a ``*ForCausalLM``: where the decoder
-is, where the head is, whether the logits are soft-capped, and whether they are scaled. Everything else is
-shared: every standard causal LM runs ``hidden = self.<base>(...).last_hidden_state`` and
-``logits = self.<head>(hidden)`` followed by ``self.loss_function``.
+The generic forward (``forward.py``) needs four facts about a ``*ForCausalLM``: where the decoder is, where the
+head is, whether the logits are soft-capped, and whether they are scaled. Rows state them for the families we
+test. A model type without a row is patched only if its forward's source has the standard shape
+(``structure.py``), from which the same four facts are read; anything else is refused with
+``NotImplementedError`` rather than trained on a silently different loss.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
+
+from .structure import NonStandardForward, forward_shape
 
 
 @dataclass(frozen=True)
@@ -22,8 +25,8 @@ class FamilySpec:
         base_attr: attribute holding the decoder (returns ``last_hidden_state``).
         head_attr: attribute holding the output projection (an ``nn.Linear``; tied or not, its weight is used).
         softcap_attr: config attribute with the final-logit soft cap (``cap * tanh(logits / cap)``), if any.
-        logit_scale_attr: config attribute with a logit multiplier, if any (``logits * scale``).
-        logit_divisor_attr: config attribute with a logit divisor, if any (``logits / divisor``).
+        logit_scale_attr: config attribute with a logit multiplier, if any (``logits * scale``, Cohere).
+        logit_divisor_attr: config attribute with a logit divisor, if any (``logits / divisor``, Granite).
     """
 
     base_attr: str = "model"
@@ -46,38 +49,46 @@ class FamilySpec:
 
 
 _STANDARD = FamilySpec()
+_SOFTCAPPED = FamilySpec(softcap_attr="final_logit_softcapping")
 
-#: model_type -> quirks. Families with the standard structure need no row; they are listed to document what
-#: is tested, and so that a future quirk has an obvious place to go.
+#: model_type -> quirks. Each row is exercised against stock transformers in tests/test_models_patch.py.
+#: Standard families need no row; the five target families are listed so the table documents what is tested.
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _STANDARD,
     "qwen2": _STANDARD,
     "phi3": _STANDARD,
     "mistral": _STANDARD,
-    "gemma2": FamilySpec(softcap_attr="final_logit_softcapping"),
-    "gemma3_text": FamilySpec(softcap_attr="final_logit_softcapping"),
-    "cohere": FamilySpec(logit_scale_attr="logit_scale"),
-    "granite": FamilySpec(logit_divisor_attr="logits_scaling"),
+    "gemma2": _SOFTCAPPED,  # logits = 30 * tanh(logits / 30)
+    "gemma3_text": _SOFTCAPPED,  # same code; the cap is None in released configs
+    "cohere": FamilySpec(logit_scale_attr="logit_scale"),  # logits = logits * logit_scale
+    "cohere2": FamilySpec(logit_scale_attr="logit_scale"),
+    "granite": FamilySpec(logit_divisor_attr="logits_scaling"),  # logits = logits / logits_scaling
 }
 
-#: Config attributes that change the logits in ways an unknown family might implement differently: a model
-#: type not in FAMILIES that sets one of them is refused rather than trained on a silently different loss.
-_QUIRK_ATTRS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_softcapping")
+
+def original_forward(cls: type) -> Any:
+    """The class's own forward, looking through a class patch."""
+    for klass in cls.__mro__:
+        if "_cce_class_original_forward" in klass.__dict__:
+            return klass.__dict__["_cce_class_original_forward"]
+    return cls.forward
 
 
 def spec_for(model: nn.Module) -> FamilySpec:
     """The FamilySpec of a ``*ForCausalLM`` instance, or NotImplementedError naming its model type."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
     spec = FAMILIES.get(model_type)
     if spec is None:
-        quirks = [a for a in _QUIRK_ATTRS if getattr(config, a, None) not in (None, 1, 1.0)]
-        if quirks:
+        try:
+            shape = forward_shape(original_forward(type(model)))
+        except NonStandardForward as exc:
             raise NotImplementedError(
-                f"model type {model_type!r} ({type(model).__name__}) scales its logits through {quirks}; "
-                "cce_patch has no registry row for it. Add a FamilySpec to cce_patch/models/registry.py."
-            )
-        spec = FamilySpec(softcap_attr="final_logit_softcapping")  # a standard config attribute when present
+                f"model type {model_type!r} ({type(model).__name__}) is not supported by cce_patch: its forward "
+                f"does not have the standard causal-LM shape (at: {str(exc)[:200]}). If it only differs by a "
+                "known quirk, add a FamilySpec row to cce_patch/models/registry.py."
+            ) from None
+        spec = FamilySpec(base_attr=shape.base_attr, head_attr=shape.head_attr, softcap_attr=shape.softcap_attr)
     problems = []
     if not isinstance(getattr(model, spec.base_attr, None), nn.Module):
         problems.append(f"no decoder at `.{spec.base_attr}`")
