@@ -39,13 +39,20 @@ def effective_head(head: nn.Module) -> nn.Linear:
         if getattr(head, "disable_adapters", False):
             return effective_head(head.original_module)
         active = head.active_adapters if hasattr(head, "active_adapters") else [head.active_adapter]
-        if len(active) != 1:
+        saved = [name for name in active if name in head.modules_to_save]
+        if not saved:  # as PEFT's forward: an adapter that does not save the head uses the original
+            return effective_head(head.original_module)
+        if len(saved) != 1:
             raise NotImplementedError("cce_patch supports one active modules_to_save adapter on lm_head")
-        return effective_head(head.modules_to_save[active[0]])
-    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        return effective_head(head.modules_to_save[saved[0]])
+    if hasattr(head, "lora_A") or hasattr(head, "lora_embedding_A"):
         raise NotImplementedError(
             "a LoRA adapter on lm_head is not supported by cce_patch: the adapted weight is W + B @ A, and "
             "passing W alone would train the wrong loss. Remove 'lm_head' from target_modules, or list it in "
             "modules_to_save to fine-tune the full head."
         )
-    raise NotImplementedError(f"unsupported head module {type(head).__name__}: expected an nn.Linear")
+    raise NotImplementedError(
+        f"unsupported head module {type(head).__name__} (a PEFT adapter such as trainable_token_indices?): "
+        "cce_patch needs the head to be an nn.Linear, or a modules_to_save copy of one, so that the weight it "
+        "passes to the kernel is the weight that produces the logits."
+    )
