@@ -154,6 +154,8 @@ def test_tuple_output_positional_arguments_and_signature():
     assert inspect.signature(patched.forward) == inspect.signature(stock.forward)  # the Trainer reads it
     out = patched(input_ids=ids, labels=labels.int(), return_dict=False)
     assert isinstance(out, tuple) and out[0].dim() == 0
+    hidden = patched(input_ids=ids, labels=labels, output_hidden_states=True).hidden_states  # carried through
+    assert len(hidden) == patched.config.num_hidden_layers + 1
     positional = _loss_and_grads(patched, ids, mask, None, None, None, labels)  # llama-style parameter order
     _assert_same(positional, _loss_and_grads(stock, input_ids=ids, attention_mask=mask, labels=labels))
     stock, patched = _pair("gpt2")  # gpt2's order differs: (input_ids, past_key_values, attention_mask, ...)

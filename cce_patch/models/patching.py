@@ -108,7 +108,7 @@ def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -
         cls._cce_class_own_forward = cls.__dict__.get("forward")
         cls.forward = make_patched_forward(cls.forward)
     cls._cce_config = _config_from(config, options, cls.__dict__.get("_cce_config"))
-    logger.info("patched class %s with impl=%s", cls.__name__, cls._cce_config.impl)
+    logger.info("patched class %s (model_type=%s) with impl=%s", cls.__name__, model_type, cls._cce_config.impl)
     return cls
 
 
