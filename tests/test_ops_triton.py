@@ -71,13 +71,12 @@ def test_grads_only_where_required():
 @pytest.mark.parametrize("tma,flat", [(True, True), (True, False), (False, False)],
                          ids=["tma-flat", "tma-nested", "pointers"])
 def test_matches_torch_path(tma, flat, monkeypatch):
-    """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) and both loop structures
-    of each kernel (flat/persistent ones run only with descriptors) against the torch path."""
+    """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) and both forward loop
+    structures (the flat one runs only with descriptors) against the torch path."""
     from cce_patch.ops import triton_backend
 
     monkeypatch.setattr(triton_backend, "USE_TMA", tma)
     monkeypatch.setattr(triton_backend, "FWD_FLAT_LOOP", flat)
-    monkeypatch.setattr(triton_backend, "BWD_PERSISTENT", flat)
     monkeypatch.setattr(triton_backend, "FWD_WAVES", 1)  # one split: each program walks every vocab tile
     e, c, t, b = make_inputs((4, 9), 32, 211, torch.float32, bias=True, device=DEVICE)
     assert triton_backend._matmul_operands(e.reshape(-1, 32), c, triton_backend.tile_config(e.dtype))[2] == tma

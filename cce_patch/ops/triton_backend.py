@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .spec import LossSpec
-from .triton_backward import logit_grad_kernel, logit_grad_kernel_persistent
+from .triton_backward import logit_grad_kernel
 from .triton_common import INTERPRETING
 from .triton_forward import combine_partials, lse_forward_kernel
 
@@ -38,9 +38,6 @@ USE_TMA = True
 #: With TMA, run the forward as one flat loop over (vocab tile, K step) so that the next tile's loads stay in
 #: flight across the epilogue: 14.4 -> 13.9 ms. With pointer loads it is slower (16.8 -> 19.1), so it is off there.
 FWD_FLAT_LOOP = True
-#: Backward logit-gradient kernel as one program per SM in a flat (tile, K step) loop, when no row block is
-#: entirely ignored (that kernel cannot skip them; the one-program-per-tile kernel does).
-BWD_PERSISTENT = False
 
 
 @dataclass(frozen=True)
@@ -136,13 +133,6 @@ def _valid_rows(targets_flat: torch.Tensor, spec: LossSpec, n: int) -> torch.Ten
     return valid_rows(targets_flat, spec)[:n]
 
 
-def _has_ignored_block(targets_flat: torch.Tensor, spec: LossSpec, n: int, block_m: int) -> bool:
-    """Whether some block of ``block_m`` rows has every target ignored (one host sync)."""
-    valid = _valid_rows(targets_flat, spec, n)
-    padded = torch.nn.functional.pad(valid, (0, (-n) % block_m), value=False)
-    return bool((~padded.view(-1, block_m).any(dim=1)).any())
-
-
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b without rounding the partial product to a half type.
 
@@ -195,14 +185,10 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
         grad_loss = grad_loss / scale
         grad_lse = grad_lse / scale if grad_lse is not None else None
     e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
-    persistent = BWD_PERSISTENT and use_tma and not _has_ignored_block(targets_flat, spec, n, cfg.block_m)
-    kernel = logit_grad_kernel_persistent if persistent else logit_grad_kernel
-    sms = _num_sms(e2d.device)
     for v0 in range(0, v, chunk):
         cols = min(chunk, v - v0)
         ds = ds_buf[:, :cols]
-        tiles = row_blocks * triton.cdiv(cols, cfg.block_n)
-        kernel[(min(tiles, sms) if persistent else tiles,)](
+        logit_grad_kernel[(row_blocks * triton.cdiv(cols, cfg.block_n),)](
             e_arg, c_arg, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
             grad_lse if grad_lse is not None else grad_loss, ds,
             n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,

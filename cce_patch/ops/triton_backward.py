@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
+from .triton_common import grouped_pid, logit_tile, row_targets
 
 
 @triton.jit
@@ -66,43 +66,3 @@ def logit_grad_kernel(
         ds = logit_grad(z, offs_m, offs_n, tgt, valid, row_ok, LSE, G, H, softcap, smoothing, inv_vocab,
                         HAS_H, HAS_SOFTCAP)
     tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def logit_grad_kernel_persistent(
-    E, C, BIAS, T, LSE, G, H, DS,
-    N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
-    smoothing, inv_vocab, GROUP_M,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Same dS, one program per SM walking tiles pid, pid + P, ... in one flat loop over (tile, K step), so
-    the next tile's loads are in flight during this tile's epilogue and store. It does not skip ignored row
-    blocks (the launcher uses it only when there are none)."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    num_m = tl.cdiv(N, BLOCK_M)
-    num_n = tl.cdiv(chunk_cols, BLOCK_N)
-    my_tiles = tl.cdiv(num_m * num_n - pid, n_prog)
-    k_steps = tl.cdiv(D, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, my_tiles * k_steps):
-        local = it // k_steps
-        ki = it - local * k_steps
-        pid_m, pid_n = grouped_pid(pid + local * n_prog, num_m, num_n, GROUP_M)
-        n0 = v_start + pid_n * BLOCK_N
-        acc = dot_step(E, C, acc, pid_m * BLOCK_M, n0, ki * BLOCK_K, N, V, D, stride_e, stride_c,
-                       UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-        if ki == k_steps - 1:
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_n = v_start + offs_local
-            z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
-            tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
-            row_ok = offs_m < N
-            ds = logit_grad(z, offs_m, offs_n, tgt, valid, row_ok, LSE, G, H, softcap, smoothing, inv_vocab,
-                            HAS_H, HAS_SOFTCAP)
-            ds_ptrs = DS + offs_m.to(tl.int64)[:, None] * stride_ds + offs_local[None, :]
-            tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & (offs_local < chunk_cols)[None, :])
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

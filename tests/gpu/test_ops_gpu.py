@@ -87,18 +87,6 @@ def test_odd_shape_against_fp64(dtype):
     )
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_backward_kernel_variants_agree(persistent, monkeypatch):
-    """Both logit-gradient kernels (one program per tile; persistent) against the fp64 oracle."""
-    from cce_patch.ops import triton_backend
-
-    e, c, t, b = make_inputs((4, 1000), 1024, 50257, torch.bfloat16, bias=True, ignore_frac=0.1, device="cuda")
-    op = lambda *a, **k: linear_cross_entropy(*a, impl="triton", **k)  # noqa: E731
-    monkeypatch.setattr(triton_backend, "BWD_PERSISTENT", persistent)
-    check_against_oracle(op, e, c, t, b, TOL[torch.bfloat16], softcap=30.0, shift=True)
-    assert triton_backend._has_ignored_block(t.reshape(-1), triton_backend.LossSpec(shift_period=1000), 4000, 128) is False
-
-
 def test_batched_shift_smoothing_lse_bf16():
     e, c, t, _ = make_inputs((3, 333), 512, 32064, torch.bfloat16, device="cuda")
     check_against_oracle(

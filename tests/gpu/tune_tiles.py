@@ -1,7 +1,6 @@
 """Profile and tune the two Triton kernels at the paper shape (bf16, lm regime) in one device call.
 
-Run on the device: ``python3 tests/gpu/tune_tiles.py [--quick | --bwd]`` (``--bwd``: only the backward's
-kernel variants and the whole op with each). Prints, for KERNEL_NOTES.md:
+Run on the device: ``python3 tests/gpu/tune_tiles.py [--quick]``. Prints, for KERNEL_NOTES.md:
   1. cuBLAS floors: S = e @ c.T, dC = dS^T e, dE = dS c (bf16, the same sizes as ours);
   2. forward (loss only) per candidate tile shape x row-group size x forward waves;
   3. the backward's logit-gradient kernel alone (all vocabulary chunks, no GEMM) per tile shape x group;
@@ -53,35 +52,6 @@ def cublas_floors(e, c) -> None:
     dc_ms = bench(lambda: torch.mm(ds.T, e, out=dc[:8192])) * v / 8192
     de_ms = bench(lambda: torch.addmm(acc, ds, c[:8192], out_dtype=torch.float32, out=acc)) * v / 8192
     print(f"cuBLAS: S {s_ms:.2f} ms, dC {dc_ms:.2f} ms (chunks of 8192), dE += (fp32 out) {de_ms:.2f} ms (chunked)")
-
-
-def compare_backward(e, c, t) -> None:
-    """Logit-gradient kernel: one program per tile vs persistent flat loop; then the whole op, interleaved."""
-    spec = LossSpec()
-    loss, lse = tb.triton_forward(e, c, None, t, spec)
-    g = torch.full_like(loss, 1.0 / e.shape[0])
-    print("persistent stages group | logit-grad ms (kernel only)")
-    for persistent in (False, True):
-        tb.BWD_PERSISTENT = persistent
-        for stages in (3, 4):
-            for group in (8, 32):
-                use((128, 256, 64, 8, stages), group)
-                ms = bench(lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
-                print(f"{persistent:10d} {stages:6d} {group:5d} | {ms:6.2f}", flush=True)
-    tb.tile_config = DEFAULT_TILE_CONFIG
-    ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
-
-    def step():
-        ee.grad = cc.grad = None
-        linear_cross_entropy(ee, cc, t).backward()
-
-    for rnd in range(2):
-        for persistent in (False, True):
-            tb.BWD_PERSISTENT = persistent
-            print(f"round {rnd} persistent={persistent}: op fwd+bwd {bench(step, rep=1000):.2f} ms", flush=True)
-
-
-DEFAULT_TILE_CONFIG = tb.tile_config
 
 
 def main(quick: bool) -> None:
@@ -154,7 +124,4 @@ def main(quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    if "--bwd" in sys.argv:
-        compare_backward(*make_inputs("lm", 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16))
-    else:
-        main("--quick" in sys.argv)
+    main("--quick" in sys.argv)
