@@ -69,7 +69,10 @@ def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
 
 def _tma_ok(x: torch.Tensor) -> bool:
     """Whether ``x`` (rows x D, contiguous) meets the copy engine's rules: 16-byte aligned base and rows."""
-    return x.stride(-1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+    return (
+        x.stride(-1) == 1 and x.stride(0) >= x.shape[1]
+        and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+    )
 
 
 def _matmul_operands(e2d: torch.Tensor, c: torch.Tensor, cfg: TileConfig) -> tuple[object, object, bool]:
