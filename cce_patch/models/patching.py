@@ -53,6 +53,9 @@ def _causal_lm_class(model_type: str) -> type:
 
 
 def is_patched(target: Any) -> bool:
+    """Whether ``target`` itself carries a patch: an instance (or PeftModel) patched by ``patch(instance)``, or a
+    class / model type patched by ``patch(cls)``. An unpatched instance of a patched class answers False; its
+    class answers True."""
     if isinstance(target, str):
         target = _causal_lm_class(target)
     if isinstance(target, type):
