@@ -3,7 +3,8 @@
 Nothing is downloaded and nothing is copied: the tasks are generated from templates (arithmetic, reversing,
 sorting, counting, case changes), the tokenizer is a word-level vocabulary built from that text at run time,
 and the model is a 2-layer Llama-architecture network built from a config. It exists so that the recipe runs
-end to end on any machine in about a minute, with a loss that visibly falls.
+end to end on any machine in well under a minute of training, with a loss that visibly falls, and shows a few
+greedy answers on new generated tasks at the end (a sanity check, not a benchmark).
 """
 
 from __future__ import annotations
@@ -81,3 +82,23 @@ def build_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
+
+
+def sample_answers(model, tokenizer, n: int = 40, seed: int = 12345, max_new_tokens: int = 12):
+    """Greedy answers to ``n`` fresh generated tasks: (prompt text, answer, expected) rows and the exact-match
+    rate. The tasks come from another seed than the training rows."""
+    import torch
+    from alpaca_data import format_prompt
+
+    model.eval()
+    rows, hits = [], 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for row in generate_dataset(n, seed=seed):
+            ids = tokenizer(format_prompt(row), return_tensors="pt")["input_ids"].to(device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            hits += answer.split() == row["output"].split()
+            rows.append((f"{row['instruction']} {row['input']}".strip(), answer, row["output"]))
+    return rows, hits / max(n, 1)

@@ -128,6 +128,9 @@ def test_callback_respects_use_cce_false(tmp_path):
 
 
 def test_model_that_cannot_be_patched_is_refused_at_init(tmp_path):
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(NotImplementedError, match="use_cce: cannot patch GPT2LMHeadModel"):
+    # Mixtral adds the router's auxiliary loss to the LM loss: cce_patch refuses it rather than drop that term
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    model = transformers.MixtralForCausalLM(config)
+    with pytest.raises(NotImplementedError, match="use_cce: cannot patch MixtralForCausalLM"):
         CCETrainer(model=model, args=_args(tmp_path, True), train_dataset=_data())
