@@ -102,6 +102,7 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, CCETrainingArguments]:
     elif not any(a.split("=")[0] in ("--model_name_or_path", "--model_config") for a in argv):
         defaults = dict(OFFLINE_DEFAULTS)
     defaults.setdefault("output_dir", "outputs/finetune")
+    defaults.setdefault("use_cce", True)  # the point of this recipe; `--use_cce false` runs the stock loss to compare
     parser.set_defaults(**defaults)
     script, train = parser.parse_args_into_dataclasses(args=argv)
     return script, train

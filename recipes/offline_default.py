@@ -24,7 +24,7 @@ WORDS = (
 def _task(rng: random.Random) -> dict[str, str]:
     kind = rng.randrange(6)
     if kind == 0:
-        a, b = rng.randrange(100), rng.randrange(100)
+        a, b = rng.randrange(10), rng.randrange(10)
         return {"instruction": "Add the two numbers.", "input": f"{a} {b}", "output": str(a + b)}
     if kind == 1:
         words = rng.sample(WORDS, rng.randrange(2, 6))
