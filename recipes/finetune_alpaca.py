@@ -232,6 +232,17 @@ def add_lora(model, script: ScriptArguments):
 
 
 def main(argv: list[str] | None = None) -> CCETrainer:
+    """Run the recipe; returns the trainer. Restores torch's thread count, which the offline model lowers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv: list[str] | None) -> CCETrainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script, train = parse_args(sys.argv[1:] if argv is None else argv)
     if not (script.model_name_or_path or script.model_config):
