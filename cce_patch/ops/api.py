@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import reference
+from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
 from .spec import LossSpec
 from .validation import validate_inputs
 
@@ -103,6 +104,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     return_lse: bool = False,
     impl: str = "auto",
+    mode: str = "memory",
+    speed_chunk_bytes: int | None = None,
     check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
@@ -124,6 +127,16 @@ def linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp (fp32, shape of ``targets``, 0 at ignored positions),
             differentiable, e.g. for a z-loss ``(lse ** 2).sum() / n``.
         impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        mode: how the gradients are obtained; both are exact.
+            ``"memory"`` (default): the backward pass recomputes the logits chunk by chunk; memory above
+            the inputs stays within ~1.25x the gradients (4 GEMMs of N x D x V in all).
+            ``"speed"``: for a scalar loss (``reduction`` "mean"/"sum", no ``return_lse``) the gradients are
+            formed during the forward pass (3 GEMMs) in chunks of token rows whose unnormalised
+            probabilities take ``speed_chunk_bytes``; bf16 and fp32 only. Without autograd (no_grad, or
+            no input requiring grad) it is the plain forward. The forward then costs what forward+backward
+            costs; backward is nearly free.
+        speed_chunk_bytes: byte budget of speed mode's chunk (default 2 GiB); smaller means less memory and
+            more, smaller GEMMs.
         check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
             off is faster and unsafe: an out-of-range target is then undefined behaviour.
 
@@ -135,7 +148,8 @@ def linear_cross_entropy(
     """
     validate_inputs(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
-        label_smoothing=label_smoothing, impl=impl, check_targets=check_targets,
+        label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
+        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes,
     )
     backend = resolve_impl(impl, e.device)
     d = e.shape[-1]
@@ -153,6 +167,12 @@ def linear_cross_entropy(
         label_smoothing=float(label_smoothing),
         shift_period=targets.shape[-1] if shift else 0,
     )
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
+    )
+    if mode == "speed" and wants_grad and e2d.shape[0] > 0:
+        budget = SPEED_CHUNK_BYTES if speed_chunk_bytes is None else int(speed_chunk_bytes)
+        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction, budget)
     loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
 
     if reduction == "none":

@@ -104,8 +104,12 @@ def _flags(e2d: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec, cfg: Ti
     )
 
 
-def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
-    """Per-row (loss, lse), fp32 (N,), zero on ignored rows."""
+def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor | None = None,
+                   mref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: per-split partials (m, s[, zsum]) and the target logits zt.
+
+    With ``q`` and ``mref`` (speed mode), the kernel also writes q = exp(z - mref) for every logit into ``q``
+    (rows x V view, unit column stride)."""
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tile_config(e2d.dtype)
@@ -118,16 +122,24 @@ def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
     part = torch.empty((3 if need_zsum else 2, splits, n), dtype=torch.float32, device=e2d.device)
     zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
     e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
+    store_q = q is not None
     lse_forward_kernel[(row_blocks * splits,)](
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
+        q if store_q else e2d, mref if store_q else zt, q.stride(0) if store_q else 0,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
+        NEED_ZSUM=need_zsum, STORE_Q=store_q, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
-    valid = _valid_rows(targets_flat, spec, n)
-    return combine_partials(part, zt, valid, spec.label_smoothing, v)
+    return part, zt
+
+
+def triton_forward(e2d, c, bias, targets_flat, spec: LossSpec):
+    """Per-row (loss, lse), fp32 (N,), zero on ignored rows."""
+    part, zt = launch_forward(e2d, c, bias, targets_flat, spec)
+    valid = _valid_rows(targets_flat, spec, e2d.shape[0])
+    return combine_partials(part, zt, valid, spec.label_smoothing, c.shape[0])
 
 
 def _valid_rows(targets_flat: torch.Tensor, spec: LossSpec, n: int) -> torch.Tensor:

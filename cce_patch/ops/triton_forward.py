@@ -10,6 +10,14 @@ per vocabulary split plus zt per row. The launcher sizes the splits so that the 
 waves, so that partial memory is ~8 B x BLOCK_M x programs (~4 MB on an H100) whatever N and V are.
 The splits are combined in ``combine_partials``.
 
+Speed mode (STORE_Q) additionally writes, for every logit of the rows, the unnormalised probability
+    q_ij = exp(z_ij - mref_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap)
+in the input dtype, where mref_i is a per-row reference fixed before the launch (the target logit; +inf
+for ignored rows, whose q rows are therefore exactly 0). Because mref_i does not move while the kernel
+streams the vocabulary, q_ij / q_ik keeps its meaning across tiles and splits: after the launch the whole
+row of q is the logit gradient up to the row scale exp(mref_i - lse_i), and cuBLAS can consume it directly
+(``triton_speed.py``). That store (N_rows x V elements) is this mode's memory cost.
+
 Grid: 1-D over work items (row block, vocabulary split). Items are ordered in groups of GROUP_M row blocks,
 rows fastest inside a group: programs running together share one c tile across GROUP_M row blocks, and the
 group's rows of e (GROUP_M x BLOCK_M x D) stay resident in L2 while the group walks the vocabulary.
@@ -22,6 +30,22 @@ import triton
 import triton.language as tl
 
 from .triton_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
+
+
+@triton.jit
+def store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap,
+                             HAS_SOFTCAP: tl.constexpr):
+    """Speed mode: q = exp(z - mref) (times the softcap derivative) for one logit tile, in Q's dtype.
+
+    bf16 and fp32 share fp32's exponent range, so q keeps full relative precision for every logit within ~87
+    nats below mref and overflows only beyond ~88 above it; the launcher checks the second bound per row
+    (max_j z_ij - mref_i <= lse_i - mref_i <= SPEED_RANGE) and falls back to the recompute path otherwise."""
+    q = tl.exp(z - mref[:, None])
+    if HAS_SOFTCAP:
+        zc = z / softcap
+        q = q * (1.0 - zc * zc)
+    ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
+    tl.store(ptrs, q.to(Q.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < V))
 
 
 @triton.jit
@@ -40,8 +64,10 @@ def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.const
 @triton.jit
 def lse_forward_kernel(
     E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
+    Q, MREF, stride_q,  # speed mode only (STORE_Q): Q (N, >=V) in the input dtype, MREF (N,) fp32
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
+    UPCAST: tl.constexpr,
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -54,8 +80,11 @@ def lse_forward_kernel(
     v_lo = pid_s * tiles_per_split * BLOCK_N
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_N, V)
     # A block whose rows are all ignored (prompt tokens, padding) does no matmul work at all.
-    any_valid = tl.sum(valid.to(tl.int32), axis=0) > 0
+    valid_in_block = tl.sum(valid.to(tl.int32), axis=0)
+    any_valid = valid_in_block > 0
     n_tiles = tl.where(any_valid, tl.cdiv(v_hi - v_lo, BLOCK_N), 0)
+    if STORE_Q:
+        mref = tl.load(MREF + offs_m, mask=row_ok, other=float("inf"))
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -76,14 +105,26 @@ def lse_forward_kernel(
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
                 m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+                if STORE_Q:
+                    store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap, HAS_SOFTCAP)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for tile in range(0, n_tiles):
             n0 = v_lo + tile * BLOCK_N
             z = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
                            HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
-            m_i, s_i, zt_i, zsum_i = online_update(
-                z, n0 + tl.arange(0, BLOCK_N), tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+            if STORE_Q:
+                store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap, HAS_SOFTCAP)
+    if STORE_Q:
+        if valid_in_block == 0:
+            # The matmul was skipped, but the gradient GEMMs read these rows of q: they must be zeros.
+            for tile in range(0, tl.cdiv(v_hi - v_lo, BLOCK_N)):
+                offs_n = v_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
+                tl.store(ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=Q.dtype.element_ty),
+                         mask=row_ok[:, None] & (offs_n[None, :] < V))
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:

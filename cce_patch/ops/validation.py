@@ -11,6 +11,7 @@ import torch
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch")
+MODES = ("memory", "speed")
 
 
 def validate_inputs(
@@ -26,6 +27,9 @@ def validate_inputs(
     label_smoothing: float,
     impl: str,
     check_targets: bool,
+    mode: str = "memory",
+    return_lse: bool = False,
+    speed_chunk_bytes: int | None = None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` with a clear message for any input the op cannot handle."""
     if not isinstance(e, torch.Tensor) or not isinstance(c, torch.Tensor) or not isinstance(targets, torch.Tensor):
@@ -63,6 +67,10 @@ def validate_inputs(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "speed":
+        _check_speed_mode(e.dtype, reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes)
     if softcap is not None and not (softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if not (0.0 <= label_smoothing <= 1.0):
@@ -73,6 +81,27 @@ def validate_inputs(
         raise ValueError(f"c must have at least one class and one feature, got shape {tuple(c.shape)}")
     if check_targets and targets.numel() > 0:
         _check_target_range(targets, c.shape[0], ignore_index)
+
+
+def _check_speed_mode(dtype, reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes) -> None:
+    """What mode="speed" needs: a scalar loss whose per-row weights are known in the forward pass, a dtype
+    whose exponent range holds unnormalised probabilities, and rank-one label-smoothing terms."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"mode='speed' forms the gradients in the forward pass, which needs a scalar loss "
+            f"(reduction='mean' or 'sum'), got reduction={reduction!r}; use mode='memory'"
+        )
+    if return_lse:
+        raise ValueError("mode='speed' cannot return a differentiable LSE (its gradient is unknown in the forward "
+                         "pass); use mode='memory' with return_lse=True")
+    if dtype == torch.float16:
+        raise TypeError("mode='speed' needs bf16 or fp32 inputs: it stores unnormalised probabilities, which "
+                        "overflow fp16's range; use mode='memory' for fp16")
+    if softcap is not None and label_smoothing > 0:
+        raise ValueError("mode='speed' does not combine softcap with label_smoothing (the smoothing term is "
+                         "then no longer rank one); use mode='memory'")
+    if speed_chunk_bytes is not None and int(speed_chunk_bytes) <= 0:
+        raise ValueError(f"speed_chunk_bytes must be a positive number of bytes, got {speed_chunk_bytes!r}")
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -1,0 +1,164 @@
+"""mode="speed": gradients formed in the forward pass, on both backends, against the fp64 oracle.
+
+The Triton path runs under TRITON_INTERPRET=1 on CPU (natively on GPU). Small byte budgets force several
+row chunks (the last one ragged), so the in-place dC accumulation across chunks is exercised.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+
+import pytest
+import torch
+from conftest import HAS_CUDA, INTERPRETING
+from oracle import TOL, check_against_oracle, dense_reference, make_inputs, rel_err
+
+from cce_patch import linear_cross_entropy
+
+DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
+IMPLS = ["torch"] + (["triton"] if (INTERPRETING or HAS_CUDA) else [])
+
+
+def speed_op(impl: str, rows_budget: int | None = None, v: int | None = None, itemsize: int = 4):
+    """The op in speed mode; ``rows_budget`` rows of q per chunk (in bytes: rows x V x itemsize)."""
+    chunk = None if rows_budget is None else rows_budget * v * itemsize
+    return partial(linear_cross_entropy, impl=impl, mode="speed", speed_chunk_bytes=chunk)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "reduction,shift,softcap", list(itertools.product(["mean", "sum"], [False, True], [None, 4.0]))
+)
+def test_matrix_several_chunks(impl, reduction, shift, softcap):
+    e, c, t, _ = make_inputs((3, 13), 40, 300, torch.float32, device=DEVICE)
+    op = speed_op(impl, rows_budget=16, v=304)
+    check_against_oracle(op, e, c, t, None, TOL[torch.float32], reduction=reduction, shift=shift, softcap=softcap)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bias_and_label_smoothing(impl):
+    e, c, t, b = make_inputs((37,), 67, 1003, torch.float32, bias=True, device=DEVICE)
+    check_against_oracle(speed_op(impl, 16, 1008), e, c, t, b, TOL[torch.float32], label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bias_softcap_peaked(impl):
+    e, c, t, b = make_inputs((45,), 32, 257, torch.float32, regime="peaked", bias=True, device=DEVICE)
+    check_against_oracle(speed_op(impl), e, c, t, b, TOL[torch.float32], softcap=30.0, shift=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16(impl):
+    e, c, t, _ = make_inputs((2, 19), 48, 257, torch.bfloat16, regime="peaked", device=DEVICE)
+    check_against_oracle(speed_op(impl, 16, 264, 2), e, c, t, None, TOL[torch.bfloat16], shift=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored(impl):
+    e, c, t, _ = make_inputs((2, 7), 16, 100, torch.float32, ignore_frac=1.0, device=DEVICE)
+    loss = speed_op(impl)(e, c, t)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(e.grad) == 0 and torch.count_nonzero(c.grad) == 0
+
+
+@pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_every_element_of_q_is_written(monkeypatch):
+    """Row blocks with no counted row skip the matmul; their q rows must still be written (as zeros),
+    because the gradient GEMMs read them: the buffer starts as NaN, so any unwritten element shows."""
+    from cce_patch.ops import triton_speed
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_speed, "new_q_buffer", poisoned)
+    e, c, t, _ = make_inputs((100,), 24, 130, torch.float32, ignore_frac=0.0, device=DEVICE)
+    t[:70] = -100
+    check_against_oracle(speed_op("triton", 50, 136), e, c, t, None, TOL[torch.float32], shift=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_speed_equals_memory_mode(impl):
+    e, c, t, b = make_inputs((4, 9), 32, 211, torch.float32, bias=True, device=DEVICE)
+    outs = []
+    for mode in ("memory", "speed"):
+        for x in (e, c, b):
+            x.grad = None
+        loss = linear_cross_entropy(e, c, t, bias=b, shift=True, softcap=5.0, impl=impl, mode=mode)
+        (loss * 0.37).backward()
+        outs.append([loss.detach(), e.grad.clone(), c.grad.clone(), b.grad.clone()])
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_out_of_range_rows_fall_back_to_recompute(monkeypatch):
+    """A row whose loss exceeds SPEED_RANGE would overflow q: the call must detect it and still be exact."""
+    from cce_patch.ops import speed, triton_speed
+
+    calls = []
+    real_backward = speed.SpeedModeFunction.backward
+
+    def spy(ctx, grad):
+        calls.append(ctx.fallback)
+        return real_backward(ctx, grad)
+
+    monkeypatch.setattr(speed.SpeedModeFunction, "backward", staticmethod(spy))
+    e, c, t, _ = make_inputs((40,), 32, 150, torch.float32, regime="peaked", device=DEVICE)
+    with monkeypatch.context() as m:
+        m.setattr(triton_speed, "SPEED_RANGE", 2.0)  # peaked rows have losses far above 2 nats
+        check_against_oracle(speed_op("triton"), e, c, t, None, TOL[torch.float32])
+    e.grad = c.grad = None
+    with torch.no_grad():  # a genuine case: one row's target logit 200 nats below its max
+        c[t[3]] = -e[3] * (200.0 / e[3].norm() ** 2)
+    check_against_oracle(speed_op("triton"), e, c, t, None, TOL[torch.float32])
+    assert calls == [True, True]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grads_only_where_required(impl):
+    e, c, t, _ = make_inputs((11,), 16, 90, torch.float32, device=DEVICE)
+    c.requires_grad_(False)
+    speed_op(impl)(e, c, t).backward()
+    assert e.grad is not None and c.grad is None
+    loss_ref, _, (e64, _, _) = dense_reference(e, c, t)
+    loss_ref.backward()
+    assert rel_err(e.grad, e64.grad) < TOL[torch.float32]
+
+
+def test_no_grad_is_the_plain_forward():
+    e, c, t, _ = make_inputs((3, 13), 40, 300, torch.float32, device=DEVICE)
+    with torch.no_grad():
+        fast = linear_cross_entropy(e, c, t, mode="speed")
+    assert torch.equal(fast, linear_cross_entropy(e, c, t).detach())
+
+
+def test_second_backward_is_refused():
+    e, c, t, _ = make_inputs((11,), 16, 90, torch.float32, device=DEVICE)
+    loss = linear_cross_entropy(e, c, t, mode="speed")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(reduction="none"), ValueError, "scalar loss"),
+        (dict(return_lse=True), ValueError, "LSE"),
+        (dict(softcap=30.0, label_smoothing=0.1), ValueError, "rank one"),
+        (dict(speed_chunk_bytes=0), ValueError, "positive"),
+        (dict(mode="fast"), ValueError, "mode must be one of"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, err, match):
+    e, c, t, _ = make_inputs((5,), 8, 20, torch.float32, device=DEVICE)
+    with pytest.raises(err, match=match):
+        linear_cross_entropy(e, c, t, **{"mode": "speed", **kwargs})
+
+
+def test_fp16_is_refused():
+    e, c, t, _ = make_inputs((5,), 8, 20, torch.float16, device=DEVICE)
+    with pytest.raises(TypeError, match="bf16 or fp32"):
+        linear_cross_entropy(e, c, t, mode="speed")
