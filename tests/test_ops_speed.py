@@ -49,8 +49,10 @@ def test_bias_softcap_peaked(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bf16(impl):
-    e, c, t, _ = make_inputs((2, 19), 48, 257, torch.bfloat16, regime="peaked", device=DEVICE)
+@pytest.mark.parametrize("shape", [(2, 19), (4, 30)], ids=["2-chunks", "4-chunks-fp32-dc"])
+def test_bf16(impl, shape):
+    """bf16, several chunks: up to MAX_ROUNDED_DC_CHUNKS chunks accumulate dC in place, more in fp32."""
+    e, c, t, _ = make_inputs(shape, 48, 257, torch.bfloat16, regime="peaked", device=DEVICE)
     check_against_oracle(speed_op(impl, 16, 264, 2), e, c, t, None, TOL[torch.bfloat16], shift=True)
 
 
@@ -94,7 +96,8 @@ def test_speed_equals_memory_mode(impl):
 
 @pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_out_of_range_rows_fall_back_to_recompute(monkeypatch):
-    """A row whose loss exceeds SPEED_RANGE would overflow q: the call must detect it and still be exact."""
+    """A row whose loss exceeds MREF_MARGIN + SPEED_RANGE would overflow q: the call must detect it and
+    still be exact (loss, LSE and gradients from the recompute path)."""
     from cce_patch.ops import speed, triton_speed
 
     calls = []
@@ -107,6 +110,7 @@ def test_out_of_range_rows_fall_back_to_recompute(monkeypatch):
     monkeypatch.setattr(speed.SpeedModeFunction, "backward", staticmethod(spy))
     e, c, t, _ = make_inputs((40,), 32, 150, torch.float32, regime="peaked", device=DEVICE)
     with monkeypatch.context() as m:
+        m.setattr(triton_speed, "MREF_MARGIN", 0.0)
         m.setattr(triton_speed, "SPEED_RANGE", 2.0)  # peaked rows have losses far above 2 nats
         check_against_oracle(speed_op("triton"), e, c, t, None, TOL[torch.float32])
     e.grad = c.grad = None
@@ -162,3 +166,18 @@ def test_fp16_is_refused():
     e, c, t, _ = make_inputs((5,), 8, 20, torch.float16, device=DEVICE)
     with pytest.raises(TypeError, match="bf16 or fp32"):
         linear_cross_entropy(e, c, t, mode="speed")
+
+
+@pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tma,flat", [(True, True), (True, False), (False, False)],
+                         ids=["tma-flat", "tma-nested", "pointers"])
+def test_q_store_paths(tma, flat, monkeypatch):
+    """q leaves the kernel through the copy engine (descriptor store) or plain pointer stores, from either
+    forward loop structure: each against the oracle, with a fully ignored row block and a ragged vocabulary."""
+    from cce_patch.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "USE_TMA", tma)
+    monkeypatch.setattr(triton_backend, "FWD_FLAT_LOOP", flat)
+    e, c, t, b = make_inputs((2, 41), 32, 211, torch.float32, bias=True, device=DEVICE)
+    t[0, :36] = -100
+    check_against_oracle(speed_op("triton", 40, 216), e, c, t, b, TOL[torch.float32], shift=True, softcap=5.0)

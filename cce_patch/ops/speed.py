@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import chunk_rows_for, torch_backward, torch_forward_with_grads, valid_rows
+from .reference import chunk_rows_for, torch_backward, torch_forward, torch_forward_with_grads, valid_rows
 from .spec import LossSpec
 
 #: Default byte budget for one chunk of the unnormalised probabilities q (rows x V, input dtype). 2 GiB
@@ -24,11 +24,19 @@ SPEED_CHUNK_BYTES = 2 * 1024**3
 
 
 def _speed_backend(impl: str):
+    """(forward_with_grads, plain forward, recompute backward, rows per chunk) of a backend."""
     if impl == "torch":
-        return torch_forward_with_grads, torch_backward, lambda n, v, dtype, budget: chunk_rows_for(v, budget)
+        return (_torch_forward_with_grads, torch_forward, torch_backward,
+                lambda n, v, dtype, budget: chunk_rows_for(v, budget))
     from . import triton_backend, triton_speed  # lazy: importing triton is slow
 
-    return triton_speed.triton_forward_with_grads, triton_backend.triton_backward, triton_speed.default_chunk_rows
+    return (triton_speed.triton_forward_with_grads, triton_backend.triton_forward, triton_backend.triton_backward,
+            triton_speed.default_chunk_rows)
+
+
+def _torch_forward_with_grads(e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows):
+    row_weight = valid_rows(targets_flat, spec).float() * weight
+    return torch_forward_with_grads(e2d, c, bias, targets_flat, spec, row_weight, needs, chunk_rows)
 
 
 class SpeedModeFunction(torch.autograd.Function):
@@ -38,31 +46,31 @@ class SpeedModeFunction(torch.autograd.Function):
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str, reduction: str, chunk_bytes: int):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
-        valid = valid_rows(targets_flat, spec)
-        count = valid.sum()
-        denom = count.clamp_min(1).float() if reduction == "mean" else torch.ones((), device=e2d.device)
-        weight = valid.float() / denom
-        forward_fn, backward_fn, rows_fn = _speed_backend(impl)
+        # The weight of a counted row is a plain number, so that the GEMMs can take it as alpha: one host sync.
+        count = int(valid_rows(targets_flat, spec).sum()) if reduction == "mean" else 1
+        weight = 1.0 / max(count, 1)
+        with_grads, plain_forward, recompute_backward, rows_fn = _speed_backend(impl)
         chunk_rows = rows_fn(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
-        loss_rows, lse, de, dc, db, in_range = forward_fn(
-            e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows
-        )
-        ctx.spec, ctx.impl, ctx.needs, ctx.backward_fn = spec, impl, needs, backward_fn
+        loss_rows, lse, de, dc, db, in_range = with_grads(e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows)
+        ctx.spec, ctx.needs, ctx.backward_fn = spec, needs, recompute_backward
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
-        if ctx.fallback:
-            ctx.save_for_backward(e2d, c, bias, targets_flat, lse, weight)
-            ctx.grads = None
+        if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
+            del de, dc, db
+            loss_rows, lse = plain_forward(e2d, c, bias, targets_flat, spec)
+            ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
+            ctx.weight, ctx.grads = weight, None
         else:
             ctx.grads = (de, dc, db)
-        return loss_rows.sum() / denom
+        return loss_rows.sum() * weight
 
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
             return None, None, None, None, None, None, None, None
         if ctx.fallback:
-            e2d, c, bias, targets_flat, lse, weight = ctx.saved_tensors
-            grads = ctx.backward_fn(e2d, c, bias, targets_flat, ctx.spec, lse, weight * grad.float(), None, ctx.needs)
+            e2d, c, bias, targets_flat, lse = ctx.saved_tensors
+            row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)
+            grads = ctx.backward_fn(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError(

@@ -123,12 +123,15 @@ def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor |
     zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
     e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
     store_q = q is not None
+    q_arg = q if store_q else e2d
+    if store_q and use_tma and _tma_ok(q):  # asynchronous bulk store of each q tile
+        q_arg = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_n])
     lse_forward_kernel[(row_blocks * splits,)](
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
-        q if store_q else e2d, mref if store_q else zt, q.stride(0) if store_q else 0,
+        q_arg, mref if store_q else zt, q.stride(0) if store_q else 0,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, STORE_Q=store_q, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
+        NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=q_arg is not q and store_q, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )

@@ -11,12 +11,15 @@ waves, so that partial memory is ~8 B x BLOCK_M x programs (~4 MB on an H100) wh
 The splits are combined in ``combine_partials``.
 
 Speed mode (STORE_Q) additionally writes, for every logit of the rows, the unnormalised probability
-    q_ij = exp(z_ij - mref_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap)
-in the input dtype, where mref_i is a per-row reference fixed before the launch (the target logit; +inf
-for ignored rows, whose q rows are therefore exactly 0). Because mref_i does not move while the kernel
-streams the vocabulary, q_ij / q_ik keeps its meaning across tiles and splits: after the launch the whole
-row of q is the logit gradient up to the row scale exp(mref_i - lse_i), and cuBLAS can consume it directly
-(``triton_speed.py``). That store (N_rows x V elements) is this mode's memory cost.
+    q_ij = exp(z_ij - mref_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap; 0 at j = t_i)
+in the input dtype, where mref_i is a per-row reference fixed before the launch (``triton_speed.py``: the
+target logit plus a margin; +inf for ignored rows, whose q rows are therefore exactly 0). Because mref_i does
+not move while the kernel streams the vocabulary, the sum of exp needs no running max either: each split
+reports (mref_i, sum_{j != t_i} exp(z_ij - mref_i)), merged by ``triton_speed.combine_speed_partials``, and
+every exp is computed once, for both the sum and q. After the launch the whole row of q is the logit gradient
+up to the row scale exp(mref_i - lse_i), and cuBLAS consumes it directly. The q tile goes out through the copy
+engine when the loads do (an asynchronous store that overlaps the next tile's matmul); q (rows x V) is this
+mode's memory cost.
 
 Grid: 1-D over work items (row block, vocabulary split). Items are ordered in groups of GROUP_M row blocks,
 rows fastest inside a group: programs running together share one c tile across GROUP_M row blocks, and the
@@ -33,19 +36,38 @@ from .triton_common import dot_step, finish_logits, grouped_pid, logit_tile, row
 
 
 @triton.jit
-def store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap,
-                             HAS_SOFTCAP: tl.constexpr):
-    """Speed mode: q = exp(z - mref) (times the softcap derivative) for one logit tile, in Q's dtype.
+def reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM: tl.constexpr):
+    """Speed mode's version of ``online_update``: with the reference mref fixed per row, fold one logit tile
+    into (sum over non-target columns of exp(z - mref), target logit, logit sum) and return the tile's
+    q = exp(z - mref), 0 at the target column, for the store.
 
-    bf16 and fp32 share fp32's exponent range, so q keeps full relative precision for every logit within ~87
-    nats below mref and overflows only beyond ~88 above it; the launcher checks the second bound per row
-    (max_j z_ij - mref_i <= lse_i - mref_i <= SPEED_RANGE) and falls back to the recompute path otherwise."""
-    q = tl.exp(z - mref[:, None])
+    Leaving the target out of the sum lets the host form p_t - 1 = -s / (s + exp(z_t - mref)) without the
+    cancellation of computing p_t first. bf16 and fp32 share fp32's exponent range, so q keeps full relative
+    precision for logits down to ~87 nats below mref and overflows only ~88 above it; the launcher places
+    mref and checks each row afterwards (``triton_speed.SPEED_RANGE``)."""
+    col_ok = offs_n[None, :] < V
+    is_target = offs_n[None, :] == tgt[:, None]
+    if NEED_ZSUM:
+        zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
+    zt_i += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+    q = tl.where(col_ok & ~is_target, tl.exp(z - mref[:, None]), 0.0)
+    s_i += tl.sum(q, axis=1)
+    return q, s_i, zt_i, zsum_i
+
+
+@triton.jit
+def store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
+                 HAS_SOFTCAP: tl.constexpr, Q_IS_DESC: tl.constexpr):
+    """Write one tile of q with the softcap derivative applied (the target column is already 0: its gradient
+    entry is formed in fp32 on the host)."""
     if HAS_SOFTCAP:
         zc = z / softcap
         q = q * (1.0 - zc * zc)
-    ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
-    tl.store(ptrs, q.to(Q.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < V))
+    if Q_IS_DESC:
+        Q.store([m0, n0], q.to(Q.dtype))
+    else:
+        ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
+        tl.store(ptrs, q.to(Q.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < V))
 
 
 @triton.jit
@@ -64,10 +86,10 @@ def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.const
 @triton.jit
 def lse_forward_kernel(
     E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
-    Q, MREF, stride_q,  # speed mode only (STORE_Q): Q (N, >=V) in the input dtype, MREF (N,) fp32
+    Q, MREF, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), MREF (N,)
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
-    UPCAST: tl.constexpr,
+    Q_IS_DESC: tl.constexpr, UPCAST: tl.constexpr,
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -104,9 +126,12 @@ def lse_forward_kernel(
             if ki == k_steps - 1:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
-                m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
                 if STORE_Q:
-                    store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap, HAS_SOFTCAP)
+                    q, s_i, zt_i, zsum_i = reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM)
+                    store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
+                                 HAS_SOFTCAP, Q_IS_DESC)
+                else:
+                    m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for tile in range(0, n_tiles):
@@ -114,17 +139,21 @@ def lse_forward_kernel(
             z = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
                            HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
             if STORE_Q:
-                store_unnormalised_probs(Q, stride_q, z, mref, offs_m, offs_n, row_ok, V, softcap, HAS_SOFTCAP)
+                q, s_i, zt_i, zsum_i = reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM)
+                store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
+                             HAS_SOFTCAP, Q_IS_DESC)
+            else:
+                m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
     if STORE_Q:
+        m_i = mref  # s_i is relative to the fixed reference
         if valid_in_block == 0:
             # The matmul was skipped, but the gradient GEMMs read these rows of q: they must be zeros.
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for tile in range(0, tl.cdiv(v_hi - v_lo, BLOCK_N)):
-                offs_n = v_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-                ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
-                tl.store(ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=Q.dtype.element_ty),
-                         mask=row_ok[:, None] & (offs_n[None, :] < V))
+                n0 = v_lo + tile * BLOCK_N
+                store_q_tile(Q, stride_q, zero, zero, offs_m, n0 + tl.arange(0, BLOCK_N), m0, n0, row_ok, V,
+                             softcap, False, Q_IS_DESC)
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:

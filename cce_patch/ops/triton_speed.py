@@ -5,28 +5,28 @@ before the backward pass: w_i = 1/n_valid (mean) or 1 (sum), times the final gra
 can be formed while the logits are being computed, and the backward's recompute of the logits (a fourth
 GEMM of N x D x V) disappears. Per chunk of token rows (sized by a byte budget), with z = softcap(e c^T + b):
 
-    1. mref_i = z_{i,t_i}, the target logit (a cheap gather-dot). It is a lower bound of the row max, and
-       max_j z_ij - mref_i <= lse_i - mref_i = the row's loss.
-    2. The forward kernel streams the vocabulary as usual (lse, zt) and also stores
-       q_ij = exp(z_ij - mref_i) [* softcap derivative] in the input dtype. Its reference does not move
-       while the kernel runs, so one scalar per row turns q into probabilities: p_ij = q_ij * a_i with
-       a_i = exp(mref_i - lse_i) (= p_{i,t_i}).
-    3. The target entry is overwritten with (p_t - (1 - eps)) * f_t / a_i, computed in fp32 from zt and lse:
-       p_t - 1 is formed before any rounding (storing p_t alone and subtracting 1 later would cancel
-       catastrophically for confident rows).
-    4. cuBLAS, with s_i = w_i * a_i:   dE[rows] = s * (Q @ C)            (fp32 output, one rounding)
-                                       dC      += Q^T @ (s * E[rows])    (bf16/fp32, in place)
-                                       db      += Q^T s
-       plus the dense label-smoothing terms, which are rank one.
+    1. mref_i = z_{i,t_i} + MREF_MARGIN, from the target logit (a cheap gather-dot), a lower bound of the
+       row max: max_j z_ij - z_{i,t_i} <= lse_i - z_{i,t_i} = the row's loss.
+    2. The forward kernel streams the vocabulary as usual and also stores q_ij = exp(z_ij - mref_i)
+       [* softcap derivative], 0 at the target, in the input dtype. Its reference does not move while the
+       kernel runs, so one scalar per row turns q into probabilities: p_ij = q_ij * a_i,
+       a_i = exp(mref_i - lse_i).
+    3. cuBLAS, with w the loss weight of a counted row (1/n_valid for mean, 1 for sum):
+           dE[rows] = w a * (Q @ C) + w (p_t - (1 - eps)) f_t * c_t     (fp32, rounded once)
+           dC      += w * Q^T @ (a * E[rows])                            (input dtype, in place)
+       and at the end, per distinct target v, dC[v] += w * sum_{i: t_i = v} (p_t - (1 - eps)) f_t e_i, summed
+       in fp32 and rounded once. The target entries stay out of q because p_t - 1 must be formed before any
+       rounding and because, summed over the few rows that share a target, their rounding does not average
+       out the way the dense p part's does. Label smoothing adds rank-one terms; bias adds Q^T a.
 
-Three GEMMs in all (the 3-GEMM floor), and the logit gradient is rounded exactly once, as in the
-recompute path. Memory: the q chunk (rows x V in the input dtype) on top of the gradients.
+Three GEMMs in all (the 3-GEMM floor). Memory: the q chunk (rows x V in the input dtype) on top of the
+gradients, plus fp32 rows x D temporaries.
 
-Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. Logits within 87 nats of the row max keep full
-relative precision; q overflows only if a row's max exceeds its target logit by more than 88, i.e. its
-loss exceeds that. Rows with loss > ``SPEED_RANGE`` (64 nats, p_target < 2e-28) are detected after the
-launch and the whole call falls back to the recompute path (see ``speed.py``). fp16's range (~[-10, 11]
-in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
+Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. With the margin, q_max = exp(max_j z - mref)
+<= exp(loss - 40), and every logit within 40 nats of the max has q >= e^-80: full relative precision. The
+launcher checks lse_i - mref_i <= SPEED_RANGE (64) per row, i.e. losses up to 104 nats (p_target > 1e-45);
+beyond that, or on any non-finite value, the call falls back to the recompute path (see ``speed.py``).
+fp16's range (~[-10, 11] in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
 """
 
 from __future__ import annotations
@@ -36,11 +36,17 @@ import triton
 
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
-from .triton_forward import combine_partials
 
-#: Largest loss (lse - target logit, in nats) a row may have for speed mode's stored q to be safe: q stays
-#: below e^64 (bf16/fp32 overflow at e^88.7) and the row scale w * e^-64 stays a normal fp32 number.
+#: Added to the target logit to place each row's reference mref: the row max is then at least 40 nats above
+#: mref - 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32 number.
+MREF_MARGIN = 40.0
+#: Largest lse - mref a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
+#: scale a = exp(mref - lse) above e^-64. Together with the margin: losses up to 104 nats.
 SPEED_RANGE = 64.0
+#: With more row chunks than this, dC is accumulated in an fp32 buffer (2x dC's bytes more memory, and an
+#: fp32 read+write of it per chunk) instead of in place in the input dtype, which would round every chunk's
+#: partial sum (measured at N=32768, 8 chunks, bf16: dC error 1.9x the memory mode's).
+MAX_ROUNDED_DC_CHUNKS = 2
 
 
 def effective_targets(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
@@ -71,6 +77,25 @@ def new_q_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.devic
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def combine_speed_partials(part: torch.Tensor, zt: torch.Tensor, mref: torch.Tensor, valid: torch.Tensor,
+                           eps: float, vocab: int):
+    """(loss, lse, a, p_t - 1) per row from the storing kernel's per-split sums s = sum_{j != t} exp(z_j - mref).
+
+    With q_t = exp(z_t - mref) and S = s + q_t: lse = mref + log S, a = exp(mref - lse) = 1 / S, and
+    p_t - 1 = -s / S and loss = log1p(s / q_t) have no cancellation, however close p_t is to 1 (lse - z_t in
+    fp32 would lose ~ulp(lse), 3e-5 at lse ~ 300)."""
+    s_nt = part[1].sum(dim=0)
+    q_t = torch.exp(zt - mref)
+    total = s_nt + q_t
+    lse = mref + torch.log(total)
+    loss = torch.log1p(s_nt / q_t)
+    if eps:
+        loss = loss + eps * (zt - part[2].sum(dim=0) / vocab)
+    zero = torch.zeros_like(lse)
+    return (torch.where(valid, loss, zero), torch.where(valid, lse, zero), torch.where(valid, 1.0 / total, zero),
+            torch.where(valid, eps - s_nt / total, zero), torch.where(valid, lse - mref, zero))
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result and no intermediate rounding (cuBLAS out_dtype; upcast on CPU)."""
     if a.dtype == torch.float32:
@@ -80,15 +105,15 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """out = a @ b (first chunk) or out += a @ b, in out's dtype (cuBLAS beta=1: fp32 math, one rounding)."""
-    if a.is_cuda or a.dtype == torch.float32:
-        if first:
-            torch.mm(a, b, out=out)
-        else:
-            out.addmm_(a, b)
+def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool, alpha: float) -> None:
+    """out = alpha a @ b (first chunk) or out += alpha a @ b, in out's dtype (cuBLAS: fp32 math, one
+    rounding per call; an fp32 ``out`` with half operands uses cuBLAS's fp32-output GEMM)."""
+    if out.dtype != a.dtype and a.is_cuda:
+        torch.addmm(out, a, b, beta=0.0 if first else 1.0, alpha=alpha, out_dtype=torch.float32, out=out)
+    elif a.is_cuda or a.dtype == torch.float32:
+        torch.addmm(out, a, b, beta=0.0 if first else 1.0, alpha=alpha, out=out)
     else:  # the CPU interpreter path: half-precision GEMMs upcast (test shapes only)
-        prod = a.float() @ b.float()
+        prod = (a.float() @ b.float()) * alpha
         out.copy_(prod if first else out.float() + prod)
 
 
@@ -98,14 +123,14 @@ def triton_forward_with_grads(
     bias: torch.Tensor | None,
     targets_flat: torch.Tensor,
     spec: LossSpec,
-    row_weight: torch.Tensor,
+    weight: float,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
 ):
-    """(loss_rows, lse_rows, dE, dC, dbias, in_range) for the scalar loss sum_i w_i * loss_i.
+    """(loss_rows, lse_rows, dE, dC, dbias, in_range) for the scalar loss ``weight * sum of counted rows``.
 
-    ``in_range`` is a 0-dim bool tensor (not synced here): False when some row's loss exceeds SPEED_RANGE,
-    in which case the gradients are not to be used."""
+    ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
+    not finite), in which case neither the gradients nor loss/lse are to be used."""
     need_de, need_dc, need_db = needs
     n, d = e2d.shape
     v = c.shape[0]
@@ -113,52 +138,75 @@ def triton_forward_with_grads(
     eps, cap = spec.label_smoothing, spec.softcap
     tgt = effective_targets(targets_flat, spec)
     valid = tgt != spec.ignore_index
+    t_safe_all = torch.where(valid, tgt, torch.zeros_like(tgt))
     chunk_spec = LossSpec(ignore_index=spec.ignore_index, softcap=cap, label_smoothing=eps, shift_period=0)
-    v_pad = triton.cdiv(v, 8) * 8  # 16-byte aligned rows of q for vector stores and cuBLAS
+    v_pad = triton.cdiv(v, 8) * 8  # 16-byte aligned rows of q for the copy engine and cuBLAS
     q_buf = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)
     loss = torch.empty(n, dtype=torch.float32, device=e2d.device)
     lse = torch.empty(n, dtype=torch.float32, device=e2d.device)
+    target_coef = torch.zeros(n, dtype=torch.float32, device=e2d.device)  # (p_t - (1 - eps)) f_t per row
     worst = torch.zeros((), dtype=torch.float32, device=e2d.device)
     de = torch.empty_like(e2d) if need_de else None
     dc = torch.empty_like(c) if need_dc else None
+    dc_acc = dc
+    if dc is not None and triton.cdiv(n, chunk_rows) > MAX_ROUNDED_DC_CHUNKS and dtype != torch.float32:
+        dc_acc = torch.empty(c.shape, dtype=torch.float32, device=c.device)
     db = torch.zeros(v, dtype=torch.float32, device=e2d.device) if need_db else None
-    c_colsum = c.float().sum(0) if (eps and need_de) else None
-    smooth_dc = torch.zeros(d, dtype=torch.float32, device=e2d.device) if (eps and need_dc) else None
+    c_colsum = torch.sum(c, 0, dtype=torch.float32) if (eps and need_de) else None
     for r0 in range(0, n, chunk_rows):
         r1 = min(n, r0 + chunk_rows)
-        rows = r1 - r0
-        e_c, t_c, ok_c, w_c = e2d[r0:r1], tgt[r0:r1], valid[r0:r1], row_weight[r0:r1]
-        t_safe = torch.where(ok_c, t_c, torch.zeros_like(t_c))
-        mref = torch.where(ok_c, target_logits(e_c, c, bias, t_safe, cap), torch.full_like(w_c, float("inf")))
-        q = q_buf[:rows, :v]
+        e_c, t_c, ok_c, t_safe = e2d[r0:r1], tgt[r0:r1], valid[r0:r1], t_safe_all[r0:r1]
+        z_ref = target_logits(e_c, c, bias, t_safe, cap) + MREF_MARGIN
+        mref = torch.where(ok_c, z_ref, torch.full_like(z_ref, float("inf")))
+        q = q_buf[: r1 - r0, :v]
         part, zt = launch_forward(e_c, c, bias, t_c, chunk_spec, q=q, mref=mref)
-        loss_c, lse_c = combine_partials(part, zt, ok_c, eps, v)
-        loss[r0:r1], lse[r0:r1] = loss_c, lse_c
-        gap = torch.where(ok_c, lse_c - mref, torch.zeros_like(lse_c))
-        worst = torch.maximum(worst, gap.max())
-        gap = gap.clamp_max(SPEED_RANGE)  # out-of-range rows are discarded anyway; keep the math finite
-        a = torch.exp(-gap)  # p_{i,t_i} measured against mref: exp(mref - lse)
-        coef = torch.exp(zt - lse_c) - (1.0 - eps)
+        loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, mref, ok_c, eps, v)
+        worst = torch.maximum(worst, gap.max())  # NaN propagates: a NaN anywhere means out of range
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
-        q[torch.arange(rows, device=q.device), t_safe] = torch.where(ok_c, coef / a, 0.0).to(dtype)
-        s = torch.where(ok_c, w_c * a, 0.0)
+        target_coef[r0:r1] = coef
         if de is not None:
-            prod = _mm_fp32(q, c).mul_(s[:, None])
+            prod = _mm_fp32(q, c).mul_((weight * a)[:, None])
+            prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
             if eps:
-                prod.sub_((w_c * (eps / v))[:, None] * c_colsum)
+                prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
             de[r0:r1] = prod.to(dtype)
         if dc is not None:
-            _mm_accumulate(dc, q.T, (e_c.float() * s[:, None]).to(dtype), first=r0 == 0)
-            if eps:
-                smooth_dc += w_c @ e_c.float()
+            _mm_accumulate(dc_acc, q.T, (e_c.float() * a[:, None]).to(dtype), first=r0 == 0, alpha=weight)
         if db is not None:
-            db += _mm_fp32(q.T, s[:, None].to(dtype)).squeeze(1)
-            if eps:
-                db -= (eps / v) * w_c.sum()
-    if smooth_dc is not None:
-        dc.sub_(((eps / v) * smooth_dc).to(dtype))
-    return loss, lse, de, dc, (db.to(bias.dtype) if db is not None else None), worst <= SPEED_RANGE
+            db += weight * _mm_fp32(q.T, a[:, None].to(dtype)).squeeze(1)
+    in_range = worst <= SPEED_RANGE
+    del q_buf, q  # the final steps need rows x D temporaries, not the 1-2 GB of q
+    if dc is not None:  # target rows and smoothing go into the accumulator, before its one rounding
+        if eps:
+            smooth = (weight * eps / v) * torch.sum(e2d * valid[:, None], 0, dtype=torch.float32)
+            dc_acc.sub_(smooth.to(dc_acc.dtype))
+        _add_target_rows(dc_acc, e2d, t_safe_all, valid, weight * target_coef)
+        if dc_acc is not dc:
+            dc.copy_(dc_acc)
+            del dc_acc
+    if db is not None:
+        db.index_add_(0, t_safe_all, weight * target_coef)
+        if eps:
+            db -= (weight * eps / v) * valid.sum()
+        db = db.to(bias.dtype)
+    return loss, lse, de, dc, db, in_range
+
+
+def _add_target_rows(dc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, valid: torch.Tensor,
+                     coef: torch.Tensor, rows_per_step: int = 8192) -> None:
+    """dc[v] += sum over counted rows i with target v of coef_i * e_i: summed in fp32 per distinct target,
+    then added to dc with one rounding. (An index_add_ straight into a bf16 dc would round once per row,
+    and a frequent token is the target of hundreds of rows.)"""
+    rows = valid.nonzero().squeeze(1)  # host sync: sizes below depend on the data
+    if rows.numel() == 0:
+        return
+    targets, slot = torch.unique(t_safe[rows], return_inverse=True)
+    acc = torch.zeros((targets.numel(), e2d.shape[1]), dtype=torch.float32, device=e2d.device)
+    for i in range(0, rows.numel(), rows_per_step):
+        r = rows[i:i + rows_per_step]
+        acc.index_add_(0, slot[i:i + rows_per_step], coef[r, None] * e2d[r].float())
+    dc[targets] = (dc[targets].float() + acc).to(dc.dtype)
 
 
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:
