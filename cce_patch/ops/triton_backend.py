@@ -38,11 +38,6 @@ USE_TMA = True
 #: With TMA, run the forward as one flat loop over (vocab tile, K step) so that the next tile's loads stay in
 #: flight across the epilogue: 14.4 -> 13.9 ms. With pointer loads it is slower (16.8 -> 19.1), so it is off there.
 FWD_FLAT_LOOP = True
-#: With TMA loads, also write the kernels' big outputs (dS in memory mode, q in speed mode) through the copy
-#: engine: an asynchronous bulk store from shared memory instead of pointer stores from registers. The staging
-#: tile (128x256 bf16 = 64 KB) caps the logit-gradient kernel's pipeline at 3 stages (3 x 48 + 64 KB of the
-#: 227 KB of shared memory). KERNEL_NOTES.md, v5.
-TMA_STORE = True
 
 
 @dataclass(frozen=True)
@@ -129,7 +124,7 @@ def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor |
     e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
     store_q = q is not None
     q_arg = q if store_q else e2d
-    if store_q and use_tma and TMA_STORE and _tma_ok(q):  # asynchronous bulk store of each q tile
+    if store_q and use_tma and _tma_ok(q):  # asynchronous bulk store of each q tile
         q_arg = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_n])
     lse_forward_kernel[(row_blocks * splits,)](
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
@@ -211,18 +206,13 @@ def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, 
     for v0 in range(0, v, chunk):
         cols = min(chunk, v - v0)
         ds = ds_buf[:, :cols]
-        ds_arg = ds
-        if use_tma and TMA_STORE and _tma_ok(ds):  # asynchronous bulk stores of the dS tiles
-            ds_arg = TensorDescriptor.from_tensor(ds, [cfg.block_m, cfg.block_n])
-        stages = min(cfg.num_stages, 3) if ds_arg is not ds else cfg.num_stages
         logit_grad_kernel[(row_blocks * triton.cdiv(cols, cfg.block_n),)](
             e_arg, c_arg, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
-            grad_lse if grad_lse is not None else grad_loss, ds_arg,
+            grad_lse if grad_lse is not None else grad_loss, ds,
             n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
             spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v, cfg.group_m,
-            HAS_H=grad_lse is not None, USE_TMA=use_tma, DS_IS_DESC=ds_arg is not ds,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-            num_stages=stages, **_flags(e2d, bias, spec, cfg),
+            HAS_H=grad_lse is not None, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
         )
         if dc is not None:
             _mm_into(dc[v0:v0 + cols], ds.T, e2d, scale)

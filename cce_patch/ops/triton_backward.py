@@ -46,11 +46,10 @@ def logit_grad_kernel(
     N, V, D, stride_e, stride_c, stride_ds, v_start, chunk_cols, shift_period, ignore_index, softcap,
     smoothing, inv_vocab, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_H: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, DS_IS_DESC: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program per dS tile; row blocks whose targets are all ignored skip the matmul. With DS_IS_DESC the
-    tile leaves through the copy engine (an asynchronous bulk store, clipped at the chunk's edges)."""
+    """One program per dS tile; row blocks whose targets are all ignored skip the matmul."""
     pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(chunk_cols, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,14 +57,12 @@ def logit_grad_kernel(
     tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
     row_ok = offs_m < N
     col_ok = offs_local < chunk_cols
+    ds_ptrs = DS + offs_m.to(tl.int64)[:, None] * stride_ds + offs_local[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
     ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if tl.sum(valid.to(tl.int32), axis=0) > 0:
         z = logit_tile(E, C, BIAS, pid_m * BLOCK_M, v_start + pid_n * BLOCK_N, N, V, D, stride_e, stride_c, softcap,
                        HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = logit_grad(z, offs_m, offs_n, tgt, valid, row_ok, LSE, G, H, softcap, smoothing, inv_vocab,
                         HAS_H, HAS_SOFTCAP)
-    if DS_IS_DESC:
-        DS.store([pid_m * BLOCK_M, pid_n * BLOCK_N], ds.to(DS.dtype))
-    else:
-        ds_ptrs = DS + offs_m.to(tl.int64)[:, None] * stride_ds + offs_local[None, :]
-        tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=out_mask)

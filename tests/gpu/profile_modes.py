@@ -3,8 +3,7 @@
 Run on the device: ``python3 tests/gpu/profile_modes.py [regime ...]``. Prints, for KERNEL_NOTES.md:
   1. speed mode's parts per row chunk: the storing forward kernel, dE = Q @ C (fp32 out), dC += Q^T (sE);
   2. the whole speed-mode op (fwd+bwd) for several chunk budgets;
-  3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES);
-  4. both modes with the big outputs (q, dS) written by pointer stores instead of the copy engine (TMA_STORE).
+  3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES).
 """
 
 from __future__ import annotations
@@ -67,9 +66,9 @@ def main(regimes: list[str]) -> None:
         print(f"== {regime}")
         with torch.no_grad():
             print(f"  op fwd (no grad) {bench(lambda: linear_cross_entropy(e, c, t, impl='triton')):6.2f} ms")
-        for rows in (4096,):
+        for rows in (2048, 4096, 8192):
             speed_parts(e, c, t, rows)
-        for budget in (2**30, 2**31):
+        for budget in (2**30, 2**31, 3 * 2**30):
             st = step_fn(e, c, t, mode="speed", speed_chunk_bytes=budget)
             ms = bench(st)
             mb = peak_mb_above_inputs(st, e.device)
@@ -82,12 +81,6 @@ def main(regimes: list[str]) -> None:
             mb = peak_mb_above_inputs(st, e.device)
             print(f"  memory op dS chunk {chunk / 2**20:.0f} MiB: fwd+bwd {ms:6.2f} ms, {mb:7.1f} MB", flush=True)
         tb.DS_CHUNK_BYTES = default
-        for tma_store in (False, True):
-            tb.TMA_STORE = tma_store
-            line = []
-            for mode in ("memory", "speed"):
-                line.append(f"{mode} {bench(step_fn(e, c, t, mode=mode)):6.2f} ms")
-            print(f"  TMA_STORE={tma_store}: fwd+bwd " + ", ".join(line), flush=True)
         del e, c, t
         torch.cuda.empty_cache()
 
