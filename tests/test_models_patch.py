@@ -260,10 +260,43 @@ def test_config_errors():
         CCEConfig(impl="cuda")
     with pytest.raises(ValueError, match="label_smoothing"):
         CCEConfig(label_smoothing=1.5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CCEConfig(mode="fast")
+    with pytest.raises(ValueError, match="speed_chunk_bytes"):
+        CCEConfig(mode="speed", speed_chunk_bytes=-1)
     with pytest.raises(ValueError, match="unknown CCE option"):
         patch(tiny_model("llama"), chunk=3)
     config = CCEConfig.from_dict({"impl": "torch", "train_only": False})
     assert config.replace(return_logits=True) == CCEConfig(impl="torch", train_only=False, return_logits=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_speed_mode_matches_stock(family):
+    """CCEConfig(mode="speed"): the gradients formed in the forward pass equal stock's, with and without
+    the Trainer's num_items_in_batch (sum reduction, divided outside the op)."""
+    stock, patched = _pair(family)
+    patch(patched, mode="speed")
+    ids, mask, labels = batch()
+    n = torch.tensor(int((labels[..., 1:] != -100).sum()) * 2)
+    for extra in ({}, {"num_items_in_batch": n}):
+        inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+
+
+def test_speed_mode_falls_back_where_unsupported(caplog):
+    from cce_patch import CCEConfig
+    from cce_patch.models.forward import _mode_options, _warn_once
+
+    _warn_once.cache_clear()
+    speed = CCEConfig(mode="speed", speed_chunk_bytes=2**20)
+    assert _mode_options(speed, torch.bfloat16, None) == {"mode": "speed", "speed_chunk_bytes": 2**20}
+    with caplog.at_level("WARNING", logger="cce_patch"):
+        assert _mode_options(speed, torch.float16, None) == {}
+        assert _mode_options(speed, torch.float16, None) == {}
+        assert _mode_options(speed.replace(label_smoothing=0.1), torch.bfloat16, 30.0) == {}
+    messages = [r.message for r in caplog.records if r.name.startswith("cce_patch")]
+    assert len(messages) == 2 and "fp16" in messages[0] and "label_smoothing" in messages[1]
+    assert _mode_options(CCEConfig(), torch.float16, None) == {}
 
 
 def test_label_smoothing_option():

@@ -38,6 +38,11 @@ USE_TMA = True
 #: With TMA, run the forward as one flat loop over (vocab tile, K step) so that the next tile's loads stay in
 #: flight across the epilogue: 14.4 -> 13.9 ms. With pointer loads it is slower (16.8 -> 19.1), so it is off there.
 FWD_FLAT_LOOP = True
+#: Speed mode writes q through the copy engine (an asynchronous bulk store from shared memory) instead of
+#: pointer stores from registers. H100, paper shape: speed fwd+bwd 48.2 -> 46.3 ms (lm), 51.0 -> 48.7 (peaked).
+#: The same store for memory mode's dS (3 pipeline stages, to fit the 64 KB staging tile) was slower:
+#: 57.0 -> 60.9 ms (lm), 62.3 -> 63.6 (peaked), so dS keeps pointer stores (KERNEL_NOTES.md, v5).
+Q_TMA_STORE = True
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor |
     e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
     store_q = q is not None
     q_arg = q if store_q else e2d
-    if store_q and use_tma and _tma_ok(q):  # asynchronous bulk store of each q tile
+    if store_q and use_tma and Q_TMA_STORE and _tma_ok(q):  # asynchronous bulk store of each q tile
         q_arg = TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_n])
     lse_forward_kernel[(row_blocks * splits,)](
         e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
