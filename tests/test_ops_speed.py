@@ -181,3 +181,13 @@ def test_q_store_paths(tma, flat, monkeypatch):
     e, c, t, b = make_inputs((2, 41), 32, 211, torch.float32, bias=True, device=DEVICE)
     t[0, :36] = -100
     check_against_oracle(speed_op("triton", 40, 216), e, c, t, b, TOL[torch.float32], shift=True, softcap=5.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_many_rows_share_few_targets(impl):
+    """Frequent tokens: the target terms of many rows are summed per distinct target (in fp32) before they
+    reach dC; the first and last class are among them."""
+    e, c, t, b = make_inputs((3, 29), 24, 300, torch.float32, bias=True, ignore_frac=0.1, device=DEVICE)
+    choices = torch.tensor([0, 17, 299], device=t.device)
+    t = torch.where(t == -100, t, choices[torch.randint(0, 3, t.shape, device=t.device)])
+    check_against_oracle(speed_op(impl, 32, 304), e, c, t, b, TOL[torch.float32], shift=True)

@@ -46,9 +46,9 @@ class SpeedModeFunction(torch.autograd.Function):
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str, reduction: str, chunk_bytes: int):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
-        # The weight of a counted row is a plain number, so that the GEMMs can take it as alpha: one host sync.
-        count = int(valid_rows(targets_flat, spec).sum()) if reduction == "mean" else 1
-        weight = 1.0 / max(count, 1)
+        # The loss weight of a counted row, as a 0-dim device tensor (no host sync).
+        ones = torch.ones((), dtype=torch.float32, device=e2d.device)
+        weight = ones / valid_rows(targets_flat, spec).sum().clamp_min(1) if reduction == "mean" else ones
         with_grads, plain_forward, recompute_backward, rows_fn = _speed_backend(impl)
         chunk_rows = rows_fn(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
         loss_rows, lse, de, dc, db, in_range = with_grads(e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows)
@@ -69,7 +69,7 @@ class SpeedModeFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         if ctx.fallback:
             e2d, c, bias, targets_flat, lse = ctx.saved_tensors
-            row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)
+            row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)  # (N,) fp32
             grads = ctx.backward_fn(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
         else:
             if ctx.grads is None:

@@ -105,15 +105,15 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool, alpha: float) -> None:
-    """out = alpha a @ b (first chunk) or out += alpha a @ b, in out's dtype (cuBLAS: fp32 math, one
-    rounding per call; an fp32 ``out`` with half operands uses cuBLAS's fp32-output GEMM)."""
+def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b (first chunk) or out += a @ b, in out's dtype (cuBLAS: fp32 math, one rounding per call;
+    an fp32 ``out`` with half operands uses cuBLAS's fp32-output GEMM)."""
     if out.dtype != a.dtype and a.is_cuda:
-        torch.addmm(out, a, b, beta=0.0 if first else 1.0, alpha=alpha, out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
     elif a.is_cuda or a.dtype == torch.float32:
-        torch.addmm(out, a, b, beta=0.0 if first else 1.0, alpha=alpha, out=out)
+        torch.addmm(out, a, b, beta=0.0 if first else 1.0, out=out)
     else:  # the CPU interpreter path: half-precision GEMMs upcast (test shapes only)
-        prod = (a.float() @ b.float()) * alpha
+        prod = a.float() @ b.float()
         out.copy_(prod if first else out.float() + prod)
 
 
@@ -123,11 +123,12 @@ def triton_forward_with_grads(
     bias: torch.Tensor | None,
     targets_flat: torch.Tensor,
     spec: LossSpec,
-    weight: float,
+    weight: torch.Tensor,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
 ):
-    """(loss_rows, lse_rows, dE, dC, dbias, in_range) for the scalar loss ``weight * sum of counted rows``.
+    """(loss_rows, lse_rows, dE, dC, dbias, in_range) for the scalar loss ``weight * sum of counted rows``
+    (``weight``: a 0-dim fp32 tensor, 1/n_valid for mean or 1 for sum).
 
     ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
     not finite), in which case neither the gradients nor loss/lse are to be used."""
@@ -147,10 +148,13 @@ def triton_forward_with_grads(
     target_coef = torch.zeros(n, dtype=torch.float32, device=e2d.device)  # (p_t - (1 - eps)) f_t per row
     worst = torch.zeros((), dtype=torch.float32, device=e2d.device)
     de = torch.empty_like(e2d) if need_de else None
-    dc = torch.empty_like(c) if need_dc else None
-    dc_acc = dc
-    if dc is not None and triton.cdiv(n, chunk_rows) > MAX_ROUNDED_DC_CHUNKS and dtype != torch.float32:
-        dc_acc = torch.empty(c.shape, dtype=torch.float32, device=c.device)
+    # dC is accumulated in a buffer with one spare row at the end, where _add_target_rows parks its unused
+    # slots (so that it needs no host sync); the gradient returned is a view of the first V rows.
+    dc_acc = dc = None
+    if need_dc:
+        rounded = triton.cdiv(n, chunk_rows) <= MAX_ROUNDED_DC_CHUNKS or dtype == torch.float32
+        dc_acc = torch.empty((v + 1, d), dtype=dtype if rounded else torch.float32, device=c.device)
+        dc = dc_acc[:v] if rounded else torch.empty_like(c)
     db = torch.zeros(v, dtype=torch.float32, device=e2d.device) if need_db else None
     c_colsum = torch.sum(c, 0, dtype=torch.float32) if (eps and need_de) else None
     for r0 in range(0, n, chunk_rows):
@@ -172,7 +176,7 @@ def triton_forward_with_grads(
                 prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
             de[r0:r1] = prod.to(dtype)
         if dc is not None:
-            _mm_accumulate(dc_acc, q.T, (e_c.float() * a[:, None]).to(dtype), first=r0 == 0, alpha=weight)
+            _mm_accumulate(dc_acc[:v], q.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=r0 == 0)
         if db is not None:
             db += weight * _mm_fp32(q.T, a[:, None].to(dtype)).squeeze(1)
     in_range = worst <= SPEED_RANGE
@@ -180,10 +184,10 @@ def triton_forward_with_grads(
     if dc is not None:  # target rows and smoothing go into the accumulator, before its one rounding
         if eps:
             smooth = (weight * eps / v) * torch.sum(e2d * valid[:, None], 0, dtype=torch.float32)
-            dc_acc.sub_(smooth.to(dc_acc.dtype))
-        _add_target_rows(dc_acc, e2d, t_safe_all, valid, weight * target_coef)
-        if dc_acc is not dc:
-            dc.copy_(dc_acc)
+            dc_acc[:v].sub_(smooth.to(dc_acc.dtype))
+        _add_target_rows(dc_acc, e2d, t_safe_all, weight * target_coef)
+        if dc.data_ptr() != dc_acc.data_ptr():
+            dc.copy_(dc_acc[:v])
             del dc_acc
     if db is not None:
         db.index_add_(0, t_safe_all, weight * target_coef)
@@ -193,20 +197,28 @@ def triton_forward_with_grads(
     return loss, lse, de, dc, db, in_range
 
 
-def _add_target_rows(dc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, valid: torch.Tensor,
-                     coef: torch.Tensor, rows_per_step: int = 8192) -> None:
-    """dc[v] += sum over counted rows i with target v of coef_i * e_i: summed in fp32 per distinct target,
-    then added to dc with one rounding. (An index_add_ straight into a bf16 dc would round once per row,
-    and a frequent token is the target of hundreds of rows.)"""
-    rows = valid.nonzero().squeeze(1)  # host sync: sizes below depend on the data
-    if rows.numel() == 0:
-        return
-    targets, slot = torch.unique(t_safe[rows], return_inverse=True)
-    acc = torch.zeros((targets.numel(), e2d.shape[1]), dtype=torch.float32, device=e2d.device)
-    for i in range(0, rows.numel(), rows_per_step):
-        r = rows[i:i + rows_per_step]
-        acc.index_add_(0, slot[i:i + rows_per_step], coef[r, None] * e2d[r].float())
-    dc[targets] = (dc[targets].float() + acc).to(dc.dtype)
+def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, coef: torch.Tensor,
+                     rows_per_step: int = 8192) -> None:
+    """dc_acc[v] += sum over rows i with target v of coef_i * e_i (coef is 0 on ignored rows), summed in fp32
+    per distinct target and added to dc_acc with one rounding. An index_add_ straight into a bf16 buffer would
+    round once per row, and a frequent token is the target of hundreds of rows.
+
+    No host sync: rows are grouped by sorting their targets; group k gets slot k, and slots past the number
+    of groups point at dc_acc's spare last row, which absorbs their zero updates."""
+    n = t_safe.numel()
+    spare = dc_acc.shape[0] - 1
+    sorted_t, order = torch.sort(t_safe)
+    starts = torch.ones_like(sorted_t, dtype=torch.bool)
+    starts[1:] = sorted_t[1:] != sorted_t[:-1]
+    group_sorted = torch.cumsum(starts, 0) - 1
+    group = torch.empty_like(group_sorted).scatter_(0, order, group_sorted)  # slot of each row
+    slot_target = torch.full_like(sorted_t, spare).scatter_(0, group_sorted, sorted_t)
+    acc = torch.zeros((n, e2d.shape[1]), dtype=torch.float32, device=e2d.device)
+    for i in range(0, n, rows_per_step):
+        acc.index_add_(0, group[i:i + rows_per_step], coef[i:i + rows_per_step, None] * e2d[i:i + rows_per_step].float())
+    for i in range(0, n, rows_per_step):
+        rows = slot_target[i:i + rows_per_step]
+        dc_acc[rows] = (dc_acc[rows].float() + acc[i:i + rows_per_step]).to(dc_acc.dtype)
 
 
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:

@@ -58,6 +58,34 @@ def speed_parts(e, c, t, rows: int) -> None:
           f"{k * (fwd_store + de) + dc_first + (k - 1) * dc_acc:6.2f} ms", flush=True)
 
 
+def trace(regime: str, mode: str) -> None:
+    """torch.profiler over a few fwd+bwd calls: GPU time per kernel, and GPU busy time against wall time
+    (the gap is launch latency and host syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
+    st = step_fn(e, c, t, mode=mode)
+    for _ in range(3):
+        st()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(5):
+            st()
+        end.record()
+        torch.cuda.synchronize()
+    wall = start.elapsed_time(end) / 5
+    events = [ev for ev in prof.key_averages() if ev.device_time_total > 0]
+    busy = sum(ev.self_device_time_total for ev in events) / 1e3 / 5
+    print(f"== trace {regime} mode={mode}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
+    for ev in sorted(events, key=lambda ev: -ev.self_device_time_total)[:12]:
+        print(f"  {ev.self_device_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
+    print("  host side (self CPU time per call):")
+    for ev in sorted(prof.key_averages(), key=lambda ev: -ev.self_cpu_time_total)[:14]:
+        print(f"  {ev.self_cpu_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
+
+
 def main(regimes: list[str]) -> None:
     n, d, v = 8192, 2304, 256000
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
@@ -86,4 +114,9 @@ def main(regimes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["lm", "flat"])
+    if sys.argv[1:2] == ["--trace"]:
+        for regime in sys.argv[2:] or ["flat"]:
+            trace(regime, "speed")
+            trace(regime, "memory")
+    else:
+        main(sys.argv[1:] or ["lm", "flat"])
