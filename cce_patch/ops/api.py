@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from . import reference
-from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
 from .spec import LossSpec
+from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
 from .validation import validate_inputs
 
 

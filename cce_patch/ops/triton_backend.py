@@ -136,8 +136,8 @@ def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor |
         q_arg, mref if store_q else zt, q.stride(0) if store_q else 0,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
-        NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=q_arg is not q and store_q, USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=store_q and q_arg is not q,
+        USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
     )
     return part, zt

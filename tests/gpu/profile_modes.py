@@ -3,7 +3,10 @@
 Run on the device: ``python3 tests/gpu/profile_modes.py [regime ...]``. Prints, for KERNEL_NOTES.md:
   1. speed mode's parts per row chunk: the storing forward kernel, dE = Q @ C (fp32 out), dC += Q^T (sE);
   2. the whole speed-mode op (fwd+bwd) for several chunk budgets;
-  3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES).
+  3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES);
+  4. speed mode with q written by pointer stores instead of the copy engine (Q_TMA_STORE).
+``--trace [regime ...]`` instead profiles both modes with torch.profiler: GPU time per kernel, host time per
+call, and the wall time per call (their difference is the time the GPU waits on the host).
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def main(regimes: list[str]) -> None:
         e, c, t = make_inputs(regime, n, d, v, device="cuda", dtype=torch.bfloat16)
         print(f"== {regime}")
         with torch.no_grad():
-            print(f"  op fwd (no grad) {bench(lambda: linear_cross_entropy(e, c, t, impl='triton')):6.2f} ms")
+            fwd_ms = bench(lambda e=e, c=c, t=t: linear_cross_entropy(e, c, t, impl="triton"))
+            print(f"  op fwd (no grad) {fwd_ms:6.2f} ms")
         for rows in (2048, 4096, 8192):
             speed_parts(e, c, t, rows)
         for budget in (2**30, 2**31, 3 * 2**30):
@@ -109,6 +113,9 @@ def main(regimes: list[str]) -> None:
             mb = peak_mb_above_inputs(st, e.device)
             print(f"  memory op dS chunk {chunk / 2**20:.0f} MiB: fwd+bwd {ms:6.2f} ms, {mb:7.1f} MB", flush=True)
         tb.DS_CHUNK_BYTES = default
+        for tma_store in (False, True):
+            tb.Q_TMA_STORE = tma_store
+            print(f"  Q_TMA_STORE={tma_store}: speed fwd+bwd {bench(step_fn(e, c, t, mode='speed')):6.2f} ms")
         del e, c, t
         torch.cuda.empty_cache()
 
