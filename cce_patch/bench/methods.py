@@ -22,8 +22,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Methods tried by default, in table order. Unavailable ones (no CUDA, peer not installed) are skipped
 #: with a note instead of failing the run.
-DEFAULT_METHODS = ("gemm", "torch", "torch.compile", "ours", "cce", "cce_exact", "liger")
-KNOWN = DEFAULT_METHODS + ("torch_lce",)
+DEFAULT_METHODS = ("gemm", "torch", "torch.compile", "ours", "ours[mode=speed]", "cce", "cce_exact", "liger")
+KNOWN = ("gemm", "torch", "torch.compile", "ours", "cce", "cce_exact", "liger", "torch_lce")
 
 
 class MethodUnavailable(RuntimeError):
@@ -190,7 +190,7 @@ def default_specs(device: torch.device) -> list[str]:
     quickly (torch.compile on CPU needs a C++ toolchain and a minute of compilation)."""
     if device.type == "cuda":
         return list(DEFAULT_METHODS)
-    return ["torch", "ours"]
+    return ["torch", "ours", "ours[mode=speed]"]
 
 
 def peer_versions() -> dict[str, str | None]:

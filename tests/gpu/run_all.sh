@@ -93,10 +93,16 @@ keep() {  # copy outputs that exist into $OUT
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# --- tests: every GPU-marked test (kernels vs fp32 reference, regimes vs the anchor generator, ...) ------
+# --- tests: every GPU-marked test (kernels vs fp32 reference, regimes vs the anchor generator, ...), then the
+# op and model tests that CI runs under Triton's interpreter, here natively (compiled kernels, real tiles)
+gpu_tests() {
+  "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider || return $?
+  "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py
+}
 if want tests; then
-  run_section tests "${CCE_TIMEOUT_TESTS:-540}" \
-    "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider
+  export -f gpu_tests
+  export PY
+  run_section tests "${CCE_TIMEOUT_TESTS:-540}" bash -c gpu_tests
 fi
 
 # --- bench: the paper shape, three regimes, ours + torch + torch.compile + peers -------------------------
@@ -126,7 +132,7 @@ fi
 if want scaling; then
   run_section scaling "${CCE_TIMEOUT_SCALING:-560}" \
     "$PY" -m cce_patch.bench --preset scaling --name scaling --no-errors --out "$SCRATCH/bench" --rep-ms 200 \
-    --methods "${CCE_SCALING_METHODS:-gemm,torch,torch.compile,ours,cce}" ${CCE_BENCH_ARGS:-}
+    --methods "${CCE_SCALING_METHODS:-gemm,torch,torch.compile,ours,ours[mode=speed],cce}" ${CCE_BENCH_ARGS:-}
   keep "$SCRATCH/bench/scaling.json" "$SCRATCH/bench/scaling.png"
 fi
 
