@@ -136,3 +136,13 @@ def test_all_ignored_with_lse(reduction):
     assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(lse) == 0
     (loss.sum() + (lse**2).sum()).backward()
     assert torch.count_nonzero(e.grad) == 0 and torch.count_nonzero(c.grad) == 0
+
+
+@pytest.mark.parametrize("mode", ["memory", "speed"])
+def test_ignored_rows_with_huge_logits_stay_finite(mode):
+    e, c, t, _ = make_inputs((9,), 16, 50, torch.float32, ignore_frac=0.0, device=DEVICE)
+    with torch.no_grad():
+        e[4] *= 400.0 / e[4].norm()
+        c[:5] = e[4] / e[4].norm()  # row 4's logits reach ~400, beyond exp's fp32 range
+    t[4] = -100
+    check_against_oracle(partial(triton_op, mode=mode), e, c, t, None, TOL[torch.float32])

@@ -53,6 +53,68 @@ class _Chunk:
         self.t = torch.where(self.valid, t, torch.zeros_like(t))
 
 
+def _chunk_loss(ch: _Chunk, spec: LossSpec, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) of one chunk's rows, 0 on ignored rows."""
+    a = spec.label_smoothing
+    lse = torch.logsumexp(ch.z, dim=-1)
+    row = lse - (1.0 - a) * ch.z.gather(1, ch.t[:, None]).squeeze(1)
+    if a:
+        row = row - (a / vocab) * ch.z.sum(-1)
+    return torch.where(ch.valid, row, 0.0), torch.where(ch.valid, lse, 0.0)
+
+
+def _chunk_logit_grad(ch: _Chunk, spec: LossSpec, vocab: int, lse: torch.Tensor, g: torch.Tensor,
+                      h: torch.Tensor | None) -> torch.Tensor:
+    """dS of one chunk (spec.py's formula) for upstream gradients g on the loss and h on the LSE."""
+    a = spec.label_smoothing
+    g = torch.where(ch.valid, g.float(), 0.0)
+    p = torch.exp(ch.z - lse[:, None]).masked_fill_(~ch.valid[:, None], 0.0)  # ignored rows: lse = 0, z may be big
+    dz = g[:, None] * (p - a / vocab)
+    dz.scatter_add_(1, ch.t[:, None], -(1.0 - a) * g[:, None])
+    if h is not None:
+        dz = dz + torch.where(ch.valid, h.float(), 0.0)[:, None] * p
+    if spec.softcap is not None:
+        dz = dz * (1.0 - (ch.z / spec.softcap) ** 2)
+    return dz
+
+
+class _GradSink:
+    """Where the chunks' logit gradients go: dE rows written, dC and dbias accumulated in fp32."""
+
+    def __init__(self, e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]):
+        need_de, need_dc, need_db = needs
+        self.e_dtype, self.c_dtype = e2d.dtype, c.dtype
+        self.b_dtype = bias.dtype if bias is not None else None
+        self.de = torch.empty_like(e2d) if need_de else None
+        self.dc = torch.zeros(c.shape, dtype=torch.float32, device=c.device) if need_dc else None
+        self.db = torch.zeros(c.shape[0], dtype=torch.float32, device=c.device) if need_db else None
+
+    def add(self, ch: _Chunk, c32: torch.Tensor, dz: torch.Tensor, start: int, stop: int) -> None:
+        if self.de is not None:
+            self.de[start:stop] = (dz @ c32).to(self.e_dtype)
+        if self.dc is not None:
+            self.dc += dz.T @ ch.e
+        if self.db is not None:
+            self.db += dz.sum(0)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return (
+            self.de,
+            self.dc.to(self.c_dtype) if self.dc is not None else None,
+            self.db.to(self.b_dtype) if self.db is not None else None,
+        )
+
+
+def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None):
+    """(start, stop, chunk, c32) for each chunk of rows, the fp32 classifier converted once."""
+    c32 = c.float()
+    b32 = bias.float() if bias is not None else None
+    step = chunk_rows or chunk_rows_for(c.shape[0])
+    for start in range(0, e2d.shape[0], step):
+        stop = min(e2d.shape[0], start + step)
+        yield start, stop, _Chunk(e2d, c32, b32, targets_flat, spec, start, stop), c32
+
+
 def torch_forward(
     e2d: torch.Tensor,
     c: torch.Tensor,
@@ -62,23 +124,10 @@ def torch_forward(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (loss, lse), both fp32 (N,), zero on ignored rows."""
-    n, v = e2d.shape[0], c.shape[0]
-    c32 = c.float()
-    b32 = bias.float() if bias is not None else None
-    step = chunk_rows or chunk_rows_for(v)
-    loss = torch.zeros(n, dtype=torch.float32, device=e2d.device)
-    lse = torch.zeros(n, dtype=torch.float32, device=e2d.device)
-    a = spec.label_smoothing
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        ch = _Chunk(e2d, c32, b32, targets_flat, spec, start, stop)
-        l = torch.logsumexp(ch.z, dim=-1)
-        zt = ch.z.gather(1, ch.t[:, None]).squeeze(1)
-        row = l - (1.0 - a) * zt
-        if a:
-            row = row - (a / v) * ch.z.sum(-1)
-        loss[start:stop] = torch.where(ch.valid, row, 0.0)
-        lse[start:stop] = torch.where(ch.valid, l, 0.0)
+    loss = torch.zeros(e2d.shape[0], dtype=torch.float32, device=e2d.device)
+    lse = torch.zeros_like(loss)
+    for start, stop, ch, _ in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows):
+        loss[start:stop], lse[start:stop] = _chunk_loss(ch, spec, c.shape[0])
     return loss, lse
 
 
@@ -95,39 +144,12 @@ def torch_backward(
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dE, dC, dbias) for upstream per-row gradients ``grad_loss`` and ``grad_lse`` (N,) fp32."""
-    need_de, need_dc, need_db = needs
-    n, v = e2d.shape[0], c.shape[0]
-    c32 = c.float()
-    b32 = bias.float() if bias is not None else None
-    step = chunk_rows or chunk_rows_for(v)
-    de = torch.empty_like(e2d) if need_de else None
-    dc = torch.zeros(c.shape, dtype=torch.float32, device=c.device) if need_dc else None
-    db = torch.zeros(v, dtype=torch.float32, device=c.device) if need_db else None
-    a = spec.label_smoothing
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        ch = _Chunk(e2d, c32, b32, targets_flat, spec, start, stop)
-        g = torch.where(ch.valid, grad_loss[start:stop].float(), 0.0)
-        p = torch.exp(ch.z - lse[start:stop, None])
-        dz = g[:, None] * (p - a / v)
-        dz.scatter_add_(1, ch.t[:, None], -(1.0 - a) * g[:, None])
-        if grad_lse is not None:
-            h = torch.where(ch.valid, grad_lse[start:stop].float(), 0.0)
-            dz = dz + h[:, None] * p
-        if spec.softcap is not None:
-            dz = dz * (1.0 - (ch.z / spec.softcap) ** 2)
-        if de is not None:
-            de[start:stop] = (dz @ c32).to(e2d.dtype)
-        if dc is not None:
-            dc += dz.T @ ch.e
-        if db is not None:
-            db += dz.sum(0)
-    return (
-        de,
-        dc.to(c.dtype) if dc is not None else None,
-        db.to(bias.dtype) if db is not None else None,
-    )
-
+    sink = _GradSink(e2d, c, bias, needs)
+    for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows):
+        h = grad_lse[start:stop] if grad_lse is not None else None
+        sink.add(ch, c32, _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], grad_loss[start:stop], h),
+                 start, stop)
+    return sink.result()
 
 
 def torch_forward_with_grads(
@@ -143,41 +165,11 @@ def torch_forward_with_grads(
     """Speed mode on the torch path: the scalar loss is sum_i w_i loss_i with ``row_weight`` w known now, so
     each chunk's fp32 logits give its loss and its gradients at once (three matmuls per chunk, not four).
     Returns (loss_rows, lse_rows, dE, dC, dbias, None): the torch path has no range limit to report."""
-    need_de, need_dc, need_db = needs
-    n, v = e2d.shape[0], c.shape[0]
-    c32 = c.float()
-    b32 = bias.float() if bias is not None else None
-    step = chunk_rows or chunk_rows_for(v)
-    loss = torch.zeros(n, dtype=torch.float32, device=e2d.device)
-    lse = torch.zeros(n, dtype=torch.float32, device=e2d.device)
-    de = torch.empty_like(e2d) if need_de else None
-    dc = torch.zeros(c.shape, dtype=torch.float32, device=c.device) if need_dc else None
-    db = torch.zeros(v, dtype=torch.float32, device=c.device) if need_db else None
-    a = spec.label_smoothing
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        ch = _Chunk(e2d, c32, b32, targets_flat, spec, start, stop)
-        l = torch.logsumexp(ch.z, dim=-1)
-        zt = ch.z.gather(1, ch.t[:, None]).squeeze(1)
-        row = l - (1.0 - a) * zt
-        if a:
-            row = row - (a / v) * ch.z.sum(-1)
-        loss[start:stop] = torch.where(ch.valid, row, 0.0)
-        lse[start:stop] = torch.where(ch.valid, l, 0.0)
-        w = torch.where(ch.valid, row_weight[start:stop].float(), 0.0)
-        dz = w[:, None] * (torch.exp(ch.z - l[:, None]) - a / v)
-        dz.scatter_add_(1, ch.t[:, None], -(1.0 - a) * w[:, None])
-        if spec.softcap is not None:
-            dz = dz * (1.0 - (ch.z / spec.softcap) ** 2)
-        if de is not None:
-            de[start:stop] = (dz @ c32).to(e2d.dtype)
-        if dc is not None:
-            dc += dz.T @ ch.e
-        if db is not None:
-            db += dz.sum(0)
-    return (
-        loss, lse, de,
-        dc.to(c.dtype) if dc is not None else None,
-        db.to(bias.dtype) if db is not None else None,
-        None,
-    )
+    loss = torch.zeros(e2d.shape[0], dtype=torch.float32, device=e2d.device)
+    lse = torch.zeros_like(loss)
+    sink = _GradSink(e2d, c, bias, needs)
+    for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows):
+        loss[start:stop], lse[start:stop] = _chunk_loss(ch, spec, c.shape[0])
+        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], row_weight[start:stop], None)
+        sink.add(ch, c32, dz, start, stop)
+    return (loss, lse, *sink.result(), None)
