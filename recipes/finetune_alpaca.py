@@ -31,7 +31,7 @@ import yaml
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alpaca_data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, load_local_rows, tokenize_rows  # noqa: E402
+from alpaca_prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, load_local_rows, tokenize_rows  # noqa: E402
 from offline_default import build_model, build_tokenizer, generate_dataset, sample_answers  # noqa: E402
 
 from cce_patch.integrations.trainer import CCETrainer, CCETrainingArguments  # noqa: E402

@@ -88,7 +88,7 @@ def sample_answers(model, tokenizer, n: int = 40, seed: int = 12345, max_new_tok
     """Greedy answers to ``n`` fresh generated tasks: (prompt text, answer, expected) rows and the exact-match
     rate. The tasks come from another seed than the training rows."""
     import torch
-    from alpaca_data import format_prompt
+    from alpaca_prompts import format_prompt
 
     model.eval()
     rows, hits = [], 0

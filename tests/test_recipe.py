@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import finetune_alpaca  # noqa: E402
-from alpaca_data import IGNORE_INDEX, format_prompt, load_local_rows, tokenize_example, tokenize_rows  # noqa: E402
+from alpaca_prompts import IGNORE_INDEX, format_prompt, load_local_rows, tokenize_example, tokenize_rows  # noqa: E402
 from offline_default import build_tokenizer, generate_dataset  # noqa: E402
 
 from cce_patch import is_patched  # noqa: E402
