@@ -6,8 +6,9 @@ backward. Forming w-weighted gradients while the logits exist avoids recomputing
 N x D x V); backward multiplies by g when g != 1. The price is memory for one chunk of the logit gradient
 (``chunk_bytes``), held only inside the forward, plus holding dE/dC from the forward to the backward.
 
-If the Triton path reports a row outside its range (a loss above ``triton_speed.SPEED_RANGE`` nats), the
-precomputed gradients are dropped and backward runs the recompute path instead: same result, slower.
+If the Triton path reports a row outside its range (a loss above ``MREF_MARGIN + SPEED_RANGE`` = 104 nats, see
+``triton_speed.py``), the forward is redone the plain way, the precomputed gradients are dropped and backward
+runs the recompute path instead: same result, slower.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ import triton
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
 
-#: Added to the target logit to place each row's reference mref: the row max is then at least 40 nats above
-#: mref - 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32 number.
+#: Added to the target logit to place each row's reference mref. Since the target logit is at most the row max,
+#: mref <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
+#: number.
 MREF_MARGIN = 40.0
 #: Largest lse - mref a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
 #: scale a = exp(mref - lse) above e^-64. Together with the margin: losses up to 104 nats.
