@@ -101,6 +101,41 @@ def test_several_vocab_chunks_in_backward(monkeypatch):
     check_against_oracle(triton_op, e, c, t, b, TOL[torch.float32], label_smoothing=0.2, softcap=3.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_groups_in_backward(dtype, monkeypatch):
+    """Past the square chunk side the backward splits rows into groups (3 here, the last ragged) inside each
+    of 3 vocabulary chunks: sequences straddle group boundaries under the shift, dC sums over the groups in
+    fp32 before its one rounding, dE and dbias over the chunks; one group is fully ignored."""
+    from cce_patch.ops import triton_backend
+
+    budget = 32 * 64 * torch.empty((), dtype=dtype).element_size()  # interpreter tiles: 32 x 64
+    monkeypatch.setattr(triton_backend, "DS_CHUNK_BYTES", budget)
+    e, c, t, b = make_inputs((10, 7), 24, 150, dtype, bias=True, device=DEVICE)
+    t[:5] = -100  # with the shift, rows 0..31 (group 1) are all ignored
+    t[5, :5] = -100
+    cfg = triton_backend.tile_config(dtype, "backward")
+    assert triton_backend.ds_chunk_shape(70, 150, e.element_size(), budget, cfg) == (32, 64)
+    check_against_oracle(triton_op, e, c, t, b, TOL[dtype], shift=True, softcap=5.0, label_smoothing=0.1,
+                         return_lse=True)
+
+
+@pytest.mark.parametrize("n,v,expect", [
+    (8192, 256000, (8192, 8192)),     # the paper shape: all rows in one group, as before row groups existed
+    (4096, 256000, (4096, 16384)),    # fewer rows: wider chunks
+    (65536, 256000, (8192, 8192)),    # 8 groups of 8,192 rows: chunk width no longer shrinks with N
+    (20000, 256000, (6784, 9728)),    # 3 balanced groups (6784 = 53 row blocks), the last one ragged
+    (8192, 1000, (8192, 1024)),       # never wider than the (tile-rounded) vocabulary
+    (100, 50, (100, 256)),            # at least one tile of columns
+])
+def test_ds_chunk_shape(n, v, expect):
+    from cce_patch.ops.triton_backend import DS_CHUNK_BYTES, TileConfig, ds_chunk_shape
+
+    cfg = TileConfig(128, 256, 64, 8, 4)
+    rows, cols = ds_chunk_shape(n, v, 2, DS_CHUNK_BYTES, cfg)
+    assert (rows, cols) == expect
+    assert rows * cols * 2 <= DS_CHUNK_BYTES or cols == cfg.block_n
+
+
 def test_fp16_smoothing_bias_lse_shift():
     _check((2, 23), 56, 333, dtype=torch.float16, bias=True, shift=True, label_smoothing=0.1, return_lse=True,
            softcap=20.0, reduction="none")

@@ -30,6 +30,17 @@ def _row_targets(targets_flat: torch.Tensor, start: int, stop: int, shift_period
     return torch.where(idx % shift_period == 0, torch.full_like(out, -1), out)
 
 
+def effective_targets(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """(N,) int64 target of each row after the causal shift, ``ignore_index`` where the row does not count.
+
+    Paths that slice rows into chunks whose boundaries need not fall on sequence boundaries (speed mode, the
+    memory mode's row groups) apply the shift up front: every chunk is then an unshifted problem
+    (``shift_period=0``)."""
+    t = _row_targets(targets_flat, 0, targets_flat.numel(), spec.shift_period)
+    valid = (t != spec.ignore_index) & (t >= 0)
+    return torch.where(valid, t, torch.full_like(t, spec.ignore_index))
+
+
 def valid_rows(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """(N,) bool mask of rows that contribute to the loss."""
     t = _row_targets(targets_flat, 0, targets_flat.numel(), spec.shift_period)

@@ -9,11 +9,14 @@ accumulator). Exact gradients: nothing is filtered or skipped except rows whose 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
+from .gemm import mm_accumulate, mm_into
+from .reference import effective_targets
 from .spec import LossSpec
 from .triton_backward import logit_grad_kernel
 from .triton_common import INTERPRETING
@@ -99,13 +102,21 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def fp32_uses_tf32() -> bool:
+    """Whether fp32 inputs may use TF32 tensor cores: only when the user opted in through torch's own switch
+    (``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``),
+    which also governs the cuBLAS GEMMs of the backward. Off by default, as in torch: fp32 means IEEE fp32
+    products, ~8x slower on an H100 than bf16 tensor cores, and TF32 rounds the operands to 10 mantissa bits."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _flags(e2d: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec, cfg: TileConfig) -> dict:
     return dict(
         EVEN_K=e2d.shape[1] % cfg.block_k == 0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=spec.softcap is not None,
         UPCAST=INTERPRETING and e2d.dtype != torch.float32,
-        IEEE_FP32=e2d.dtype == torch.float32,
+        IEEE_FP32=e2d.dtype == torch.float32 and not fp32_uses_tf32(),
     )
 
 
@@ -156,77 +167,87 @@ def _valid_rows(targets_flat: torch.Tensor, spec: LossSpec, n: int) -> torch.Ten
     return valid_rows(targets_flat, spec)[:n]
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b without rounding the partial product to a half type.
+def ds_chunk_shape(n: int, v: int, itemsize: int, budget: int, cfg: TileConfig) -> tuple[int, int]:
+    """(rows, columns) of one dS chunk of at most ``budget`` bytes: the backward's unit of work.
 
-    On CUDA, cuBLAS can write fp32 output from bf16/fp16 operands (``out_dtype``); CPU has no such kernel, so
-    the interpreter path upcasts (test shapes only)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+    Why two dimensions: every vocabulary chunk reads and writes the fp32 dE accumulator of its rows once
+    (rows x D x 8 B), and with row groups every row group reads and writes the fp32 dC accumulator of its
+    columns once. Over the whole problem that is 8 N D V (1/cols + 1/rows) bytes, smallest for a square chunk.
+    Taking all N rows at once (one row group, dC written straight into the gradient, no dC accumulator) is
+    the same up to N = sqrt(budget / itemsize) = 8,192 for 128 MiB of bf16; beyond it a fixed budget would
+    shrink the columns as 1/N and make the accumulator traffic grow as N^2 (measured: +22% time per token
+    at N=65,536 with 1,024-column chunks). So rows are capped at that square side, in balanced groups."""
+    side = max(cfg.block_m, math.isqrt(max(1, budget // itemsize)) // cfg.block_m * cfg.block_m)
+    groups = triton.cdiv(n, side)
+    rows = n if groups == 1 else triton.cdiv(triton.cdiv(n, groups), cfg.block_m) * cfg.block_m
+    cols = max(cfg.block_n, budget // (rows * itemsize) // cfg.block_n * cfg.block_n)
+    return rows, min(cols, triton.cdiv(v, cfg.block_n) * cfg.block_n)
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """out = scale * (a @ b); out may be a slice of the full gradient. With a scale (fp16 only), the product
-    is formed in fp32 first so that undoing the scale cannot overflow fp16's range."""
-    if scale is None:
-        if a.is_cuda or a.dtype == torch.float32:
-            torch.mm(a, b, out=out)
-        else:
-            out.copy_(a.float() @ b.float())
-        return
-    prod = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
-    out.copy_(prod.mul_(scale))
+def _fp16_scale(e2d, grad_loss, grad_lse):
+    """fp16 has a narrow range: g * (p - onehot) with g = 1/N and p ~ 1/V is far below its smallest normal.
+    The kernel stores dS / max|g| instead (entries of order p - onehot) and the GEMM results are multiplied
+    back. bf16 and fp32 share fp32's exponent range and need no scale. Returns (scale or None, g, h)."""
+    if e2d.dtype != torch.float16:
+        return None, grad_loss, grad_lse
+    peak = grad_loss.abs().max()
+    if grad_lse is not None:
+        peak = torch.maximum(peak, grad_lse.abs().max())
+    scale = peak.clamp_min(torch.finfo(torch.float32).tiny)
+    return scale, grad_loss / scale, (grad_lse / scale if grad_lse is not None else None)
 
 
 def triton_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_loss, grad_lse, needs):
-    """(dE, dC, dbias) in the input dtypes, for those in ``needs``."""
+    """(dE, dC, dbias) in the input dtypes, for those in ``needs``.
+
+    Loops over vocabulary chunks and, when N is large, row groups within each chunk (``ds_chunk_shape``):
+    the kernel writes dS for (row group, chunk), then cuBLAS adds dS c[chunk] into the fp32 dE accumulator
+    of the group's rows and dS^T e[group] into dC[chunk] (directly with one row group, else through an fp32
+    chunk accumulator that is rounded into dC once the chunk's last group is done)."""
     need_de, need_dc, need_db = needs
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tile_config(e2d.dtype, "backward")
-    ds_dtype = e2d.dtype
-    chunk = max(cfg.block_n, (DS_CHUNK_BYTES // (n * e2d.element_size())) // cfg.block_n * cfg.block_n)
-    chunk = min(chunk, triton.cdiv(v, cfg.block_n) * cfg.block_n)
-    ds_buf = torch.empty((n, chunk), dtype=ds_dtype, device=e2d.device)
-    de_acc = torch.zeros((n, d), dtype=torch.float32, device=e2d.device) if need_de else None
+    rows, cols = ds_chunk_shape(n, v, e2d.element_size(), DS_CHUNK_BYTES, cfg)
+    grouped = rows < n
+    if grouped:  # group boundaries need not fall on sequence boundaries: shift once, then unshifted groups
+        targets_flat = effective_targets(targets_flat, spec)
+        spec = replace(spec, shift_period=0)
+    ds_buf = torch.empty((rows, cols), dtype=e2d.dtype, device=e2d.device)
+    de_acc = torch.empty((n, d), dtype=torch.float32, device=e2d.device) if need_de else None
     dc = torch.empty_like(c) if need_dc else None
-    db = torch.empty(v, dtype=bias.dtype, device=bias.device) if need_db else None
-    row_blocks = triton.cdiv(n, cfg.block_m)
-    # fp16 has a narrow range: g * (p - onehot) with g = 1/N and p ~ 1/V is far below its smallest normal.
-    # Store dS / max|g| instead (entries of order p - onehot) and multiply the GEMM results back. bf16 and fp32
-    # share fp32's exponent range and need no scale.
-    scale = None
-    if e2d.dtype == torch.float16:
-        peak = grad_loss.abs().max()
-        if grad_lse is not None:
-            peak = torch.maximum(peak, grad_lse.abs().max())
-        scale = peak.clamp_min(torch.finfo(torch.float32).tiny)
-        grad_loss = grad_loss / scale
-        grad_lse = grad_lse / scale if grad_lse is not None else None
-    e_arg, c_arg, use_tma = _matmul_operands(e2d, c, cfg)
-    for v0 in range(0, v, chunk):
-        cols = min(chunk, v - v0)
-        ds = ds_buf[:, :cols]
-        logit_grad_kernel[(row_blocks * triton.cdiv(cols, cfg.block_n),)](
-            e_arg, c_arg, bias if bias is not None else e2d, targets_flat, lse, grad_loss,
-            grad_lse if grad_lse is not None else grad_loss, ds,
-            n, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, cols, spec.shift_period,
-            spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v, cfg.group_m,
-            HAS_H=grad_lse is not None, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(e2d, bias, spec, cfg),
-        )
-        if dc is not None:
-            _mm_into(dc[v0:v0 + cols], ds.T, e2d, scale)
-        if de_acc is not None:
-            _accumulate_mm(de_acc, ds, c[v0:v0 + cols])
-        if db is not None:
-            db_chunk = ds.float().sum(0)
-            db[v0:v0 + cols] = (db_chunk * scale if scale is not None else db_chunk).to(db.dtype)
-    if de_acc is not None and scale is not None:
-        de_acc.mul_(scale)
+    dc_acc = torch.empty((cols, d), dtype=torch.float32, device=c.device) if need_dc and grouped else None
+    db_acc = torch.zeros(v, dtype=torch.float32, device=bias.device) if need_db else None
+    scale, grad_loss, grad_lse = _fp16_scale(e2d, grad_loss, grad_lse)
+    # (first row, end row, tile operands) per row group; descriptors are built once, not per chunk
+    groups = [(r0, min(n, r0 + rows), _matmul_operands(e2d[r0:r0 + rows], c, cfg)) for r0 in range(0, n, rows)]
+    for v0 in range(0, v, cols):
+        width = min(cols, v - v0)
+        for r0, r1, (e_arg, c_arg, use_tma) in groups:
+            ds = ds_buf[: r1 - r0, :width]
+            logit_grad_kernel[(triton.cdiv(r1 - r0, cfg.block_m) * triton.cdiv(width, cfg.block_n),)](
+                e_arg, c_arg, bias if bias is not None else e2d, targets_flat[r0:], lse[r0:], grad_loss[r0:],
+                grad_lse[r0:] if grad_lse is not None else grad_loss, ds,
+                r1 - r0, v, d, e2d.stride(0), c.stride(0), ds_buf.stride(0), v0, width, spec.shift_period,
+                spec.ignore_index, float(spec.softcap or 1.0), float(spec.label_smoothing), 1.0 / v, cfg.group_m,
+                HAS_H=grad_lse is not None, USE_TMA=use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **_flags(e2d, bias, spec, cfg),
+            )
+            if dc_acc is not None:
+                mm_accumulate(dc_acc[:width], ds.T, e2d[r0:r1], first=r0 == 0)
+            elif dc is not None:
+                mm_into(dc[v0:v0 + width], ds.T, e2d, scale)
+            if de_acc is not None:
+                mm_accumulate(de_acc[r0:r1], ds, c[v0:v0 + width], first=v0 == 0)
+            if db_acc is not None:
+                db_acc[v0:v0 + width] += torch.sum(ds, 0, dtype=torch.float32)
+        if dc_acc is not None:  # the chunk's last row group is in: round its columns of dC once
+            dc[v0:v0 + width] = (dc_acc[:width] * scale if scale is not None else dc_acc[:width]).to(dc.dtype)
+    if scale is not None:
+        for acc in (de_acc, db_acc):
+            if acc is not None:
+                acc.mul_(scale)
     de = de_acc.to(e2d.dtype) if de_acc is not None else None
+    db = db_acc.to(bias.dtype) if db_acc is not None else None
     return de, dc, db

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from .gemm import mm_accumulate, mm_fp32
+from .reference import effective_targets
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
 
@@ -48,18 +50,6 @@ SPEED_RANGE = 64.0
 #: fp32 read+write of it per chunk) instead of in place in the input dtype, which would round every chunk's
 #: partial sum (measured at N=32768, 8 chunks, bf16: dC error 1.9x the memory mode's).
 MAX_ROUNDED_DC_CHUNKS = 2
-
-
-def effective_targets(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """(N,) int64 target of each row after the causal shift, ``ignore_index`` where the row does not count.
-
-    The speed path slices rows into chunks; with the shift applied up front, every chunk is an unshifted
-    problem (``shift_period=0``) and chunk boundaries need not fall on sequence boundaries."""
-    from .reference import _row_targets
-
-    t = _row_targets(targets_flat, 0, targets_flat.numel(), spec.shift_period)
-    valid = (t != spec.ignore_index) & (t >= 0)
-    return torch.where(valid, t, torch.full_like(t, spec.ignore_index))
 
 
 def target_logits(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, t_safe: torch.Tensor,
@@ -95,27 +85,6 @@ def combine_speed_partials(part: torch.Tensor, zt: torch.Tensor, mref: torch.Ten
     zero = torch.zeros_like(lse)
     return (torch.where(valid, loss, zero), torch.where(valid, lse, zero), torch.where(valid, 1.0 / total, zero),
             torch.where(valid, eps - s_nt / total, zero), torch.where(valid, lse - mref, zero))
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result and no intermediate rounding (cuBLAS out_dtype; upcast on CPU)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """out = a @ b (first chunk) or out += a @ b, in out's dtype (cuBLAS: fp32 math, one rounding per call;
-    an fp32 ``out`` with half operands uses cuBLAS's fp32-output GEMM)."""
-    if out.dtype != a.dtype and a.is_cuda:
-        torch.addmm(out, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=out)
-    elif a.is_cuda or a.dtype == torch.float32:
-        torch.addmm(out, a, b, beta=0.0 if first else 1.0, out=out)
-    else:  # the CPU interpreter path: half-precision GEMMs upcast (test shapes only)
-        prod = a.float() @ b.float()
-        out.copy_(prod if first else out.float() + prod)
 
 
 def triton_forward_with_grads(
@@ -171,15 +140,15 @@ def triton_forward_with_grads(
             coef = coef * (1.0 - (zt / cap) ** 2)
         target_coef[r0:r1] = coef
         if de is not None:
-            prod = _mm_fp32(q, c).mul_((weight * a)[:, None])
+            prod = mm_fp32(q, c).mul_((weight * a)[:, None])
             prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
             if eps:
                 prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
             de[r0:r1] = prod.to(dtype)
         if dc is not None:
-            _mm_accumulate(dc_acc[:v], q.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=r0 == 0)
+            mm_accumulate(dc_acc[:v], q.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=r0 == 0)
         if db is not None:
-            db += weight * _mm_fp32(q.T, a[:, None].to(dtype)).squeeze(1)
+            db += weight * mm_fp32(q.T, a[:, None].to(dtype)).squeeze(1)
     in_range = worst <= SPEED_RANGE
     del q_buf, q  # the final steps need rows x D temporaries, not the 1-2 GB of q
     if dc is not None:  # target rows and smoothing go into the accumulator, before its one rounding
