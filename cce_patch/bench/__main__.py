@@ -6,6 +6,7 @@ Examples::
     cce-patch bench --preset families --out outputs/fam  # the five families' head shapes at N=8192
     cce-patch bench --preset scaling --methods ours,torch.compile
     cce-patch bench --shape 4096x2048x128256 --regimes lm --methods 'ours,ours[mode=speed],torch'
+    cce-patch bench --regimes lm --dtype fp32 --tf32     # fp32 inputs, TF32 tensor cores opted in
     cce-patch bench --preset tiny --device cpu           # seconds on a CPU (CI smoke test)
 """
 
@@ -95,6 +96,12 @@ def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentPa
         "'ours[mode=speed]' (passed to linear_cross_entropy). Default: all (CUDA) / torch,ours",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="opt fp32 matmuls into TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True) for every "
+        "method: torch's GEMMs, cuBLAS inside ours, and our Triton kernels, which follow the same switch",
+    )
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-errors", action="store_true", help="skip the fp32 reference and the gradient errors")
@@ -159,6 +166,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
         stream=sys.stderr,
     )
     cfg = config_from_args(args)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     env = environment(cfg.device, [*prog.split(), *argv])
     logging.getLogger("cce_patch.bench").info(
         "device %s | shapes %s | regimes %s | methods %s | %s",
@@ -186,6 +195,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
         if cfg.device.type == "cuda"
         else "time.perf_counter median",
         "preset": args.preset,
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     done: list = []

@@ -64,7 +64,8 @@ class TileConfig:
 
 
 def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
-    """Tiles for ``kernel`` ("forward" or "backward") at ``dtype``; one place to tune per GPU generation."""
+    """Tiles for ``kernel`` ("forward", "store": the forward writing speed mode's q, or "backward") at
+    ``dtype``; one place to tune per GPU generation."""
     if INTERPRETING:
         return TileConfig(32, 64, 32, 4, 1, group_m=2)
     if dtype == torch.float32:
@@ -128,7 +129,7 @@ def launch_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor |
     (rows x V view, unit column stride)."""
     n, d = e2d.shape
     v = c.shape[0]
-    cfg = tile_config(e2d.dtype)
+    cfg = tile_config(e2d.dtype, "forward" if q is None else "store")
     row_blocks = triton.cdiv(n, cfg.block_m)
     vocab_tiles = triton.cdiv(v, cfg.block_n)
     splits = max(1, min(vocab_tiles, triton.cdiv(FWD_WAVES * _num_sms(e2d.device), row_blocks)))

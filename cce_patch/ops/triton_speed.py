@@ -194,7 +194,7 @@ def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tens
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     """Rows per chunk so that q (rows x V) fits ``chunk_bytes``; chunks are balanced and rounded up to whole
     row blocks, and never fewer than one block."""
-    block = tile_config(dtype).block_m
+    block = tile_config(dtype, "store").block_m
     itemsize = torch.empty((), dtype=dtype).element_size()
     cap = max(block, chunk_bytes // (triton.cdiv(v, 8) * 8 * itemsize))
     chunks = triton.cdiv(n, cap)

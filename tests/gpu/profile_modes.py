@@ -5,6 +5,9 @@ Run on the device: ``python3 tests/gpu/profile_modes.py [regime ...]``. Prints, 
   2. the whole speed-mode op (fwd+bwd) for several chunk budgets;
   3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES);
   4. speed mode with q written by pointer stores instead of the copy engine (Q_TMA_STORE).
+``--store-tiles [regime ...]`` sweeps tile shapes of the speed-mode storing kernel.
+``--gaps [regime ...]`` lists the stretches where the GPU idles between kernels (and what the host was doing),
+and prices each host sync of speed mode by timing the op without it.
 ``--trace [regime ...]`` instead profiles both modes with torch.profiler: GPU time per kernel, host time per
 call, and the wall time per call (their difference is the time the GPU waits on the host).
 """
@@ -89,6 +92,111 @@ def trace(regime: str, mode: str) -> None:
         print(f"  {ev.self_cpu_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
 
 
+def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
+    """Where the GPU waits for the host in one fwd+bwd call: every idle stretch between consecutive kernels
+    longer than ``min_us`` (from the profiler's chrome trace), with the kernels on each side and the host ops
+    that were running during it. Then the op timed without profiler, with and without each host sync
+    (target check: ``check_targets=False``; range check: in_range dropped), to price each one."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
+    st = step_fn(e, c, t, mode=mode)
+    for _ in range(3):
+        st()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            st()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((ev for ev in events if ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda ev: ev["ts"])
+    cpu_ops = [ev for ev in events if ev.get("cat") in ("cpu_op", "cuda_runtime", "python_function")]
+    half = len(kernels) // 2  # the second call (the first may include allocator growth)
+    ks = kernels[half - 1:]  # with the last op of call 1: the gap before call 2 is its host prelude
+    busy = sum(k["dur"] for k in ks)
+    span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
+    print(f"== gaps {regime} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span")
+    total = 0.0
+    for prev, nxt in zip(ks, ks[1:], strict=False):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap < min_us:
+            continue
+        total += gap
+        g0, g1 = prev["ts"] + prev["dur"], nxt["ts"]
+        host = sorted({ev["name"][:40] for ev in cpu_ops if ev["ts"] < g1 and ev["ts"] + ev.get("dur", 0) > g0
+                       and ev.get("dur", 0) < 5e4})
+        print(f"  {gap:8.1f} us  after {prev['name'][:50]!r}  before {nxt['name'][:50]!r}")
+        print(f"             host: {', '.join(host)[:300]}")
+    print(f"  idle stretches >= {min_us:.0f} us: {total / 1e3:.2f} ms in all")
+    del prof, events
+
+    from cce_patch.ops import speed as speed_mod
+
+    def step_with(check_targets: bool, range_sync: bool):
+        ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
+        original = speed_mod._speed_backend
+
+        def patched(impl):
+            with_grads, *rest = original(impl)
+
+            def no_range(*args):
+                out = with_grads(*args)
+                return (*out[:-1], None)  # in_range None: no sync, no fallback decision
+            return (with_grads if range_sync else no_range, *rest)
+
+        def step():
+            speed_mod._speed_backend = patched
+            try:
+                ee.grad = cc.grad = None
+                linear_cross_entropy(ee, cc, t, impl="triton", mode=mode, check_targets=check_targets).backward()
+            finally:
+                speed_mod._speed_backend = original
+        return step
+
+    for check, rng in ((True, True), (False, True), (True, False), (False, False)):
+        if mode != "speed" and not rng:
+            continue
+        print(f"  {mode} fwd+bwd, target check {'on ' if check else 'off'}, range sync {'on ' if rng else 'off'}: "
+              f"{bench(step_with(check, rng)):6.2f} ms", flush=True)
+
+
+STORE_TILES = [  # (block_m, block_n, block_k, num_warps, num_stages, q through the copy engine)
+    (128, 256, 64, 8, 3, True),   # the forward's tiles (default)
+    (128, 128, 64, 4, 3, True),   # half the accumulator: two programs per SM, one's epilogue under the other's matmul
+    (128, 128, 64, 4, 3, False),
+    (128, 128, 64, 4, 4, False),
+    (128, 128, 64, 8, 3, True),
+]
+
+
+def store_tiles(regime: str) -> None:
+    """Tile shapes for speed mode's storing forward kernel alone ("store" in ``tile_config``): the kernel on
+    4,096 rows, then the whole speed-mode op."""
+    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
+    original, tma_store = tb.tile_config, tb.Q_TMA_STORE
+    rows = 4096
+    q = torch.empty((rows, 256000), dtype=e.dtype, device=e.device)
+    mref = ts.target_logits(e[:rows], c, None, t[:rows], None) + ts.MREF_MARGIN
+    print(f"== storing kernel tiles, {regime}, {rows} rows (then the speed op fwd+bwd)")
+    for *tiles, tma in STORE_TILES:
+        cfg = tb.TileConfig(*tiles)
+        tb.tile_config = lambda dtype, kernel="forward", cfg=cfg: cfg if kernel == "store" else original(dtype, kernel)  # noqa: E731
+        tb.Q_TMA_STORE = tma
+        try:
+            k_ms = bench(lambda: tb.launch_forward(e[:rows], c, None, t[:rows], LossSpec(), q=q, mref=mref))
+            op_ms = bench(step_fn(e, c, t, mode="speed"))
+            print(f"  {tiles} q_tma={tma:d}: kernel {k_ms:6.2f} ms, speed op {op_ms:6.2f} ms", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a shape may not fit shared memory: report, go on
+            print(f"  {tiles} q_tma={tma:d}: failed {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    tb.tile_config, tb.Q_TMA_STORE = original, tma_store
+
+
 def main(regimes: list[str]) -> None:
     n, d, v = 8192, 2304, 256000
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
@@ -121,7 +229,14 @@ def main(regimes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--trace"]:
+    if sys.argv[1:2] == ["--store-tiles"]:
+        for regime in sys.argv[2:] or ["flat"]:
+            store_tiles(regime)
+    elif sys.argv[1:2] == ["--gaps"]:
+        for regime in sys.argv[2:] or ["flat"]:
+            gaps(regime, "speed")
+            gaps(regime, "memory")
+    elif sys.argv[1:2] == ["--trace"]:
         for regime in sys.argv[2:] or ["flat"]:
             trace(regime, "speed")
             trace(regime, "memory")
