@@ -108,7 +108,11 @@ def test_row_groups_in_backward(dtype, monkeypatch):
     fp32 before its one rounding, dE and dbias over the chunks; one group is fully ignored."""
     from cce_patch.ops import triton_backend
 
-    budget = 32 * 64 * torch.empty((), dtype=dtype).element_size()  # interpreter tiles: 32 x 64
+    small = triton_backend.TileConfig(32, 64, 32, 4, 2, group_m=2)  # the interpreter's tiles, on a GPU too
+    original = triton_backend.tile_config
+    monkeypatch.setattr(triton_backend, "tile_config",
+                        lambda dt, kernel="forward": small if kernel == "backward" else original(dt, kernel))
+    budget = 32 * 64 * torch.empty((), dtype=dtype).element_size()  # 32 x 64 elements: 32-row groups
     monkeypatch.setattr(triton_backend, "DS_CHUNK_BYTES", budget)
     e, c, t, b = make_inputs((10, 7), 24, 150, dtype, bias=True, device=DEVICE)
     t[:5] = -100  # with the shift, rows 0..31 (group 1) are all ignored
@@ -122,6 +126,7 @@ def test_row_groups_in_backward(dtype, monkeypatch):
 @pytest.mark.parametrize("n,v,expect", [
     (8192, 256000, (8192, 8192)),     # the paper shape: all rows in one group, as before row groups existed
     (4096, 256000, (4096, 16384)),    # fewer rows: wider chunks
+    (16384, 256000, (16384, 4096)),   # up to twice the square side one group moves no more bytes
     (65536, 256000, (8192, 8192)),    # 8 groups of 8,192 rows: chunk width no longer shrinks with N
     (20000, 256000, (6784, 9728)),    # 3 balanced groups (6784 = 53 row blocks), the last one ragged
     (8192, 1000, (8192, 1024)),       # never wider than the (tile-rounded) vocabulary

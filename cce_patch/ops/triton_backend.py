@@ -73,7 +73,7 @@ def tile_config(dtype: torch.dtype, kernel: str = "forward") -> TileConfig:
     # Measured on H100 at N=8192, D=2304, V=256000 (tests/gpu/tune_tiles.py, KERNEL_NOTES.md): 128x256x64 with
     # 8 warps beats 128x128 (one or two programs per SM) and 256x128 by 1-3 ms in both kernels; 3 stages are
     # best for the forward, 4 for the logit-gradient kernel (16.7 vs 17.0 ms).
-    return TileConfig(128, 256, 64, 8, 3 if kernel == "forward" else 4)
+    return TileConfig(128, 256, 64, 8, 4 if kernel == "backward" else 3)
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -175,11 +175,13 @@ def ds_chunk_shape(n: int, v: int, itemsize: int, budget: int, cfg: TileConfig) 
     (rows x D x 8 B), and with row groups every row group reads and writes the fp32 dC accumulator of its
     columns once. Over the whole problem that is 8 N D V (1/cols + 1/rows) bytes, smallest for a square chunk.
     Taking all N rows at once (one row group, dC written straight into the gradient, no dC accumulator) is
-    the same up to N = sqrt(budget / itemsize) = 8,192 for 128 MiB of bf16; beyond it a fixed budget would
-    shrink the columns as 1/N and make the accumulator traffic grow as N^2 (measured: +22% time per token
-    at N=65,536 with 1,024-column chunks). So rows are capped at that square side, in balanced groups."""
+    as good up to N = 2 sqrt(budget / itemsize) = 16,384 for 128 MiB of bf16 (and saves the dC accumulator);
+    beyond it a fixed budget would shrink the columns as 1/N and make the accumulator traffic grow as N^2
+    (measured: +22% time per token at N=65,536 with 1,024-column chunks). So past that, rows come in balanced
+    groups of at most the square side."""
     side = max(cfg.block_m, math.isqrt(max(1, budget // itemsize)) // cfg.block_m * cfg.block_m)
-    groups = triton.cdiv(n, side)
+    # One group costs n / budget per element of N D V, groups of `side` rows 2 / side: equal at n = 2 side.
+    groups = 1 if n <= 2 * side else triton.cdiv(n, side)
     rows = n if groups == 1 else triton.cdiv(triton.cdiv(n, groups), cfg.block_m) * cfg.block_m
     cols = max(cfg.block_n, budget // (rows * itemsize) // cfg.block_n * cfg.block_n)
     return rows, min(cols, triton.cdiv(v, cfg.block_n) * cfg.block_n)

@@ -5,6 +5,7 @@ Run on the device: ``python3 tests/gpu/profile_modes.py [regime ...]``. Prints, 
   2. the whole speed-mode op (fwd+bwd) for several chunk budgets;
   3. the memory mode's fwd+bwd for several dS chunk budgets (DS_CHUNK_BYTES);
   4. speed mode with q written by pointer stores instead of the copy engine (Q_TMA_STORE).
+``--fp32-tiles [regime ...]`` sweeps tile shapes for fp32 inputs with TF32 opted in.
 ``--store-tiles [regime ...]`` sweeps tile shapes of the speed-mode storing kernel.
 ``--gaps [regime ...]`` lists the stretches where the GPU idles between kernels (and what the host was doing),
 and prices each host sync of speed mode by timing the op without it.
@@ -197,6 +198,35 @@ def store_tiles(regime: str) -> None:
     tb.tile_config, tb.Q_TMA_STORE = original, tma_store
 
 
+FP32_TILES = [  # fp32 inputs with TF32 opted in: the same tile for every kernel, backward one stage deeper
+    (128, 128, 32, 8, 3),  # the default
+    (128, 256, 32, 8, 3),  # the bf16 tile's bytes per K step
+    (128, 128, 64, 8, 2),
+    (128, 64, 32, 4, 4),
+]
+
+
+def fp32_tiles(regime: str) -> None:
+    """fp32 inputs with TF32 opted in (``torch.backends.cuda.matmul.allow_tf32``): both modes per tile shape."""
+    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.float32)
+    original = tb.tile_config
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"== fp32 (TF32 opted in) tiles, {regime}")
+    for bm, bn, bk, warps, stages in FP32_TILES:
+        fc, bc = tb.TileConfig(bm, bn, bk, warps, stages), tb.TileConfig(bm, bn, bk, warps, stages + 1)
+        tb.tile_config = lambda dtype, kernel="forward", fc=fc, bc=bc: bc if kernel == "backward" else fc  # noqa: E731
+        parts = []
+        for label, fn in (("fwd", lambda: linear_cross_entropy(e.detach(), c.detach(), t, impl="triton")),
+                          ("memory fwd+bwd", step_fn(e, c, t)), ("speed fwd+bwd", step_fn(e, c, t, mode="speed"))):
+            try:
+                parts.append(f"{label} {bench(fn, rep=200):6.2f} ms")
+            except Exception as exc:  # noqa: BLE001 - a shape may not fit shared memory: report, go on
+                parts.append(f"{label} failed ({type(exc).__name__}: {str(exc)[:60]})")
+        print(f"  {fc}: " + " | ".join(parts), flush=True)
+    tb.tile_config = original
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def main(regimes: list[str]) -> None:
     n, d, v = 8192, 2304, 256000
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
@@ -229,7 +259,10 @@ def main(regimes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--store-tiles"]:
+    if sys.argv[1:2] == ["--fp32-tiles"]:
+        for regime in sys.argv[2:] or ["lm"]:
+            fp32_tiles(regime)
+    elif sys.argv[1:2] == ["--store-tiles"]:
         for regime in sys.argv[2:] or ["flat"]:
             store_tiles(regime)
     elif sys.argv[1:2] == ["--gaps"]:
