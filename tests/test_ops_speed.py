@@ -191,3 +191,36 @@ def test_many_rows_share_few_targets(impl):
     choices = torch.tensor([0, 17, 299], device=t.device)
     t = torch.where(t == -100, t, choices[torch.randint(0, 3, t.shape, device=t.device)])
     check_against_oracle(speed_op(impl, 32, 304), e, c, t, b, TOL[torch.float32], shift=True)
+
+
+@pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shift,softcap,bias", [(False, None, False), (True, 3.0, True)])
+def test_row_references_kernel(dtype, shift, softcap, bias):
+    """The one-launch row preparation against torch: counted targets after the shift (ignore_index elsewhere,
+    also for out-of-range targets, which must not be read) and mref = softcap(e . c_t + b_t) + margin, +inf on
+    rows that do not count. D = 300 spans three 128-wide steps, the last partial; N = 50 ends mid-block."""
+    from cce_patch.ops.reference import effective_targets
+    from cce_patch.ops.spec import LossSpec
+    from cce_patch.ops.triton_rows import row_references
+
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(50, 300, generator=g).to(DEVICE, dtype)
+    c = torch.randn(70, 300, generator=g).div(4).to(DEVICE, dtype)
+    b = torch.randn(70, generator=g).to(DEVICE, dtype) if bias else None
+    t = torch.randint(0, 70, (50,), generator=g).to(DEVICE)
+    t[[3, 17, 31]] = -100
+    t[8], t[40] = 70, -5  # out of range: treated as not counted
+    spec = LossSpec(softcap=softcap, shift_period=10 if shift else 0)
+    tgt, mref = row_references(e, c, b, t, spec, 40.0)
+    want_t = effective_targets(t, spec)
+    want_t = torch.where((want_t >= 0) & (want_t < 70), want_t, torch.full_like(want_t, -100))
+    ok = want_t != -100
+    safe = torch.where(ok, want_t, 0)
+    z = (e.double() * c.double()[safe]).sum(-1) + (b.double()[safe] if bias else 0.0)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    want_m = torch.where(ok, z + 40.0, torch.full_like(z, float("inf")))
+    assert torch.equal(tgt, want_t)
+    assert torch.equal(torch.isinf(mref), ~ok)
+    torch.testing.assert_close(mref[ok].double(), want_m[ok], rtol=1e-5, atol=1e-4)

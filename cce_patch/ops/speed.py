@@ -35,9 +35,17 @@ def _speed_backend(impl: str):
             triton_speed.default_chunk_rows)
 
 
-def _torch_forward_with_grads(e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows):
-    row_weight = valid_rows(targets_flat, spec).float() * weight
-    return torch_forward_with_grads(e2d, c, bias, targets_flat, spec, row_weight, needs, chunk_rows)
+def _torch_forward_with_grads(e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows):
+    valid = valid_rows(targets_flat, spec)
+    weight = _loss_weight(valid, mean)
+    out = torch_forward_with_grads(e2d, c, bias, targets_flat, spec, valid.float() * weight, needs, chunk_rows)
+    return (*out, weight)
+
+
+def _loss_weight(valid: torch.Tensor, mean: bool) -> torch.Tensor:
+    """The loss weight of a counted row as a 0-dim device tensor (no host sync): 1/n_valid or 1."""
+    ones = torch.ones((), dtype=torch.float32, device=valid.device)
+    return ones / valid.sum().clamp_min(1) if mean else ones
 
 
 class SpeedModeFunction(torch.autograd.Function):
@@ -47,12 +55,11 @@ class SpeedModeFunction(torch.autograd.Function):
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str, reduction: str, chunk_bytes: int):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
-        # The loss weight of a counted row, as a 0-dim device tensor (no host sync).
-        ones = torch.ones((), dtype=torch.float32, device=e2d.device)
-        weight = ones / valid_rows(targets_flat, spec).sum().clamp_min(1) if reduction == "mean" else ones
         with_grads, plain_forward, recompute_backward, rows_fn = _speed_backend(impl)
         chunk_rows = rows_fn(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
-        loss_rows, lse, de, dc, db, in_range = with_grads(e2d, c, bias, targets_flat, spec, weight, needs, chunk_rows)
+        loss_rows, lse, de, dc, db, in_range, weight = with_grads(
+            e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)
+        loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
         ctx.spec, ctx.needs, ctx.backward_fn = spec, needs, recompute_backward
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
@@ -60,9 +67,10 @@ class SpeedModeFunction(torch.autograd.Function):
             loss_rows, lse = plain_forward(e2d, c, bias, targets_flat, spec)
             ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
             ctx.weight, ctx.grads = weight, None
+            loss = loss_rows.sum() * weight
         else:
             ctx.grads = (de, dc, db)
-        return loss_rows.sum() * weight
+        return loss
 
     @staticmethod
     def backward(ctx, grad):

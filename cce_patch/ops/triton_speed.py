@@ -5,8 +5,8 @@ before the backward pass: w_i = 1/n_valid (mean) or 1 (sum), times the final gra
 can be formed while the logits are being computed, and the backward's recompute of the logits (a fourth
 GEMM of N x D x V) disappears. Per chunk of token rows (sized by a byte budget), with z = softcap(e c^T + b):
 
-    1. mref_i = z_{i,t_i} + MREF_MARGIN, from the target logit (a cheap gather-dot), a lower bound of the
-       row max: max_j z_ij - z_{i,t_i} <= lse_i - z_{i,t_i} = the row's loss.
+    1. mref_i = z_{i,t_i} + MREF_MARGIN, from the target logit (a gather-dot, ``triton_rows.py``), where
+       z_{i,t_i} is a lower bound of the row max: max_j z_ij - z_{i,t_i} <= lse_i - z_{i,t_i} = the row's loss.
     2. The forward kernel streams the vocabulary as usual and also stores q_ij = exp(z_ij - mref_i)
        [* softcap derivative], 0 at the target, in the input dtype. Its reference does not move while the
        kernel runs, so one scalar per row turns q into probabilities: p_ij = q_ij * a_i,
@@ -35,9 +35,9 @@ import torch
 import triton
 
 from .gemm import mm_accumulate, mm_fp32
-from .reference import effective_targets
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
+from .triton_rows import row_references
 
 #: Added to the target logit to place each row's reference mref. Since the target logit is at most the row max,
 #: mref <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
@@ -50,17 +50,6 @@ SPEED_RANGE = 64.0
 #: fp32 read+write of it per chunk) instead of in place in the input dtype, which would round every chunk's
 #: partial sum (measured at N=32768, 8 chunks, bf16: dC error 1.9x the memory mode's).
 MAX_ROUNDED_DC_CHUNKS = 2
-
-
-def target_logits(e: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, t_safe: torch.Tensor,
-                  softcap: float | None) -> torch.Tensor:
-    """fp32 z_{i,t_i} by a gather and a row-wise dot (rows x D work, negligible next to the GEMMs)."""
-    z = (e.float() * c[t_safe].float()).sum(-1)
-    if bias is not None:
-        z = z + bias[t_safe].float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
 
 
 def new_q_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -93,64 +82,74 @@ def triton_forward_with_grads(
     bias: torch.Tensor | None,
     targets_flat: torch.Tensor,
     spec: LossSpec,
-    weight: torch.Tensor,
+    mean: bool,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
 ):
-    """(loss_rows, lse_rows, dE, dC, dbias, in_range) for the scalar loss ``weight * sum of counted rows``
-    (``weight``: a 0-dim fp32 tensor, 1/n_valid for mean or 1 for sum).
+    """(loss_rows, lse_rows, dE, dC, dbias, in_range, weight) for the scalar loss ``weight * sum of counted
+    rows``, ``weight`` a 0-dim fp32 tensor: 1/n_valid (``mean``) or 1.
 
     ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
-    not finite), in which case neither the gradients nor loss/lse are to be used."""
+    not finite), in which case neither the gradients nor loss/lse are to be used.
+
+    Launch order matters here: the caller's target check leaves the GPU idle, and every small torch op
+    before the first storing launch costs host time while it stays idle. So the row references come from
+    one kernel and the first storing kernel is launched before any other bookkeeping."""
     need_de, need_dc, need_db = needs
     n, d = e2d.shape
     v = c.shape[0]
     dtype = e2d.dtype
     eps, cap = spec.label_smoothing, spec.softcap
-    tgt = effective_targets(targets_flat, spec)
-    valid = tgt != spec.ignore_index
-    t_safe_all = torch.where(valid, tgt, torch.zeros_like(tgt))
+    tgt, mref_all = row_references(e2d, c, bias, targets_flat, spec, MREF_MARGIN)
     chunk_spec = LossSpec(ignore_index=spec.ignore_index, softcap=cap, label_smoothing=eps, shift_period=0)
     v_pad = triton.cdiv(v, 8) * 8  # 16-byte aligned rows of q for the copy engine and cuBLAS
-    q_buf = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)
+    q = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)[:, :v]
+    chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
+
+    def launch(r0: int, r1: int):
+        return launch_forward(e2d[r0:r1], c, bias, tgt[r0:r1], chunk_spec, q=q[: r1 - r0], mref=mref_all[r0:r1])
+
+    first = launch(*chunks[0])
+    # Everything below overlaps the first storing kernel.
+    valid = tgt != spec.ignore_index
+    t_safe_all = torch.where(valid, tgt, 0)
+    ones = torch.ones((), dtype=torch.float32, device=e2d.device)
+    weight = ones / valid.sum().clamp_min(1) if mean else ones
     loss = torch.empty(n, dtype=torch.float32, device=e2d.device)
     lse = torch.empty(n, dtype=torch.float32, device=e2d.device)
-    target_coef = torch.zeros(n, dtype=torch.float32, device=e2d.device)  # (p_t - (1 - eps)) f_t per row
-    worst = torch.zeros((), dtype=torch.float32, device=e2d.device)
+    target_coef = torch.empty(n, dtype=torch.float32, device=e2d.device)  # (p_t - (1 - eps)) f_t per row
+    gaps = []
     de = torch.empty_like(e2d) if need_de else None
     # dC is accumulated in a buffer with one spare row at the end, where _add_target_rows parks its unused
     # slots (so that it needs no host sync); the gradient returned is a view of the first V rows.
     dc_acc = dc = None
     if need_dc:
-        rounded = triton.cdiv(n, chunk_rows) <= MAX_ROUNDED_DC_CHUNKS or dtype == torch.float32
+        rounded = len(chunks) <= MAX_ROUNDED_DC_CHUNKS or dtype == torch.float32
         dc_acc = torch.empty((v + 1, d), dtype=dtype if rounded else torch.float32, device=c.device)
         dc = dc_acc[:v] if rounded else torch.empty_like(c)
     db = torch.zeros(v, dtype=torch.float32, device=e2d.device) if need_db else None
     c_colsum = torch.sum(c, 0, dtype=torch.float32) if (eps and need_de) else None
-    for r0 in range(0, n, chunk_rows):
-        r1 = min(n, r0 + chunk_rows)
-        e_c, t_c, ok_c, t_safe = e2d[r0:r1], tgt[r0:r1], valid[r0:r1], t_safe_all[r0:r1]
-        z_ref = target_logits(e_c, c, bias, t_safe, cap) + MREF_MARGIN
-        mref = torch.where(ok_c, z_ref, torch.full_like(z_ref, float("inf")))
-        q = q_buf[: r1 - r0, :v]
-        part, zt = launch_forward(e_c, c, bias, t_c, chunk_spec, q=q, mref=mref)
-        loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, mref, ok_c, eps, v)
-        worst = torch.maximum(worst, gap.max())  # NaN propagates: a NaN anywhere means out of range
+    for k, (r0, r1) in enumerate(chunks):
+        part, zt = first if k == 0 else launch(r0, r1)
+        e_c, ok_c, t_safe, qk = e2d[r0:r1], valid[r0:r1], t_safe_all[r0:r1], q[: r1 - r0]
+        loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, mref_all[r0:r1], ok_c, eps, v)
+        gaps.append(gap.max())
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
         target_coef[r0:r1] = coef
         if de is not None:
-            prod = mm_fp32(q, c).mul_((weight * a)[:, None])
+            prod = mm_fp32(qk, c).mul_((weight * a)[:, None])
             prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
             if eps:
                 prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
             de[r0:r1] = prod.to(dtype)
         if dc is not None:
-            mm_accumulate(dc_acc[:v], q.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=r0 == 0)
+            mm_accumulate(dc_acc[:v], qk.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=k == 0)
         if db is not None:
-            db += weight * mm_fp32(q.T, a[:, None].to(dtype)).squeeze(1)
-    in_range = worst <= SPEED_RANGE
-    del q_buf, q  # the final steps need rows x D temporaries, not the 1-2 GB of q
+            db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
+    # NaN propagates through max: a NaN anywhere means out of range
+    in_range = (gaps[0] if len(gaps) == 1 else torch.stack(gaps).max()) <= SPEED_RANGE
+    q = qk = None  # the final steps need rows x D temporaries, not the 1-2 GB of q
     if dc is not None:  # target rows and smoothing go into the accumulator, before its one rounding
         if eps:
             smooth = (weight * eps / v) * torch.sum(e2d * valid[:, None], 0, dtype=torch.float32)
@@ -164,7 +163,7 @@ def triton_forward_with_grads(
         if eps:
             db -= (weight * eps / v) * valid.sum()
         db = db.to(bias.dtype)
-    return loss, lse, de, dc, db, in_range
+    return loss, lse, de, dc, db, in_range, weight
 
 
 def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, coef: torch.Tensor,

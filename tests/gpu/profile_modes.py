@@ -27,6 +27,7 @@ from cce_patch.bench.regimes import make_inputs
 from cce_patch.ops import triton_backend as tb
 from cce_patch.ops import triton_speed as ts
 from cce_patch.ops.spec import LossSpec
+from cce_patch.ops.triton_rows import row_references
 
 
 def bench(fn, rep=400) -> float:
@@ -49,7 +50,7 @@ def speed_parts(e, c, t, rows: int) -> None:
     v = c.shape[0]
     q = torch.empty((rows, triton.cdiv(v, 8) * 8), dtype=e.dtype, device=e.device)[:, :v]
     e_c, t_c = e[:rows], t[:rows]
-    mref = ts.target_logits(e_c, c, None, t_c, None)
+    _, mref = row_references(e_c, c, None, t_c, LossSpec(), ts.MREF_MARGIN)
     spec = LossSpec()
     fwd_plain = bench(lambda: tb.launch_forward(e_c, c, None, t_c, spec))
     fwd_store = bench(lambda: tb.launch_forward(e_c, c, None, t_c, spec, q=q, mref=mref))
@@ -183,7 +184,7 @@ def store_tiles(regime: str) -> None:
     original, tma_store = tb.tile_config, tb.Q_TMA_STORE
     rows = 4096
     q = torch.empty((rows, 256000), dtype=e.dtype, device=e.device)
-    mref = ts.target_logits(e[:rows], c, None, t[:rows], None) + ts.MREF_MARGIN
+    _, mref = row_references(e[:rows], c, None, t[:rows], LossSpec(), ts.MREF_MARGIN)
     print(f"== storing kernel tiles, {regime}, {rows} rows (then the speed op fwd+bwd)")
     for *tiles, tma in STORE_TILES:
         cfg = tb.TileConfig(*tiles)
