@@ -26,9 +26,7 @@ def row_targets(T, offs_m, N, shift_period, ignore_index):
     else:
         t_idx = offs_m
         keep = in_range
-    # int32: the kernels compare every logit's column index with its row's target, and a 64-bit compare
-    # costs twice the instructions in an epilogue that runs once per logit (V < 2^31 always).
-    tgt = tl.load(T + t_idx, mask=keep, other=ignore_index).to(tl.int32)
+    tgt = tl.load(T + t_idx, mask=keep, other=ignore_index).to(tl.int64)
     valid = keep & (tgt != ignore_index)
     return tgt, valid
 

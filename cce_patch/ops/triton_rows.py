@@ -31,7 +31,7 @@ def row_reference_kernel(
     row_ok = offs_m < N
     tgt, valid = row_targets(T, offs_m, N, shift_period, ignore_index)
     valid = valid & (tgt >= 0) & (tgt < V)
-    t_safe = tl.where(valid, tgt, 0).to(tl.int64)  # row offsets into c: V x D can exceed 2^31
+    t_safe = tl.where(valid, tgt, 0)
     z = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
