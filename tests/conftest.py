@@ -28,3 +28,21 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+class _TF32Switch:
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` for one test (pytest's monkeypatch cannot restore
+    that attribute: torch implements it as a property of a module object)."""
+
+    def __init__(self) -> None:
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+
+    def set(self, on: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = on
+
+
+@pytest.fixture
+def tf32():
+    switch = _TF32Switch()
+    yield switch
+    torch.backends.cuda.matmul.allow_tf32 = switch.saved

@@ -186,3 +186,22 @@ def test_ignored_rows_with_huge_logits_stay_finite(mode):
         c[:5] = e[4] / e[4].norm()  # row 4's logits reach ~400, beyond exp's fp32 range
     t[4] = -100
     check_against_oracle(partial(triton_op, mode=mode), e, c, t, None, TOL[torch.float32])
+
+
+def test_fp32_products_follow_torchs_tf32_switch(tf32):
+    """IEEE fp32 products unless the user opted into TF32 through torch (which also governs cuBLAS); half
+    types never take the fp32 flag. On a GPU the TF32 tiles differ from the IEEE ones (interpreter: one tile)."""
+    from cce_patch.ops import triton_backend as tb
+    from cce_patch.ops.spec import LossSpec
+
+    e = torch.zeros(4, 64)
+    cfg = tb.tile_config(torch.float32)
+    tf32.set(False)
+    assert tb._flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is True
+    ieee_tiles = tb.tile_config(torch.float32)
+    tf32.set(True)
+    assert tb._flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is False
+    assert tb._flags(e.bfloat16(), None, LossSpec(), cfg)["IEEE_FP32"] is False
+    if not INTERPRETING:
+        assert tb.tile_config(torch.float32) != ieee_tiles
+        assert tb.tile_config(torch.float32, "store") == ieee_tiles

@@ -132,6 +132,19 @@ def test_odd_shape_against_fp64(dtype):
     )
 
 
+@pytest.mark.parametrize("mode", ["memory", "speed"])
+def test_fp32_tf32_opt_in_against_fp64(mode, tf32):
+    """fp32 with TF32 opted in through torch's own switch: the kernels take their TF32 tiles and products, and
+    the result matches fp64 to TF32's precision (10-bit operand mantissas, fp32 sums). The default (IEEE)
+    is held to 1e-4 by test_odd_shape_against_fp64."""
+    tf32.set(True)
+    e, c, t, b = make_inputs((2, 700), 1000, 50257, torch.float32, bias=True, device="cuda")
+    check_against_oracle(
+        lambda *a, **k: linear_cross_entropy(*a, impl="triton", mode=mode, **k), e, c, t, b, 5e-3,
+        softcap=30.0, shift=True,
+    )
+
+
 def test_batched_shift_smoothing_lse_bf16():
     e, c, t, _ = make_inputs((3, 333), 512, 32064, torch.bfloat16, device="cuda")
     check_against_oracle(
