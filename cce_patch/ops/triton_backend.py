@@ -1,10 +1,11 @@
-"""Triton backend of ``linear_cross_entropy``: launch configuration, vocabulary chunking, cuBLAS GEMMs.
+"""Triton backend of ``linear_cross_entropy``: launch configuration, dS chunking, cuBLAS GEMMs.
 
 Forward: one fused kernel (``triton_forward.lse_forward_kernel``) streams e @ c.T tile by tile and keeps only
-per-row statistics, so no logit is ever stored. Backward: for each vocabulary chunk, a fused kernel
-recomputes the logit tile and writes the logit gradient dS (``triton_backward.logit_grad_kernel``); then
-cuBLAS computes dC[chunk] = dS^T e (written in place, no accumulation) and dE += dS c[chunk] (fp32
-accumulator). Exact gradients: nothing is filtered or skipped except rows whose targets are ignored.
+per-row statistics, so no logit is ever stored. Backward: for each vocabulary chunk (and, past 16k tokens,
+each row group inside it: ``ds_chunk_shape``), a fused kernel recomputes the logit tile and writes the logit
+gradient dS (``triton_backward.logit_grad_kernel``); then cuBLAS computes dC[chunk] = dS^T e (written in
+place, or summed over the row groups in fp32 first) and dE += dS c[chunk] (fp32 accumulator). Exact
+gradients: nothing is filtered or skipped except rows whose targets are ignored.
 """
 
 from __future__ import annotations
