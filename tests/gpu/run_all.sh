@@ -11,12 +11,14 @@
 #   families.json          the five families' head shapes at N=8192 (lm regime); plot it locally with
 #                          `python -m cce_patch.bench.report families.json`
 #   scaling.json scaling.png   N = 1k..64k (only when the `scaling` section is asked for)
+#   dtypes.json            fp16 and fp32+TF32 at the paper shape, lm (only when `dtypes` is asked for; it
+#                          replaces one of the files above in a call that already returns 8)
 #   e2e.json               Gemma-2-2B and Llama-3.2-1B training step, stock vs patched
 #   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
 #
-# Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" explicitly) and their
+# Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" explicitly) and their
 # expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
-# e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
+# dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
 # CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
@@ -134,6 +136,34 @@ if want scaling; then
     "$PY" -m cce_patch.bench --preset scaling --name scaling --no-errors --out "$SCRATCH/bench" --rep-ms 200 \
     --methods "${CCE_SCALING_METHODS:-gemm,torch,torch.compile,ours,ours[mode=speed],cce}" ${CCE_BENCH_ARGS:-}
   keep "$SCRATCH/bench/scaling.json" "$SCRATCH/bench/scaling.png"
+fi
+
+# --- dtypes: fp16, and fp32 with TF32 opted in (opt-in section) ---------------------------------------------
+# Paper shape, lm regime. IEEE fp32 (the default) is left out: its CUDA-core GEMMs make a run take minutes;
+# add it with CCE_DTYPES="fp16 fp32-tf32 fp32". One merged dtypes.json comes back.
+if want dtypes; then
+  DT_JSONS=()
+  for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do
+    case $dt in
+      fp16) args=(--dtype fp16 --methods "ours,torch,torch.compile") ;;  # speed mode refuses fp16
+      fp32-tf32) args=(--dtype fp32 --tf32 --methods "ours,ours[mode=speed],torch,torch.compile") ;;
+      fp32) args=(--dtype fp32 --methods "ours,ours[mode=speed],torch" --rep-ms 50) ;;
+      *) echo "unknown dtype run $dt"; continue ;;
+    esac
+    run_section "dtypes-$dt" "${CCE_TIMEOUT_DTYPES:-300}" \
+      "$PY" -m cce_patch.bench --regimes lm --name "dtype_$dt" --out "$SCRATCH/bench" --no-png "${args[@]}" \
+      ${CCE_BENCH_ARGS:-}
+    [[ -f "$SCRATCH/bench/dtype_$dt.json" ]] && DT_JSONS+=("$SCRATCH/bench/dtype_$dt.json")
+  done
+  if (( ${#DT_JSONS[@]} )); then
+    "$PY" -m cce_patch.bench.report "${DT_JSONS[@]}" --out "$SCRATCH/dtypes" --name dtypes >/dev/null \
+      && keep "$SCRATCH/dtypes/dtypes.json"
+  fi
+  dt_status=rc=0
+  for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do
+    [[ ${RESULT[dtypes-$dt]:-not run} == rc=0* ]] || dt_status=failed
+  done
+  RESULT[dtypes]="$dt_status ($(for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do printf '%s: %s; ' "$dt" "${RESULT[dtypes-$dt]:-not run}"; done))"
 fi
 
 # --- e2e: a training step of real architectures, stock vs patched ----------------------------------------
