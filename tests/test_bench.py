@@ -264,3 +264,16 @@ def test_e2e_tiny_model_stock_vs_patched(tmp_path):
         pytest.skip("cce_patch.patch not implemented yet: only the stock variant was checked")
     assert rc == 0 and patched["status"] == "ok"
     assert patched["loss_rel_diff"] < 1e-4 and patched["grad_norm_rel_diff"] < 1e-3  # fp32 on CPU
+
+
+def test_cli_tf32_opt_in_is_recorded_and_scoped(tmp_path, tf32):
+    """--tf32 turns on torch's TF32 switch for the run (every method, ours included, follows it) and the JSON
+    records it; without the flag the run records the switch as it found it (off by default)."""
+    tf32.set(False)
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--regimes", "lm",
+            "--methods", "torch", "--no-png", "--out", str(tmp_path)]
+    assert cli_main([*args, "--name", "plain"]) == 0
+    assert json.loads((tmp_path / "plain.json").read_text())["config"]["tf32"] is False
+    assert cli_main([*args, "--name", "tf32", "--tf32"]) == 0
+    assert json.loads((tmp_path / "tf32.json").read_text())["config"]["tf32"] is True
+    assert torch.backends.cuda.matmul.allow_tf32
