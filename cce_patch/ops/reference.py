@@ -47,6 +47,13 @@ def valid_rows(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     return (t != spec.ignore_index) & (t >= 0)
 
 
+def loss_weight(valid: torch.Tensor, mean: bool) -> torch.Tensor:
+    """The loss weight of a counted row as a 0-dim device tensor (no host sync): 1/n_valid (``mean``; 1 when
+    nothing counts, so an all-ignored batch gives 0, not NaN) or 1."""
+    ones = torch.ones((), dtype=torch.float32, device=valid.device)
+    return ones / valid.sum().clamp_min(1) if mean else ones
+
+
 class _Chunk:
     """Logits of one chunk of rows in fp32, with everything the forward and backward need from them."""
 

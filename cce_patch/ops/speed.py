@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from .reference import chunk_rows_for, torch_backward, torch_forward, torch_forward_with_grads, valid_rows
+from .reference import (
+    chunk_rows_for,
+    loss_weight,
+    torch_backward,
+    torch_forward,
+    torch_forward_with_grads,
+    valid_rows,
+)
 from .spec import LossSpec
 
 #: Default byte budget for one chunk of the unnormalised probabilities q (rows x V, input dtype). 2 GiB
@@ -37,15 +44,9 @@ def _speed_backend(impl: str):
 
 def _torch_forward_with_grads(e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows):
     valid = valid_rows(targets_flat, spec)
-    weight = _loss_weight(valid, mean)
+    weight = loss_weight(valid, mean)
     out = torch_forward_with_grads(e2d, c, bias, targets_flat, spec, valid.float() * weight, needs, chunk_rows)
     return (*out, weight)
-
-
-def _loss_weight(valid: torch.Tensor, mean: bool) -> torch.Tensor:
-    """The loss weight of a counted row as a 0-dim device tensor (no host sync): 1/n_valid or 1."""
-    ones = torch.ones((), dtype=torch.float32, device=valid.device)
-    return ones / valid.sum().clamp_min(1) if mean else ones
 
 
 class SpeedModeFunction(torch.autograd.Function):

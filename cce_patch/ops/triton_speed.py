@@ -35,6 +35,7 @@ import torch
 import triton
 
 from .gemm import mm_accumulate, mm_fp32
+from .reference import loss_weight
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
 from .triton_rows import row_references
@@ -113,8 +114,7 @@ def triton_forward_with_grads(
     # Everything below overlaps the first storing kernel.
     valid = tgt != spec.ignore_index
     t_safe_all = torch.where(valid, tgt, 0)
-    ones = torch.ones((), dtype=torch.float32, device=e2d.device)
-    weight = ones / valid.sum().clamp_min(1) if mean else ones
+    weight = loss_weight(valid, mean)
     loss = torch.empty(n, dtype=torch.float32, device=e2d.device)
     lse = torch.empty(n, dtype=torch.float32, device=e2d.device)
     target_coef = torch.empty(n, dtype=torch.float32, device=e2d.device)  # (p_t - (1 - eps)) f_t per row
