@@ -1,5 +1,4 @@
-"""Bad input gets a clear Python error: before any kernel runs, or (target values on the Triton backend)
-before the op returns, from kernels that cannot misuse them."""
+"""Bad input gets a clear Python error before any kernel runs."""
 
 from __future__ import annotations
 
@@ -33,23 +32,6 @@ def test_input_errors(impl, mutate, error, match):
     e, c, t = mutate(*_ok())
     with pytest.raises(error, match=match):
         linear_cross_entropy(e, c, t, impl=impl)
-
-
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("mode", ["memory", "speed"])
-@pytest.mark.parametrize("shift", [False, True])
-def test_bad_targets_raise_with_autograd(impl, mode, shift):
-    """The Triton backend queues its kernels before it reads the target check's answer
-    (``validation.TargetCheck``): its kernels run on the bad targets (speed mode's gathers treat them as
-    ignored rows), and the op must still raise before it returns a loss or gradients."""
-    e, c, t = _ok()
-    e.requires_grad_()
-    c.requires_grad_()
-    t[1, 2], t[0, 4] = 11, -7
-    t[1, 0] = -100  # ignored: allowed
-    with pytest.raises(ValueError, match=r"2 value\(s\) outside \[0, 11\)"):
-        linear_cross_entropy(e, c, t, impl=impl, mode=mode, shift=shift)
-    assert e.grad is None and c.grad is None
 
 
 @pytest.mark.parametrize(

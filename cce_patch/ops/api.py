@@ -16,7 +16,7 @@ import torch
 from . import reference
 from .spec import LossSpec
 from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
-from .validation import TargetCheck, validate_inputs
+from .validation import validate_inputs
 
 
 def _triton_available() -> bool:
@@ -58,7 +58,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd glue: saves inputs and the per-row LSE; the backward pass recomputes the logits."""
 
     @staticmethod
-    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str, check: TargetCheck | None):
+    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str):
         ctx.set_materialize_grads(False)
         forward_fn, _ = _backend(impl)
         if e2d.shape[0] == 0:
@@ -66,8 +66,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
         else:
             loss, lse = forward_fn(e2d, c, bias, targets_flat, spec)
-        if check is not None:  # the forward kernel is queued: the GPU works while the host waits for this
-            check.raise_if_bad()
         ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
         ctx.spec, ctx.impl = spec, impl
         return loss, lse
@@ -77,11 +75,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         e2d, c, bias, targets_flat, lse = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if not any(needs):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None
         if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
             zero = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
-            return (zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None,
-                    None, None, None, None)
+            return zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, None, None, None
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
         _, backward_fn = _backend(ctx.impl)
@@ -91,7 +88,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grad_lse.float().contiguous() if grad_lse is not None else None,
             needs,
         )
-        return de, dc, db, None, None, None, None
+        return de, dc, db, None, None, None
 
 
 def linear_cross_entropy(
@@ -140,11 +137,8 @@ def linear_cross_entropy(
             costs; backward is nearly free.
         speed_chunk_bytes: byte budget of speed mode's chunk (default 2 GiB); smaller means less memory and
             more, smaller GEMMs.
-        check_targets: verify target values lie in ``[0, V)`` or equal ``ignore_index`` and raise
-            ``ValueError`` otherwise (one small reduction and a host sync on GPU; the Triton backend queues
-            its first kernels before waiting for the answer, which they cannot misuse, see
-            ``validation.TargetCheck``). Turning it off saves the reduction and is unsafe: an out-of-range
-            target then gives a wrong loss (Triton) or a device-side error (torch on CUDA).
+        check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
+            off is faster and unsafe: an out-of-range target is then undefined behaviour.
 
     Returns:
         The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
@@ -154,14 +148,10 @@ def linear_cross_entropy(
     """
     validate_inputs(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
-        label_smoothing=label_smoothing, impl=impl, mode=mode, return_lse=return_lse,
-        speed_chunk_bytes=speed_chunk_bytes,
+        label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
+        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes,
     )
     backend = resolve_impl(impl, e.device)
-    check = TargetCheck(targets, c.shape[0], ignore_index) if check_targets and targets.numel() > 0 else None
-    if check is not None and backend != "triton":  # the torch path gathers by target: know before it runs
-        check.raise_if_bad()
-        check = None
     d = e.shape[-1]
     e2d = e.reshape(-1, d)
     if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
@@ -182,8 +172,8 @@ def linear_cross_entropy(
     )
     if mode == "speed" and wants_grad and e2d.shape[0] > 0:
         budget = SPEED_CHUNK_BYTES if speed_chunk_bytes is None else int(speed_chunk_bytes)
-        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction, budget, check)
-    loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, check)
+        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction, budget)
+    loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
 
     if reduction == "none":
         loss = loss_rows.view(targets.shape)

@@ -35,7 +35,6 @@ import torch
 import triton
 
 from .gemm import mm_accumulate, mm_fp32
-from .host_flags import HostFlags
 from .reference import loss_weight
 from .spec import LossSpec
 from .triton_backend import launch_forward, tile_config
@@ -91,9 +90,8 @@ def triton_forward_with_grads(
     """(loss_rows, lse_rows, dE, dC, dbias, in_range, weight) for the scalar loss ``weight * sum of counted
     rows``, ``weight`` a 0-dim fp32 tensor: 1/n_valid (``mean``) or 1.
 
-    ``in_range`` (``HostFlags`` of one bool, not read here) is False when some row is outside SPEED_RANGE
-    (or not finite), in which case neither the gradients nor loss/lse are to be used. It is sent to the host
-    as soon as the last chunk's storing kernel has run, before that chunk's GEMMs are queued.
+    ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
+    not finite), in which case neither the gradients nor loss/lse are to be used.
 
     Launch order matters here: the caller's target check leaves the GPU idle, and every small torch op
     before the first storing launch costs host time while it stays idle. So the row references come from
@@ -136,8 +134,6 @@ def triton_forward_with_grads(
         e_c, ok_c, t_safe, qk = e2d[r0:r1], valid[r0:r1], t_safe_all[r0:r1], q[: r1 - r0]
         loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, mref_all[r0:r1], ok_c, eps, v)
         gaps.append(gap.max())
-        if k == len(chunks) - 1:  # NaN propagates through max: a NaN anywhere means out of range
-            in_range = HostFlags(((gaps[0] if len(gaps) == 1 else torch.stack(gaps).max()) <= SPEED_RANGE)[None])
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
         target_coef[r0:r1] = coef
@@ -151,6 +147,8 @@ def triton_forward_with_grads(
             mm_accumulate(dc_acc[:v], qk.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=k == 0)
         if db is not None:
             db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
+    # NaN propagates through max: a NaN anywhere means out of range
+    in_range = (gaps[0] if len(gaps) == 1 else torch.stack(gaps).max()) <= SPEED_RANGE
     q = qk = None  # the final steps need rows x D temporaries, not the 1-2 GB of q
     if dc is not None:  # target rows and smoothing go into the accumulator, before its one rounding
         if eps:

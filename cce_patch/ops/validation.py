@@ -1,16 +1,12 @@
-"""Input checks for ``linear_cross_entropy``, run once at the API boundary.
+"""Input checks for ``linear_cross_entropy``, run once at the API boundary before any kernel launch.
 
 A fused kernel that reads a bad index does not fail politely: it reads or writes memory it does not own.
-Every check here turns such a case into a Python error that says what is wrong. All of them run before any
-kernel of the op, except the one that needs the targets' values (``TargetCheck``): that one is started
-first and read when the op must know, see its docstring.
+Every check here turns such a case into a Python error that says what is wrong.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .host_flags import HostFlags
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -30,6 +26,7 @@ def validate_inputs(
     shift: bool,
     label_smoothing: float,
     impl: str,
+    check_targets: bool,
     mode: str = "memory",
     return_lse: bool = False,
     speed_chunk_bytes: int | None = None,
@@ -82,6 +79,8 @@ def validate_inputs(
         raise ValueError("shift=True needs a sequence dimension: e must be (..., T, D)")
     if c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"c must have at least one class and one feature, got shape {tuple(c.shape)}")
+    if check_targets and targets.numel() > 0:
+        _check_target_range(targets, c.shape[0], ignore_index)
 
 
 def _check_speed_mode(dtype, reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes) -> None:
@@ -105,32 +104,16 @@ def _check_speed_mode(dtype, reduction, return_lse, softcap, label_smoothing, sp
         raise ValueError(f"speed_chunk_bytes must be a positive number of bytes, got {speed_chunk_bytes!r}")
 
 
-class TargetCheck:
-    """Every target is in [0, V) or equals ignore_index: started on the device, read when the op must know.
-
-    Reading the answer is a host sync. Read before the op's first kernel, it leaves the GPU idle while the
-    host prepares that launch, and waits for everything queued before the op (in training, the model's
-    forward). The Triton kernels never use a target as an address (they compare column indices with it, and
-    speed mode's row kernel treats an out-of-range target as an ignored row), so the Triton backend starts
-    its first kernels before reading the answer and raises before it returns anything: the same
-    ``ValueError``, with nothing out of bounds read or written. The torch backend gathers by target, so it
-    reads the answer first (``linear_cross_entropy`` decides which)."""
-
-    def __init__(self, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-        self.targets, self.vocab, self.ignore_index = targets, vocab, ignore_index
-        # One small reduction in as few launches as possible: on a GPU each small op costs more host time
-        # than device time.
-        lo, hi = torch.aminmax(targets.masked_fill(targets == ignore_index, 0))
-        self._range = HostFlags(torch.stack((lo, hi)))
-
-    def raise_if_bad(self) -> None:
-        lo, hi = self._range.read()
-        if lo < 0 or hi >= self.vocab:
-            targets, vocab, ignore_index = self.targets, self.vocab, self.ignore_index
-            bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-            first = targets[bad][0].item()
-            raise ValueError(
-                f"targets contain {int(bad.sum())} value(s) outside [0, {vocab}) that are not "
-                f"ignore_index={ignore_index} (first: {first}). Check the tokenizer's vocabulary against the "
-                "model's lm_head."
-            )
+def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is in [0, V) or equals ignore_index. One small reduction (and a host sync on GPU), in as
+    few launches as possible: the GPU idles from here until the op's first kernel, and on a GPU each small
+    op costs more host time than device time."""
+    lo, hi = torch.aminmax(targets.masked_fill(targets == ignore_index, 0))
+    lo, hi = torch.stack((lo, hi)).tolist()
+    if lo < 0 or hi >= vocab:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        first = targets[bad][0].item()
+        raise ValueError(
+            f"targets contain {int(bad.sum())} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index} "
+            f"(first: {first}). Check the tokenizer's vocabulary against the model's lm_head."
+        )
