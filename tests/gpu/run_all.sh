@@ -15,14 +15,18 @@
 #                          replaces one of the files above in a call that already returns 8)
 #   e2e.json               Gemma-2-2B and Llama-3.2-1B training step, stock vs patched
 #   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
+#   ab.json                interleaved A/B timings (only when `ab` is asked for: tests/gpu/ab_compare.py)
 #
-# Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" explicitly) and their
+# Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" / "ab" / "profile"
+# explicitly) and their
 # expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
 # dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
 # CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
-# CCE_FAMILIES, CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS. A CPU dry run of the plumbing (seconds):
+# CCE_FAMILIES, CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS, CCE_NATIVE_TESTS (the CPU-suite files the tests
+# section also runs natively), CCE_AB_ARGS (ab_compare.py's arguments), CCE_PROFILE_ARGS (profile_modes.py's).
+# A CPU dry run of the plumbing (seconds):
 #   PYTHON=.venv/bin/python CCE_GPU_STEPS="bench e2e" CCE_BENCH_ARGS="--preset tiny --device cpu" \
 #     CCE_E2E_MODELS=tiny-llama CCE_E2E_ARGS="--batch 1 --seq 32" bash tests/gpu/run_all.sh
 #
@@ -99,11 +103,12 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 # op and model tests that CI runs under Triton's interpreter, here natively (compiled kernels, real tiles)
 gpu_tests() {
   "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider || return $?
-  "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py
+  # shellcheck disable=SC2086  # a list of files on purpose
+  "$PY" -m pytest -q -ra -p no:cacheprovider ${CCE_NATIVE_TESTS:-tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py}
 }
 if want tests; then
   export -f gpu_tests
-  export PY
+  export PY CCE_NATIVE_TESTS
   run_section tests "${CCE_TIMEOUT_TESTS:-540}" bash -c gpu_tests
 fi
 
@@ -164,6 +169,19 @@ if want dtypes; then
     [[ ${RESULT[dtypes-$dt]:-not run} == rc=0* ]] || dt_status=failed
   done
   RESULT[dtypes]="$dt_status ($(for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do printf '%s: %s; ' "$dt" "${RESULT[dtypes-$dt]:-not run}"; done))"
+fi
+
+# --- ab: interleaved A/B timing of source trees / tuning constants (opt-in; see tests/gpu/ab_compare.py) --------
+if want ab; then
+  # shellcheck disable=SC2086  # CCE_AB_ARGS is a list of words on purpose
+  run_section ab "${CCE_TIMEOUT_AB:-400}" "$PY" tests/gpu/ab_compare.py --json "$OUT/ab.json" \
+    ${CCE_AB_ARGS:---variant new=.}
+fi
+
+# --- profile: where each mode's time goes (opt-in; see tests/gpu/profile_modes.py for its options) ---------
+if want profile; then
+  # shellcheck disable=SC2086
+  run_section profile "${CCE_TIMEOUT_PROFILE:-400}" "$PY" tests/gpu/profile_modes.py ${CCE_PROFILE_ARGS:-}
 fi
 
 # --- e2e: a training step of real architectures, stock vs patched ----------------------------------------
