@@ -104,6 +104,36 @@ def test_auto_picks_torch_on_cpu():
     from cce_patch.ops import resolve_impl
 
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+@pytest.mark.parametrize("tf32_on", [False, True])
+def test_auto_on_cuda_sends_ieee_fp32_to_cublas(tf32_on, tf32, monkeypatch):
+    """On CUDA, ``auto`` is Triton for half types and TF32, and the torch path (cuBLAS SGEMM) for IEEE fp32,
+    whose Triton products run on CUDA cores (~70x slower, KERNEL_NOTES.md v7). Only the decision is checked
+    here (no GPU needed); forcing Triton for IEEE fp32 on CUDA warns."""
+    from cce_patch.ops import api, resolve_impl
+
+    tf32.set(tf32_on)
+    monkeypatch.setattr(api, "_triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert resolve_impl("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", cuda, torch.float16) == "triton"
+    assert resolve_impl("auto", cuda, torch.float32) == ("triton" if tf32_on else "torch")
+    assert resolve_impl("torch", cuda, torch.float32) == "torch"
+    monkeypatch.setattr(api, "_interpreting", lambda: False)
+    if tf32_on:
+        assert resolve_impl("triton", cuda, torch.float32) == "triton"
+    else:
+        with pytest.warns(UserWarning, match="70x slower than cuBLAS"):
+            assert resolve_impl("triton", cuda, torch.float32) == "triton"
+
+
+def test_torch_path_chunks_are_larger_on_cuda():
+    """CPU: 64 MiB of logits per chunk; CUDA: 1 GiB, so that the fp32 dC accumulator is read and written
+    16 times at N=8192, V=256000 instead of 256 (512-row chunks instead of 32)."""
+    assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cpu"))) == 32
+    assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cuda"))) == 524
 
 
 def test_ignored_rows_with_huge_logits_stay_finite():

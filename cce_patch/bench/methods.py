@@ -117,7 +117,8 @@ def build(spec: str, device: torch.device) -> Method:
     if name == "ours":
         from cce_patch import linear_cross_entropy
 
-        kwargs = {"impl": "triton" if device.type == "cuda" else "torch", **opts}
+        # "auto", as users get it: Triton on CUDA, except IEEE fp32, which takes cuBLAS (ops.api.resolve_impl)
+        kwargs = {"impl": "auto", **opts}
         label = "ours" if not opts else spec
 
         def ours(e, c, t, _kw=kwargs):

@@ -9,11 +9,13 @@ per-row upstream gradient whatever the reduction.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from . import reference
+from .precision import is_ieee_fp32
 from .spec import LossSpec
 from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
 from .validation import validate_inputs
@@ -31,10 +33,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere, except
+    for IEEE fp32 (fp32 inputs, TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
+
+    Why: Hopper's tensor cores have no IEEE fp32 mode, so Triton lowers an IEEE fp32 ``tl.dot`` to CUDA-core
+    FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took
+    12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
+    logits from cuBLAS SGEMMs, in row chunks large enough for them (``reference.CUDA_CHUNK_BYTES``)."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        if device.type != "cuda" or not _triton_available():
+            return "torch"
+        return "torch" if dtype is not None and is_ieee_fp32(dtype) else "triton"
     if impl == "triton":
         if not _triton_available():
             raise RuntimeError("impl='triton' needs the `triton` package; install it or use impl='torch'")
@@ -42,6 +52,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             raise ValueError(
                 f"impl='triton' needs CUDA tensors (got {device}); use impl='torch' or 'auto' on CPU "
                 "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
+            )
+        if device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype):
+            warnings.warn(
+                "impl='triton' with fp32 inputs and TF32 off runs the fused kernels' IEEE fp32 products on CUDA "
+                "cores, ~70x slower than cuBLAS SGEMM (H200: 12.5 s vs 181 ms at N=8192, V=256000); impl='auto' "
+                "takes the cuBLAS path, and torch.backends.cuda.matmul.allow_tf32 = True opts into TF32",
+                stacklevel=3,
             )
     return impl
 
@@ -126,7 +143,8 @@ def linear_cross_entropy(
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         return_lse: also return the per-token log-sum-exp (fp32, shape of ``targets``, 0 at ignored positions),
             differentiable, e.g. for a z-loss ``(lse ** 2).sum() / n``.
-        impl: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (Triton on CUDA, torch elsewhere and for IEEE fp32, see ``resolve_impl``),
+            ``"triton"`` or ``"torch"``.
         mode: how the gradients are obtained; both are exact.
             ``"memory"`` (default): the backward pass recomputes the logits chunk by chunk; memory above
             the inputs stays within ~1.25x the gradients (4 GEMMs of N x D x V in all).
@@ -151,7 +169,7 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes,
     )
-    backend = resolve_impl(impl, e.device)
+    backend = resolve_impl(impl, e.device, e.dtype)
     d = e.shape[-1]
     e2d = e.reshape(-1, d)
     if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):

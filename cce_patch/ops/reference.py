@@ -13,6 +13,16 @@ from .spec import LossSpec
 
 #: fp32 logits per chunk: 64 MiB keeps the CPU path cache-friendly and bounded at any vocabulary size.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+#: On a CUDA device the chunks are larger: every chunk of rows reads and writes the whole fp32 dC accumulator
+#: (V x D x 8 bytes), which with 64 MiB chunks (32 rows at V=256000, D=2304: 256 passes of 4.7 GB at N=8192)
+#: would cost more than the GEMMs. 1 GiB gives 512-row chunks there: 16 passes, and GEMMs large enough for
+#: cuBLAS.
+CUDA_CHUNK_BYTES = 1024**3
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """The chunk budget of the torch path on ``device``: large on CUDA (cuBLAS GEMMs, few dC passes)."""
+    return CUDA_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
 
 
 def chunk_rows_for(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -127,7 +137,7 @@ def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None):
     """(start, stop, chunk, c32) for each chunk of rows, the fp32 classifier converted once."""
     c32 = c.float()
     b32 = bias.float() if bias is not None else None
-    step = chunk_rows or chunk_rows_for(c.shape[0])
+    step = chunk_rows or chunk_rows_for(c.shape[0], default_chunk_bytes(c.device))
     for start in range(0, e2d.shape[0], step):
         stop = min(e2d.shape[0], start + step)
         yield start, stop, _Chunk(e2d, c32, b32, targets_flat, spec, start, stop), c32

@@ -17,6 +17,7 @@ import torch
 import triton
 
 from .gemm import mm_accumulate, mm_into
+from .precision import fp32_uses_tf32, is_ieee_fp32
 from .reference import effective_targets
 from .spec import LossSpec
 from .triton_backward import logit_grad_kernel
@@ -110,21 +111,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fp32_uses_tf32() -> bool:
-    """Whether fp32 inputs may use TF32 tensor cores: only when the user opted in through torch's own switch
-    (``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``),
-    which also governs the cuBLAS GEMMs of the backward. Off by default, as in torch: fp32 means IEEE fp32
-    products, ~8x slower on an H100 than bf16 tensor cores, and TF32 rounds the operands to 10 mantissa bits."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
 def _flags(e2d: torch.Tensor, bias: torch.Tensor | None, spec: LossSpec, cfg: TileConfig) -> dict:
     return dict(
         EVEN_K=e2d.shape[1] % cfg.block_k == 0,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=spec.softcap is not None,
         UPCAST=INTERPRETING and e2d.dtype != torch.float32,
-        IEEE_FP32=e2d.dtype == torch.float32 and not fp32_uses_tf32(),
+        IEEE_FP32=is_ieee_fp32(e2d.dtype),
     )
 
 

@@ -9,6 +9,8 @@ Run on the device: ``python3 tests/gpu/profile_modes.py [regime ...]``. Prints, 
 ``--store-tiles [regime ...]`` sweeps tile shapes of the speed-mode storing kernel.
 ``--gaps [regime ...]`` lists the stretches where the GPU idles between kernels (and what the host was doing),
 and prices each host sync of speed mode by timing the op without it.
+``--fp32-ieee [N]`` times IEEE fp32 (TF32 off, torch's default) at N tokens (default 8192), D=2304, V=256000, lm:
+one SGEMM, both modes on each backend (Triton kernels, the chunked torch path on cuBLAS) and plain torch.
 ``--trace [regime ...]`` instead profiles both modes with torch.profiler: GPU time per kernel, host time per
 call, and the wall time per call (their difference is the time the GPU waits on the host).
 """
@@ -228,6 +230,51 @@ def fp32_tiles(regime: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def few_ms(fn, calls: int = 3) -> float:
+    """Median of a few event-timed calls after one warm-up: for ops of a second, where do_bench's budget
+    would run for minutes."""
+    fn()
+    times = []
+    for _ in range(calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def fp32_ieee(n: int) -> None:
+    """IEEE fp32 (the default: TF32 off): Triton's fp32 ``tl.dot`` with input_precision="ieee" runs on the
+    CUDA cores; cuBLAS SGEMM is the reference rate. Which backend should ``impl="auto"`` pick?"""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    e, c, t = make_inputs("lm", n, 2304, 256000, device="cuda", dtype=torch.float32)
+    print(f"== IEEE fp32, N={n}, D=2304, V=256000, lm (median of 3 calls)")
+    rows = [("one SGEMM e @ c.T", lambda: torch.mm(e, c.T))]
+    for impl in ("triton", "torch"):
+        rows.append((f"ours {impl} fwd", lambda impl=impl: linear_cross_entropy(e, c, t, impl=impl)))
+        for mode in ("memory", "speed"):
+            def step(impl=impl, mode=mode):
+                ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
+                return torch.autograd.grad(linear_cross_entropy(ee, cc, t, impl=impl, mode=mode), (ee, cc))
+            rows.append((f"ours {impl} {mode} fwd+bwd", step))
+
+    def plain():
+        ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy((ee @ cc.T).float(), t)
+        return torch.autograd.grad(loss, (ee, cc))
+    rows.append(("torch fwd+bwd", plain))
+    for label, fn in rows:
+        try:
+            with torch.no_grad() if "fwd+bwd" not in label else torch.enable_grad():
+                ms = few_ms(fn)
+            print(f"  {label:32s} {ms:9.1f} ms", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of memory)
+            print(f"  {label:32s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        torch.cuda.empty_cache()
+
+
 def main(regimes: list[str]) -> None:
     n, d, v = 8192, 2304, 256000
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
@@ -270,6 +317,8 @@ if __name__ == "__main__":
         for regime in sys.argv[2:] or ["flat"]:
             gaps(regime, "speed")
             gaps(regime, "memory")
+    elif sys.argv[1:2] == ["--fp32-ieee"]:
+        fp32_ieee(int(sys.argv[2]) if len(sys.argv) > 2 else 8192)
     elif sys.argv[1:2] == ["--trace"]:
         for regime in sys.argv[2:] or ["flat"]:
             trace(regime, "speed")

@@ -11,7 +11,7 @@
 #   families.json          the five families' head shapes at N=8192 (lm regime); plot it locally with
 #                          `python -m cce_patch.bench.report families.json`
 #   scaling.json scaling.png   N = 1k..64k (only when the `scaling` section is asked for)
-#   dtypes.json            fp16 and fp32+TF32 at the paper shape, lm (only when `dtypes` is asked for; it
+#   dtypes.json            fp16, fp32+TF32 and IEEE fp32 at the paper shape, lm (only when `dtypes` is asked for; it
 #                          replaces one of the files above in a call that already returns 8)
 #   e2e.json               Gemma-2-2B and Llama-3.2-1B training step, stock vs patched
 #   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
@@ -143,12 +143,12 @@ if want scaling; then
   keep "$SCRATCH/bench/scaling.json" "$SCRATCH/bench/scaling.png"
 fi
 
-# --- dtypes: fp16, and fp32 with TF32 opted in (opt-in section) ---------------------------------------------
-# Paper shape, lm regime. IEEE fp32 (the default) is left out: its CUDA-core GEMMs make a run take minutes;
-# add it with CCE_DTYPES="fp16 fp32-tf32 fp32". One merged dtypes.json comes back.
+# --- dtypes: fp16, fp32 with TF32 opted in, IEEE fp32 (opt-in section) --------------------------------------
+# Paper shape, lm regime. IEEE fp32 (torch's default) runs on cuBLAS SGEMM (impl="auto"), ~0.6-0.8 s a fwd+bwd:
+# ~2 min with few repetitions. Pick with CCE_DTYPES (default "fp16 fp32-tf32 fp32"). One merged dtypes.json.
 if want dtypes; then
   DT_JSONS=()
-  for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do
+  for dt in ${CCE_DTYPES:-fp16 fp32-tf32 fp32}; do
     case $dt in
       fp16) args=(--dtype fp16 --methods "ours,torch,torch.compile") ;;  # speed mode refuses fp16
       fp32-tf32) args=(--dtype fp32 --tf32 --methods "ours,ours[mode=speed],torch,torch.compile") ;;
@@ -165,10 +165,10 @@ if want dtypes; then
       && keep "$SCRATCH/dtypes/dtypes.json"
   fi
   dt_status=rc=0
-  for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do
+  for dt in ${CCE_DTYPES:-fp16 fp32-tf32 fp32}; do
     [[ ${RESULT[dtypes-$dt]:-not run} == rc=0* ]] || dt_status=failed
   done
-  RESULT[dtypes]="$dt_status ($(for dt in ${CCE_DTYPES:-fp16 fp32-tf32}; do printf '%s: %s; ' "$dt" "${RESULT[dtypes-$dt]:-not run}"; done))"
+  RESULT[dtypes]="$dt_status ($(for dt in ${CCE_DTYPES:-fp16 fp32-tf32 fp32}; do printf '%s: %s; ' "$dt" "${RESULT[dtypes-$dt]:-not run}"; done))"
 fi
 
 # --- ab: interleaved A/B timing of source trees / tuning constants (opt-in; see tests/gpu/ab_compare.py) --------

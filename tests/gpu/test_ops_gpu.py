@@ -53,7 +53,7 @@ def test_paper_shape_errors_vs_plain_torch(dtype, regime):
         theirs = rel_err(de_t, ref.de), rel_err(dc_t, ref.dc)
         del de_t, dc_t
     for mode in modes:
-        loss, de, dc = _grads(lambda *a, m=mode: linear_cross_entropy(*a, impl="triton", mode=m), e, c, t)
+        loss, de, dc = _grads(lambda *a, m=mode: linear_cross_entropy(*a, impl="auto", mode=m), e, c, t)
         ours = rel_err(de, ref.de), rel_err(dc, ref.dc)
         del de, dc
         print(f"{dtype} {regime} mode={mode}: loss {loss:.6f} ref {ref.loss:.6f}; dE/dC ours {ours}, plain torch {theirs}")
@@ -129,6 +129,17 @@ def test_odd_shape_against_fp64(dtype):
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}[dtype]
     check_against_oracle(
         lambda *a, **k: linear_cross_entropy(*a, impl="triton", **k), e, c, t, b, tol, softcap=30.0
+    )
+
+
+@pytest.mark.parametrize("mode", ["memory", "speed"])
+def test_ieee_fp32_auto_takes_cublas_against_fp64(mode):
+    """IEEE fp32 (TF32 off) with impl="auto" runs the torch path on cuBLAS SGEMM (ops.api.resolve_impl), in
+    row chunks of 1 GiB of logits: 2 chunks here (2,670 rows each at V=50257), bias, softcap and shift."""
+    e, c, t, b = make_inputs((4, 1000), 1000, 50257, torch.float32, bias=True, device="cuda")
+    check_against_oracle(
+        lambda *a, **k: linear_cross_entropy(*a, impl="auto", mode=mode, **k), e, c, t, b, 1e-4,
+        softcap=30.0, shift=True,
     )
 
 
