@@ -59,6 +59,12 @@ def median_ms(
 def _event_loop_ms(fn: Callable[[], object], warmup: float, rep: float, estimate: float) -> float:
     n_warm = max(1, int(warmup / max(estimate, 1e-3)))
     n_rep = max(1, int(rep / max(estimate, 1e-3)))
+    return event_median_ms(fn, n_warm, n_rep)
+
+
+def event_median_ms(fn: Callable[[], object], n_warm: int, n_rep: int) -> float:
+    """Median of ``n_rep`` CUDA-event-timed calls after ``n_warm`` untimed ones. Also for ops of a second or
+    more, where ``do_bench``'s own warm-up and estimate would take many calls."""
     for _ in range(n_warm):
         fn()
     times = []

@@ -26,6 +26,7 @@ import triton.testing
 from cce_patch import linear_cross_entropy
 from cce_patch.bench.memory import peak_mb_above_inputs
 from cce_patch.bench.regimes import make_inputs
+from cce_patch.bench.timing import event_median_ms
 from cce_patch.ops import triton_backend as tb
 from cce_patch.ops import triton_speed as ts
 from cce_patch.ops.spec import LossSpec
@@ -230,21 +231,6 @@ def fp32_tiles(regime: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def few_ms(fn, calls: int = 3) -> float:
-    """Median of a few event-timed calls after one warm-up: for ops of a second, where do_bench's budget
-    would run for minutes."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def fp32_ieee(n: int) -> None:
     """IEEE fp32 (the default: TF32 off): Triton's fp32 ``tl.dot`` with input_precision="ieee" runs on the
     CUDA cores; cuBLAS SGEMM is the reference rate. Which backend should ``impl="auto"`` pick?"""
@@ -268,7 +254,7 @@ def fp32_ieee(n: int) -> None:
     for label, fn in rows:
         try:
             with torch.no_grad() if "fwd+bwd" not in label else torch.enable_grad():
-                ms = few_ms(fn)
+                ms = event_median_ms(fn, n_warm=1, n_rep=3)
             print(f"  {label:32s} {ms:9.1f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001 - report and go on (e.g. out of memory)
             print(f"  {label:32s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
