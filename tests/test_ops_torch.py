@@ -131,7 +131,7 @@ def test_auto_on_cuda_sends_ieee_fp32_to_cublas(tf32_on, tf32, monkeypatch):
 
 def test_torch_path_chunks_are_larger_on_cuda():
     """CPU: 64 MiB of logits per chunk; CUDA: 1 GiB, so that the fp32 dC accumulator is read and written
-    16 times at N=8192, V=256000 instead of 256 (512-row chunks instead of 32)."""
+    16 times at N=8192, V=256000 instead of 256 (524-row chunks instead of 32)."""
     assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cpu"))) == 32
     assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cuda"))) == 524
 

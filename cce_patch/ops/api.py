@@ -41,10 +41,9 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took
     12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
     logits from cuBLAS SGEMMs, in row chunks large enough for them (``reference.CUDA_CHUNK_BYTES``)."""
+    ieee_on_cuda = device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype)
     if impl == "auto":
-        if device.type != "cuda" or not _triton_available():
-            return "torch"
-        return "torch" if dtype is not None and is_ieee_fp32(dtype) else "triton"
+        return "triton" if device.type == "cuda" and _triton_available() and not ieee_on_cuda else "torch"
     if impl == "triton":
         if not _triton_available():
             raise RuntimeError("impl='triton' needs the `triton` package; install it or use impl='torch'")
@@ -53,7 +52,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
                 f"impl='triton' needs CUDA tensors (got {device}); use impl='torch' or 'auto' on CPU "
                 "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
             )
-        if device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype):
+        if ieee_on_cuda:
             warnings.warn(
                 "impl='triton' with fp32 inputs and TF32 off runs the fused kernels' IEEE fp32 products on CUDA "
                 "cores, ~70x slower than cuBLAS SGEMM (H200: 12.5 s vs 181 ms at N=8192, V=256000); impl='auto' "

@@ -15,7 +15,7 @@ from .spec import LossSpec
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 #: On a CUDA device the chunks are larger: every chunk of rows reads and writes the whole fp32 dC accumulator
 #: (V x D x 8 bytes), which with 64 MiB chunks (32 rows at V=256000, D=2304: 256 passes of 4.7 GB at N=8192)
-#: would cost more than the GEMMs. 1 GiB gives 512-row chunks there: 16 passes, and GEMMs large enough for
+#: would cost more than the GEMMs. 1 GiB gives 524-row chunks there: 16 passes, and GEMMs large enough for
 #: cuBLAS.
 CUDA_CHUNK_BYTES = 1024**3
 
