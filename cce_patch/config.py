@@ -1,16 +1,31 @@
 """CCEConfig: how a patched model computes its loss. One frozen object, stored on the patched model.
 
 Keeping options on the model (never in a module global) lets two differently configured models coexist, and
-makes ``patch(model, impl="torch")`` after ``patch(model)`` simply replace the object.
+makes ``patch(model, impl="torch")`` after ``patch(model)`` simply replace the object. The ranges of the
+options the op also takes are the op's own (``ops/options.py``), and :meth:`CCEConfig.op_options` is the one
+place that turns a config into the op's keyword arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .ops.validation import IMPLS, MODES
+import torch
+
+from .ops.options import (
+    IMPLS,
+    MODES,
+    check_choice,
+    check_label_smoothing,
+    check_speed_chunk_bytes,
+    speed_mode_problem,
+)
+
+logger = logging.getLogger("cce_patch")
 
 
 @dataclass(frozen=True)
@@ -24,14 +39,14 @@ class CCEConfig:
         return_logits: on the CCE path, also compute and return the logits (costs the memory CCE saves; for
             users whose code reads ``outputs.logits`` during training).
         check_targets: validate label values against the vocabulary before the kernel (one host sync).
-        label_smoothing: as in ``torch.nn.functional.cross_entropy``, applied inside the kernel. Stock
-            transformers models have no such option (the Trainer's ``label_smoothing_factor`` smooths the
+        label_smoothing: in [0, 1], as in ``torch.nn.functional.cross_entropy``, applied inside the kernel.
+            Stock transformers models have no such option (the Trainer's ``label_smoothing_factor`` smooths the
             logits outside the model, which a patched model does not return), so this is where it goes.
-        mode: ``"memory"`` (default: the backward recomputes the logits; memory ~1.25x the head's gradients)
-            or ``"speed"`` (gradients formed in the forward pass: one GEMM fewer, ~2 GiB more memory; see
-            ``linear_cross_entropy``). Speed mode needs bf16/fp32 hidden states: with an fp16 model the
-            patched forward uses the memory mode and logs a warning once.
-        speed_chunk_bytes: speed mode's chunk budget in bytes (None: the op's default, 2 GiB).
+        mode: ``"memory"`` (default: the backward recomputes the logits) or ``"speed"`` (gradients formed in
+            the forward pass: one GEMM fewer, more memory; see ``linear_cross_entropy``). Where speed mode
+            cannot compute a call (fp16 hidden states, softcap with label smoothing) the patched forward uses
+            memory mode and logs a warning once.
+        speed_chunk_bytes: speed mode's chunk budget in bytes (None: the op's default).
     """
 
     impl: str = "auto"
@@ -43,19 +58,16 @@ class CCEConfig:
     speed_chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.impl not in IMPLS:
-            raise ValueError(f"CCEConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         for name in ("train_only", "return_logits", "check_targets"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"CCEConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"CCEConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.speed_chunk_bytes is not None and not (
-            isinstance(self.speed_chunk_bytes, int) and self.speed_chunk_bytes > 0
-        ):
-            raise ValueError(f"CCEConfig.speed_chunk_bytes must be a positive int or None, got {self.speed_chunk_bytes!r}")
-        if not 0.0 <= float(self.label_smoothing) < 1.0:
-            raise ValueError(f"CCEConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        try:
+            check_choice("impl", self.impl, IMPLS)
+            check_choice("mode", self.mode, MODES)
+            check_label_smoothing(self.label_smoothing)
+            check_speed_chunk_bytes(self.speed_chunk_bytes)
+        except ValueError as exc:
+            raise ValueError(f"CCEConfig.{exc}") from None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> CCEConfig:
@@ -73,3 +85,24 @@ class CCEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def op_options(self, hidden_dtype: torch.dtype, softcap: float | None, reduction: str = "mean") -> dict[str, Any]:
+        """The keyword arguments of ``linear_cross_entropy`` that this config owns, for one call of the patched
+        forward. Speed mode falls back to memory mode (one warning per reason) where the op would refuse it,
+        so that a model configured for it keeps training instead of failing mid-run."""
+        options: dict[str, Any] = dict(
+            impl=self.impl, check_targets=self.check_targets, label_smoothing=self.label_smoothing, mode=self.mode,
+        )
+        if self.mode == "speed":
+            problem = speed_mode_problem(hidden_dtype, reduction, False, softcap, self.label_smoothing)
+            if problem is not None:
+                _warn_once(f"CCEConfig(mode='speed') cannot be used here ({problem[1]}); using mode='memory'")
+                options["mode"] = "memory"
+            else:
+                options["speed_chunk_bytes"] = self.speed_chunk_bytes
+        return options
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)

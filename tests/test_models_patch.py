@@ -10,7 +10,7 @@ import torch
 import transformers
 from models_tiny import GENERIC_FAMILIES, REGISTRY_FAMILIES, batch, tiny_config, tiny_model
 
-from cce_patch import is_patched, patch, unpatch
+from cce_patch import is_patched, linear_cross_entropy, patch, unpatch
 from cce_patch.models import spec_for
 
 ALL = REGISTRY_FAMILIES + GENERIC_FAMILIES
@@ -284,19 +284,38 @@ def test_speed_mode_matches_stock(family):
 
 
 def test_speed_mode_falls_back_where_unsupported(caplog):
+    """One rule decides where speed mode applies (ops/options.speed_mode_problem): the op raises on it, the
+    config's op options fall back to memory mode with one warning per reason."""
     from cce_patch import CCEConfig
-    from cce_patch.models.forward import _mode_options, _warn_once
+    from cce_patch.config import _warn_once
 
     _warn_once.cache_clear()
     speed = CCEConfig(mode="speed", speed_chunk_bytes=2**20)
-    assert _mode_options(speed, torch.bfloat16, None) == {"mode": "speed", "speed_chunk_bytes": 2**20}
+    assert speed.op_options(torch.bfloat16, None)["mode"] == "speed"
+    assert speed.op_options(torch.bfloat16, None)["speed_chunk_bytes"] == 2**20
     with caplog.at_level("WARNING", logger="cce_patch"):
-        assert _mode_options(speed, torch.float16, None) == {}
-        assert _mode_options(speed, torch.float16, None) == {}
-        assert _mode_options(speed.replace(label_smoothing=0.1), torch.bfloat16, 30.0) == {}
+        assert speed.op_options(torch.float16, None)["mode"] == "memory"
+        assert speed.op_options(torch.float16, None)["mode"] == "memory"
+        assert speed.replace(label_smoothing=0.1).op_options(torch.bfloat16, 30.0)["mode"] == "memory"
     messages = [r.message for r in caplog.records if r.name.startswith("cce_patch")]
     assert len(messages) == 2 and "fp16" in messages[0] and "label_smoothing" in messages[1]
-    assert _mode_options(CCEConfig(), torch.float16, None) == {}
+    assert CCEConfig().op_options(torch.float16, None)["mode"] == "memory"
+    e = torch.randn(2, 3, 8, dtype=torch.float16)
+    with pytest.raises(TypeError, match="fp16"):  # the op raises on the same rule
+        linear_cross_entropy(e, torch.randn(5, 8, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.long),
+                             mode="speed")
+
+
+def test_config_and_op_share_option_ranges():
+    from cce_patch import CCEConfig
+
+    CCEConfig(label_smoothing=1.0)  # the op accepts [0, 1], as F.cross_entropy does; so does the config
+    for bad in (-0.1, 1.5, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            CCEConfig(label_smoothing=bad)
+    e, c, t = torch.randn(2, 3, 8), torch.randn(5, 8), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+        linear_cross_entropy(e, c, t, label_smoothing=1.5)
 
 
 def test_label_smoothing_option():

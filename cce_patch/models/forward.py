@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +27,6 @@ from ..config import CCEConfig
 from ..integrations.peft import effective_head
 from ..ops import linear_cross_entropy
 from .registry import original_forward, spec_for
-
-logger = logging.getLogger(__name__)
 
 #: Keyword arguments that belong to transformers' ForCausalLMLoss or to the Trainer, never to the decoder.
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
@@ -51,28 +48,6 @@ def call_original(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 @functools.lru_cache(maxsize=256)
 def _signature(forward: Callable) -> inspect.Signature:
     return inspect.signature(forward)
-
-
-def _mode_options(config: CCEConfig, dtype: torch.dtype, softcap: float | None) -> dict:
-    """The op's mode options for this call. Speed mode cannot take fp16 hidden states (nor softcap together
-    with label smoothing); a model configured for it then trains in memory mode, with one warning, rather
-    than failing mid-run."""
-    if config.mode != "speed":
-        return {}
-    reason = None
-    if dtype == torch.float16:
-        reason = "fp16 hidden states"
-    elif softcap is not None and config.label_smoothing > 0:
-        reason = "softcap together with label_smoothing"
-    if reason is not None:
-        _warn_once(f"CCEConfig(mode='speed') does not support {reason}; using mode='memory' for this model")
-        return {}
-    return {"mode": "speed", "speed_chunk_bytes": config.speed_chunk_bytes}
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    logger.warning(message)
 
 
 def _output_class(signature: inspect.Signature) -> type:
@@ -132,11 +107,10 @@ def cce_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> ModelOutput
     else:
         targets, shift = labels, True
     num_items = loss_kwargs.get("num_items_in_batch")
+    reduction = "sum" if num_items is not None else "mean"
     loss = linear_cross_entropy(
         hidden, weight, targets.to(hidden.device), bias=bias, ignore_index=loss_kwargs.get("ignore_index", -100),
-        softcap=softcap, shift=shift, reduction="sum" if num_items is not None else "mean",
-        label_smoothing=config.label_smoothing, impl=config.impl, check_targets=config.check_targets,
-        **_mode_options(config, hidden.dtype, softcap),
+        softcap=softcap, shift=shift, reduction=reduction, **config.op_options(hidden.dtype, softcap, reduction),
     )
     if num_items is not None:  # as transformers' fixed_cross_entropy: sum / items across accumulation steps
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)

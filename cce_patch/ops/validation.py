@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from .options import (
+    IMPLS,
+    MODES,
+    REDUCTIONS,
+    check_choice,
+    check_label_smoothing,
+    check_softcap,
+    check_speed_chunk_bytes,
+    speed_mode_problem,
+)
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "triton", "torch")
-MODES = ("memory", "speed")
 
 
 def validate_inputs(
@@ -63,45 +71,23 @@ def validate_inputs(
             raise ValueError(f"bias must be on {e.device}, got {bias.device}")
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("impl", impl, IMPLS)
+    check_choice("mode", mode, MODES)
+    check_softcap(softcap)
+    check_label_smoothing(label_smoothing)
+    check_speed_chunk_bytes(speed_chunk_bytes)
     if mode == "speed":
-        _check_speed_mode(e.dtype, reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes)
-    if softcap is not None and not (softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-    if not (0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        problem = speed_mode_problem(e.dtype, reduction, return_lse, softcap, label_smoothing)
+        if problem is not None:
+            error, message = problem
+            raise error(message)
     if shift and e.dim() < 2:
         raise ValueError("shift=True needs a sequence dimension: e must be (..., T, D)")
     if c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"c must have at least one class and one feature, got shape {tuple(c.shape)}")
     if check_targets and targets.numel() > 0:
         _check_target_range(targets, c.shape[0], ignore_index)
-
-
-def _check_speed_mode(dtype, reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes) -> None:
-    """What mode="speed" needs: a scalar loss whose per-row weights are known in the forward pass, a dtype
-    whose exponent range holds unnormalised probabilities, and rank-one label-smoothing terms."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"mode='speed' forms the gradients in the forward pass, which needs a scalar loss "
-            f"(reduction='mean' or 'sum'), got reduction={reduction!r}; use mode='memory'"
-        )
-    if return_lse:
-        raise ValueError("mode='speed' cannot return a differentiable LSE (its gradient is unknown in the forward "
-                         "pass); use mode='memory' with return_lse=True")
-    if dtype == torch.float16:
-        raise TypeError("mode='speed' needs bf16 or fp32 inputs: it stores unnormalised probabilities, which "
-                        "overflow fp16's range; use mode='memory' for fp16")
-    if softcap is not None and label_smoothing > 0:
-        raise ValueError("mode='speed' does not combine softcap with label_smoothing (the smoothing term is "
-                         "then no longer rank one); use mode='memory'")
-    if speed_chunk_bytes is not None and int(speed_chunk_bytes) <= 0:
-        raise ValueError(f"speed_chunk_bytes must be a positive number of bytes, got {speed_chunk_bytes!r}")
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -1,0 +1,81 @@
+"""The op's options and their ranges, stated once.
+
+``linear_cross_entropy`` validates its keyword arguments with these functions and ``CCEConfig`` validates its
+fields with the same ones, so an option has one range and one error message wherever it is given. Whether
+speed mode applies to a call is decided here too (:func:`speed_mode_problem`): the op raises the problem, the
+patched forward falls back to memory mode on it.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+MODES = ("memory", "speed")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else ValueError naming the option."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_softcap(value: object) -> float | None:
+    """A finite positive cap, or None (no soft cap)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softcap must be a positive finite number or None, got {value!r}")
+    return float(value)
+
+
+def check_label_smoothing(value: object) -> float:
+    """A smoothing factor in [0, 1], as ``torch.nn.functional.cross_entropy`` accepts."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_speed_chunk_bytes(value: object) -> int | None:
+    """Speed mode's chunk budget: a positive int of bytes, or None for the default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"speed_chunk_bytes must be a positive number of bytes (an int) or None, got {value!r}")
+    return value
+
+
+def speed_mode_problem(
+    dtype: torch.dtype, reduction: str, return_lse: bool, softcap: float | None, label_smoothing: float
+) -> tuple[type[Exception], str] | None:
+    """Why ``mode="speed"`` cannot compute this call, as (exception type, message), or None when it can.
+
+    Speed mode forms the gradients in the forward pass, so it needs a scalar loss whose per-row weights are
+    known there, a dtype whose exponent range holds unnormalised probabilities, and rank-one label-smoothing
+    terms."""
+    if reduction not in ("mean", "sum"):
+        return ValueError, (
+            f"mode='speed' forms the gradients in the forward pass, which needs a scalar loss "
+            f"(reduction='mean' or 'sum'), got reduction={reduction!r}; use mode='memory'"
+        )
+    if return_lse:
+        return ValueError, (
+            "mode='speed' cannot return a differentiable LSE (its gradient is unknown in the forward pass); use "
+            "mode='memory' with return_lse=True"
+        )
+    if dtype == torch.float16:
+        return TypeError, (
+            "mode='speed' needs bf16 or fp32 inputs: it stores unnormalised probabilities, which overflow fp16's "
+            "range (fp16 hidden states); use mode='memory' for fp16"
+        )
+    if softcap is not None and label_smoothing > 0:
+        return ValueError, (
+            "mode='speed' does not combine softcap with label_smoothing (the smoothing term is then no longer "
+            "rank one); use mode='memory'"
+        )
+    return None
