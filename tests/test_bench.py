@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import cce_patch
 from cce_patch.bench import methods as M
-from cce_patch.bench.reference import fp32_reference, rel_err
+from cce_patch.bench.accuracy import fp32_ground_truth, rel_err
 from cce_patch.bench.regimes import REGIMES, describe, make_inputs
 from cce_patch.bench.runner import BenchConfig, Record, measure, run
 from cce_patch.cli import main as cli_main
@@ -167,13 +167,13 @@ def test_regimes_match_anchor_generator_cuda(regime):
     assert all(torch.equal(x, y) for x, y in zip(ref, ours, strict=False))
 
 
-def test_fp32_reference_chunked_matches_autograd():
+def test_fp32_ground_truth_chunked_matches_autograd():
     e, c, t = make_inputs("peaked", 37, 24, 301, device="cpu", dtype=torch.float32, seed=1)
     e64 = e.double().requires_grad_(True)
     c64 = c.double().requires_grad_(True)
     loss = F.cross_entropy(e64 @ c64.T, t)
     loss.backward()
-    ref = fp32_reference(e, c, t, chunk_bytes=4 * 301 * 5)  # 5 rows a chunk: exercises the chunk loop
+    ref = fp32_ground_truth(e, c, t, chunk_bytes=4 * 301 * 5)  # 5 rows a chunk: exercises the chunk loop
     assert abs(ref.loss - float(loss.detach())) < 1e-5
     assert rel_err(ref.de, e64.grad.float()) < 1e-5 and rel_err(ref.dc, c64.grad.float()) < 1e-5
 

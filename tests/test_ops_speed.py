@@ -69,7 +69,7 @@ def test_all_ignored(impl):
 def test_every_element_of_q_is_written(monkeypatch):
     """Row blocks with no counted row skip the matmul; their q rows must still be written (as zeros),
     because the gradient GEMMs read them: the buffer starts as NaN, so any unwritten element shows."""
-    from cce_patch.ops import triton_speed
+    from cce_patch.ops.fused import speed_mode as triton_speed
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -96,9 +96,10 @@ def test_speed_equals_memory_mode(impl):
 
 @pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_out_of_range_rows_fall_back_to_recompute(monkeypatch):
-    """A row whose loss exceeds MREF_MARGIN + SPEED_RANGE would overflow q: the call must detect it and
+    """A row whose loss exceeds ANCHOR_MARGIN + SPEED_RANGE would overflow q: the call must detect it and
     still be exact (loss, LSE and gradients from the recompute path)."""
-    from cce_patch.ops import speed, triton_speed
+    from cce_patch.ops import speed_mode as speed
+    from cce_patch.ops.fused import speed_mode as triton_speed
 
     calls = []
     real_backward = speed.SpeedModeFunction.backward
@@ -110,7 +111,7 @@ def test_out_of_range_rows_fall_back_to_recompute(monkeypatch):
     monkeypatch.setattr(speed.SpeedModeFunction, "backward", staticmethod(spy))
     e, c, t, _ = make_inputs((40,), 32, 150, torch.float32, regime="peaked", device=DEVICE)
     with monkeypatch.context() as m:
-        m.setattr(triton_speed, "MREF_MARGIN", 0.0)
+        m.setattr(triton_speed, "ANCHOR_MARGIN", 0.0)
         m.setattr(triton_speed, "SPEED_RANGE", 2.0)  # peaked rows have losses far above 2 nats
         check_against_oracle(speed_op("triton"), e, c, t, None, TOL[torch.float32])
     e.grad = c.grad = None
@@ -174,10 +175,10 @@ def test_fp16_is_refused():
 def test_q_store_paths(tma, flat, monkeypatch):
     """q leaves the kernel through the copy engine (descriptor store) or plain pointer stores, from either
     forward loop structure: each against the oracle, with a fully ignored row block and a ragged vocabulary."""
-    from cce_patch.ops import triton_backend
+    from cce_patch.ops.fused import lse_kernel, tiles
 
-    monkeypatch.setattr(triton_backend, "USE_TMA", tma)
-    monkeypatch.setattr(triton_backend, "FWD_FLAT_LOOP", flat)
+    monkeypatch.setattr(tiles, "USE_TMA", tma)
+    monkeypatch.setattr(lse_kernel, "FWD_FLAT_LOOP", flat)
     e, c, t, b = make_inputs((2, 41), 32, 211, torch.float32, bias=True, device=DEVICE)
     t[0, :36] = -100
     check_against_oracle(speed_op("triton", 40, 216), e, c, t, b, TOL[torch.float32], shift=True, softcap=5.0)
@@ -196,13 +197,12 @@ def test_many_rows_share_few_targets(impl):
 @pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shift,softcap,bias", [(False, None, False), (True, 3.0, True)])
-def test_row_references_kernel(dtype, shift, softcap, bias):
+def test_row_prep_kernel(dtype, shift, softcap, bias):
     """The one-launch row preparation against torch: counted targets after the shift (ignore_index elsewhere,
-    also for out-of-range targets, which must not be read) and mref = softcap(e . c_t + b_t) + margin, +inf on
+    also for out-of-range targets, which must not be read) and anchor = softcap(e . c_t + b_t) + margin, +inf on
     rows that do not count. D = 300 spans three 128-wide steps, the last partial; N = 50 ends mid-block."""
-    from cce_patch.ops.reference import effective_targets
-    from cce_patch.ops.spec import LossSpec
-    from cce_patch.ops.triton_rows import row_references
+    from cce_patch.ops.fused.row_prep_kernel import prepare_rows
+    from cce_patch.ops.spec import LossSpec, effective_targets
 
     g = torch.Generator().manual_seed(5)
     e = torch.randn(50, 300, generator=g).to(DEVICE, dtype)
@@ -212,7 +212,7 @@ def test_row_references_kernel(dtype, shift, softcap, bias):
     t[[3, 17, 31]] = -100
     t[8], t[40] = 70, -5  # out of range: treated as not counted
     spec = LossSpec(softcap=softcap, shift_period=10 if shift else 0)
-    tgt, mref = row_references(e, c, b, t, spec, 40.0)
+    tgt, anchor = prepare_rows(e, c, b, t, spec, 40.0)
     want_t = effective_targets(t, spec)
     want_t = torch.where((want_t >= 0) & (want_t < 70), want_t, torch.full_like(want_t, -100))
     ok = want_t != -100
@@ -222,5 +222,5 @@ def test_row_references_kernel(dtype, shift, softcap, bias):
         z = softcap * torch.tanh(z / softcap)
     want_m = torch.where(ok, z + 40.0, torch.full_like(z, float("inf")))
     assert torch.equal(tgt, want_t)
-    assert torch.equal(torch.isinf(mref), ~ok)
-    torch.testing.assert_close(mref[ok].double(), want_m[ok], rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.isinf(anchor), ~ok)
+    torch.testing.assert_close(anchor[ok].double(), want_m[ok], rtol=1e-5, atol=1e-4)

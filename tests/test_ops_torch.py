@@ -10,7 +10,7 @@ import torch
 from oracle import TOL, check_against_oracle, make_inputs
 
 from cce_patch import linear_cross_entropy
-from cce_patch.ops import LossSpec, reference
+from cce_patch.ops import LossSpec, chunked_torch
 
 
 def _check(e, c, t, b, tol, **kw):
@@ -47,11 +47,11 @@ def test_chunking_is_invisible():
     """Many tiny chunks give the same result as one chunk: the chunk loop has no seams."""
     e, c, t, _ = _inputs((53,), 24, 97, torch.float32)
     spec = LossSpec()
-    one = reference.torch_forward(e.detach(), c.detach(), None, t, spec, chunk_rows=1000)
-    many = reference.torch_forward(e.detach(), c.detach(), None, t, spec, chunk_rows=7)
+    one = chunked_torch.forward(e.detach(), c.detach(), None, t, spec, chunk_rows=1000)
+    many = chunked_torch.forward(e.detach(), c.detach(), None, t, spec, chunk_rows=7)
     torch.testing.assert_close(one, many)
     grads = [
-        reference.torch_backward(e.detach(), c.detach(), None, t, spec, one[1], torch.ones(53), None,
+        chunked_torch.backward(e.detach(), c.detach(), None, t, spec, one[1], torch.ones(53), None,
                                  (True, True, False), chunk_rows=rows)
         for rows in (1000, 7)
     ]
@@ -112,16 +112,16 @@ def test_auto_on_cuda_sends_ieee_fp32_to_cublas(tf32_on, tf32, monkeypatch):
     """On CUDA, ``auto`` is Triton for half types and TF32, and the torch path (cuBLAS SGEMM) for IEEE fp32,
     whose Triton products run on CUDA cores (~70x slower, KERNEL_NOTES.md v7). Only the decision is checked
     here (no GPU needed); forcing Triton for IEEE fp32 on CUDA warns."""
-    from cce_patch.ops import api, resolve_impl
+    from cce_patch.ops import backends, resolve_impl
 
     tf32.set(tf32_on)
-    monkeypatch.setattr(api, "_triton_available", lambda: True)
+    monkeypatch.setattr(backends, "_triton_available", lambda: True)
     cuda = torch.device("cuda")
     assert resolve_impl("auto", cuda, torch.bfloat16) == "triton"
     assert resolve_impl("auto", cuda, torch.float16) == "triton"
     assert resolve_impl("auto", cuda, torch.float32) == ("triton" if tf32_on else "torch")
     assert resolve_impl("torch", cuda, torch.float32) == "torch"
-    monkeypatch.setattr(api, "_interpreting", lambda: False)
+    monkeypatch.setattr(backends, "_interpreting", lambda: False)
     if tf32_on:
         assert resolve_impl("triton", cuda, torch.float32) == "triton"
     else:
@@ -132,8 +132,8 @@ def test_auto_on_cuda_sends_ieee_fp32_to_cublas(tf32_on, tf32, monkeypatch):
 def test_torch_path_chunks_are_larger_on_cuda():
     """CPU: 64 MiB of logits per chunk; CUDA: 1 GiB, so that the fp32 dC accumulator is read and written
     16 times at N=8192, V=256000 instead of 256 (524-row chunks instead of 32)."""
-    assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cpu"))) == 32
-    assert reference.chunk_rows_for(256000, reference.default_chunk_bytes(torch.device("cuda"))) == 524
+    assert chunked_torch.chunk_rows_for(256000, chunked_torch.default_chunk_bytes(torch.device("cpu"))) == 32
+    assert chunked_torch.chunk_rows_for(256000, chunked_torch.default_chunk_bytes(torch.device("cuda"))) == 524
 
 
 def test_ignored_rows_with_huge_logits_stay_finite():

@@ -73,13 +73,13 @@ def test_grads_only_where_required():
 def test_matches_torch_path(tma, flat, monkeypatch):
     """Both ways of loading the matmul tiles (copy-engine descriptors, pointer loads) and both forward loop
     structures (the flat one runs only with descriptors) against the torch path."""
-    from cce_patch.ops import triton_backend
+    from cce_patch.ops.fused import lse_kernel, tiles
 
-    monkeypatch.setattr(triton_backend, "USE_TMA", tma)
-    monkeypatch.setattr(triton_backend, "FWD_FLAT_LOOP", flat)
-    monkeypatch.setattr(triton_backend, "FWD_WAVES", 1)  # one split: each program walks every vocab tile
+    monkeypatch.setattr(tiles, "USE_TMA", tma)
+    monkeypatch.setattr(lse_kernel, "FWD_FLAT_LOOP", flat)
+    monkeypatch.setattr(lse_kernel, "FWD_WAVES", 1)  # one split: each program walks every vocab tile
     e, c, t, b = make_inputs((4, 9), 32, 211, torch.float32, bias=True, device=DEVICE)
-    assert triton_backend._matmul_operands(e.reshape(-1, 32), c, triton_backend.tile_config(e.dtype))[2] == tma
+    assert tiles.matmul_operands(e.reshape(-1, 32), c, tiles.tile_config(e.dtype))[2] == tma
     outs = []
     for impl in ("triton", "torch"):
         for x in (e, c, b):
@@ -94,9 +94,9 @@ def test_matches_torch_path(tma, flat, monkeypatch):
 def test_several_vocab_chunks_in_backward(monkeypatch):
     """A dS budget of a few columns forces several vocabulary chunks, the last one ragged: every slice of dC
     and dbias must be written once and dE must accumulate over all chunks."""
-    from cce_patch.ops import triton_backend
+    from cce_patch.ops.fused import memory_mode
 
-    monkeypatch.setattr(triton_backend, "DS_CHUNK_BYTES", 29 * 64 * 4)  # 29 rows x 64 cols fp32 -> 64-col chunks
+    monkeypatch.setattr(memory_mode, "DS_CHUNK_BYTES", 29 * 64 * 4)  # 29 rows x 64 cols fp32 -> 64-col chunks
     e, c, t, b = make_inputs((29,), 40, 300, torch.float32, bias=True, device=DEVICE)
     check_against_oracle(triton_op, e, c, t, b, TOL[torch.float32], label_smoothing=0.2, softcap=3.0)
 
@@ -106,19 +106,19 @@ def test_row_groups_in_backward(dtype, monkeypatch):
     """Past the square chunk side the backward splits rows into groups (3 here, the last ragged) inside each
     of 3 vocabulary chunks: sequences straddle group boundaries under the shift, dC sums over the groups in
     fp32 before its one rounding, dE and dbias over the chunks; one group is fully ignored."""
-    from cce_patch.ops import triton_backend
+    from cce_patch.ops.fused import memory_mode, tiles
 
-    small = triton_backend.TileConfig(32, 64, 32, 4, 2, group_m=2)  # the interpreter's tiles, on a GPU too
-    original = triton_backend.tile_config
-    monkeypatch.setattr(triton_backend, "tile_config",
+    small = tiles.TileConfig(32, 64, 32, 4, 2, group_m=2)  # the interpreter's tiles, on a GPU too
+    original = tiles.tile_config
+    monkeypatch.setattr(tiles, "tile_config",
                         lambda dt, kernel="forward": small if kernel == "backward" else original(dt, kernel))
     budget = 32 * 64 * torch.empty((), dtype=dtype).element_size()  # 32 x 64 elements: 32-row groups
-    monkeypatch.setattr(triton_backend, "DS_CHUNK_BYTES", budget)
+    monkeypatch.setattr(memory_mode, "DS_CHUNK_BYTES", budget)
     e, c, t, b = make_inputs((10, 7), 24, 150, dtype, bias=True, device=DEVICE)
     t[:5] = -100  # with the shift, rows 0..31 (group 1) are all ignored
     t[5, :5] = -100
-    cfg = triton_backend.tile_config(dtype, "backward")
-    assert triton_backend.ds_chunk_shape(70, 150, e.element_size(), budget, cfg) == (32, 64)
+    cfg = tiles.tile_config(dtype, "backward")
+    assert memory_mode.ds_chunk_shape(70, 150, e.element_size(), budget, cfg) == (32, 64)
     check_against_oracle(triton_op, e, c, t, b, TOL[dtype], shift=True, softcap=5.0, label_smoothing=0.1,
                          return_lse=True)
 
@@ -133,7 +133,8 @@ def test_row_groups_in_backward(dtype, monkeypatch):
     (100, 50, (100, 256)),            # at least one tile of columns
 ])
 def test_ds_chunk_shape(n, v, expect):
-    from cce_patch.ops.triton_backend import DS_CHUNK_BYTES, TileConfig, ds_chunk_shape
+    from cce_patch.ops.fused.memory_mode import DS_CHUNK_BYTES, ds_chunk_shape
+    from cce_patch.ops.fused.tiles import TileConfig
 
     cfg = TileConfig(128, 256, 64, 8, 4)
     rows, cols = ds_chunk_shape(n, v, 2, DS_CHUNK_BYTES, cfg)
@@ -148,15 +149,15 @@ def test_fp16_smoothing_bias_lse_shift():
 
 def test_backend_computes_only_needed_grads():
     """The backend returns None for (and never allocates) gradients nobody asked for."""
-    from cce_patch.ops import triton_backend
+    from cce_patch.ops.fused import memory_mode
     from cce_patch.ops.spec import LossSpec
 
     e, c, t, b = make_inputs((13,), 24, 150, torch.float32, bias=True, device=DEVICE)
     spec = LossSpec()
-    loss, lse = triton_backend.triton_forward(e.detach(), c.detach(), b.detach(), t, spec)
+    loss, lse = memory_mode.forward(e.detach(), c.detach(), b.detach(), t, spec)
     g = torch.ones_like(loss)
     for needs in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
-        grads = triton_backend.triton_backward(e.detach(), c.detach(), b.detach(), t, spec, lse, g, None, needs)
+        grads = memory_mode.backward(e.detach(), c.detach(), b.detach(), t, spec, lse, g, None, needs)
         assert [x is not None for x in grads] == list(needs)
         for x, ref in zip(grads, (e, c, b), strict=True):
             assert x is None or (x.shape == ref.shape and x.dtype == ref.dtype and torch.isfinite(x).all())
@@ -191,17 +192,17 @@ def test_ignored_rows_with_huge_logits_stay_finite(mode):
 def test_fp32_products_follow_torchs_tf32_switch(tf32):
     """IEEE fp32 products unless the user opted into TF32 through torch (which also governs cuBLAS); half
     types never take the fp32 flag. On a GPU the TF32 tiles differ from the IEEE ones (interpreter: one tile)."""
-    from cce_patch.ops import triton_backend as tb
+    from cce_patch.ops.fused import tiles as tb
     from cce_patch.ops.spec import LossSpec
 
     e = torch.zeros(4, 64)
     cfg = tb.tile_config(torch.float32)
     tf32.set(False)
-    assert tb._flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is True
+    assert tb.kernel_flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is True
     ieee_tiles = tb.tile_config(torch.float32)
     tf32.set(True)
-    assert tb._flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is False
-    assert tb._flags(e.bfloat16(), None, LossSpec(), cfg)["IEEE_FP32"] is False
+    assert tb.kernel_flags(e, None, LossSpec(), cfg)["IEEE_FP32"] is False
+    assert tb.kernel_flags(e.bfloat16(), None, LossSpec(), cfg)["IEEE_FP32"] is False
     if not INTERPRETING:
         assert tb.tile_config(torch.float32) != ieee_tiles
         assert tb.tile_config(torch.float32, "store") == ieee_tiles

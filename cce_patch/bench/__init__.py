@@ -2,7 +2,7 @@
 ``python -m cce_patch.bench.e2e`` (a training step of a real architecture, stock vs patched).
 
 Submodules: ``regimes`` (synthetic inputs), ``methods`` (the losses compared), ``timing`` / ``memory`` (how
-they are measured), ``reference`` (fp32 gradients for the error columns), ``runner`` (the loop), ``report``
+they are measured), ``accuracy`` (fp32 ground truth for the error columns), ``runner`` (the loop), ``report``
 (table / JSON / PNG).
 """
 

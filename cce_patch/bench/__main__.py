@@ -104,7 +104,7 @@ def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentPa
     )
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-errors", action="store_true", help="skip the fp32 reference and the gradient errors")
+    p.add_argument("--no-errors", action="store_true", help="skip the fp32 ground truth and the gradient errors")
     p.add_argument("--warmup-ms", type=float, default=100.0)
     p.add_argument("--rep-ms", type=float, default=500.0, help="do_bench budget (at least 7 runs are timed)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for <name>.md/.json/.png")

@@ -1,4 +1,4 @@
-"""The measurement loop: for each shape and regime, generate inputs once, compute the fp32 reference, then
+"""The measurement loop: for each shape and regime, generate inputs once, compute the fp32 ground truth, then
 measure every method (fwd ms, fwd MB, fwd+bwd ms, fwd+bwd MB, dE/dC relative error, loss difference).
 
 Each phase of each method is isolated: an out-of-memory error or any exception is recorded in that record's
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import methods as M
+from .accuracy import GroundTruth, fp32_ground_truth, rel_err
 from .memory import free_cached, is_oom, peak_mb_above_inputs
-from .reference import Reference, fp32_reference, rel_err
 from .regimes import make_inputs
 from .timing import median_ms
 
@@ -79,7 +79,7 @@ def _run_phase(rec: Record, phase: str, device: torch.device, fn: Callable[[], N
         free_cached(device)
 
 
-def measure(method: M.Method, e, c, t, ref: Reference | None, rec: Record, cfg: BenchConfig) -> Record:
+def measure(method: M.Method, e, c, t, ref: GroundTruth | None, rec: Record, cfg: BenchConfig) -> Record:
     dev = cfg.device
     timing = dict(warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms, cpu_repeats=cfg.cpu_repeats)
 
@@ -147,7 +147,7 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
             ref_status = ""
             if cfg.errors:
                 try:
-                    ref = fp32_reference(e, c, t)
+                    ref = fp32_ground_truth(e, c, t)
                 except Exception as exc:  # noqa: BLE001
                     ref_status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"
                     free_cached(cfg.device)
@@ -158,7 +158,7 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
                 d,
                 v,
                 time.perf_counter() - t0,
-                f" (fp32 reference: {ref_status})" if ref_status else "",
+                f" (fp32 ground truth: {ref_status})" if ref_status else "",
             )
             for m in built:
                 if isinstance(m, str):
@@ -178,7 +178,7 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
                     t1 = time.perf_counter()
                     measure(m, e, c, t, ref, rec, cfg)
                     if ref is None and cfg.errors and not m.fwd_only:
-                        rec.status["errors"] = f"skipped: fp32 reference {ref_status}"
+                        rec.status["errors"] = f"skipped: fp32 ground truth {ref_status}"
                     log.info("  %-16s %s in %.1fs", rec.method, _brief(rec), time.perf_counter() - t1)
                 records.append(rec)
                 if on_record is not None:

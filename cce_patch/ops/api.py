@@ -1,110 +1,21 @@
-"""``linear_cross_entropy``: the public op. Validation, dispatch between backends, autograd, reductions.
+"""``linear_cross_entropy``: the public op. Validation, dispatch, reductions.
 
-Every backend implements the same two functions on flattened rows (see ``spec.py`` for the math):
-``forward(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows)`` and the matching ``backward``.
-Reductions are ordinary torch ops on the (N,) per-row losses, so autograd hands the backend exactly the
-per-row upstream gradient whatever the reduction.
+One call: validate every input (``validation.py``, before any kernel launch), pick the backend
+(``backends.resolve_impl``), describe the loss once (``spec.LossSpec``), and run it through the autograd
+Function of the chosen mode (``memory_mode.py`` or ``speed_mode.py``). Reductions are ordinary torch ops on
+the (N,) per-row losses, so autograd hands the backend exactly the per-row upstream gradient whatever the
+reduction.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Callable
-
 import torch
 
-from . import reference
-from .precision import is_ieee_fp32
-from .spec import LossSpec
-from .speed import SPEED_CHUNK_BYTES, SpeedModeFunction
+from .backends import get_backend, resolve_impl
+from .memory_mode import MemoryModeFunction
+from .spec import LossSpec, valid_rows
+from .speed_mode import SpeedModeFunction, speed_chunk_budget
 from .validation import validate_inputs
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere, except
-    for IEEE fp32 (fp32 inputs, TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
-
-    Why: Hopper's tensor cores have no IEEE fp32 mode, so Triton lowers an IEEE fp32 ``tl.dot`` to CUDA-core
-    FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took
-    12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
-    logits from cuBLAS SGEMMs, in row chunks large enough for them (``reference.CUDA_CHUNK_BYTES``)."""
-    ieee_on_cuda = device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype)
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() and not ieee_on_cuda else "torch"
-    if impl == "triton":
-        if not _triton_available():
-            raise RuntimeError("impl='triton' needs the `triton` package; install it or use impl='torch'")
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (got {device}); use impl='torch' or 'auto' on CPU "
-                "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
-            )
-        if ieee_on_cuda:
-            warnings.warn(
-                "impl='triton' with fp32 inputs and TF32 off runs the fused kernels' IEEE fp32 products on CUDA "
-                "cores, ~70x slower than cuBLAS SGEMM (H200: 12.5 s vs 181 ms at N=8192, V=256000); impl='auto' "
-                "takes the cuBLAS path, and torch.backends.cuda.matmul.allow_tf32 = True opts into TF32",
-                stacklevel=3,
-            )
-    return impl
-
-
-def _backend(name: str) -> tuple[Callable, Callable]:
-    if name == "torch":
-        return reference.torch_forward, reference.torch_backward
-    from . import triton_backend  # imported lazily: importing triton is slow and absent on some platforms
-
-    return triton_backend.triton_forward, triton_backend.triton_backward
-
-
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd glue: saves inputs and the per-row LSE; the backward pass recomputes the logits."""
-
-    @staticmethod
-    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str):
-        ctx.set_materialize_grads(False)
-        forward_fn, _ = _backend(impl)
-        if e2d.shape[0] == 0:
-            loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
-            lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
-        else:
-            loss, lse = forward_fn(e2d, c, bias, targets_flat, spec)
-        ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
-        ctx.spec, ctx.impl = spec, impl
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        e2d, c, bias, targets_flat, lse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if not any(needs):
-            return None, None, None, None, None, None
-        if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
-            zero = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
-            return zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, None, None, None
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        _, backward_fn = _backend(ctx.impl)
-        de, dc, db = backward_fn(
-            e2d, c, bias, targets_flat, ctx.spec, lse,
-            grad_loss.float().contiguous(),
-            grad_lse.float().contiguous() if grad_lse is not None else None,
-            needs,
-        )
-        return de, dc, db, None, None, None
 
 
 def linear_cross_entropy(
@@ -168,7 +79,7 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes,
     )
-    backend = resolve_impl(impl, e.device, e.dtype)
+    backend = get_backend(resolve_impl(impl, e.device, e.dtype))
     d = e.shape[-1]
     e2d = e.reshape(-1, d)
     if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
@@ -188,16 +99,16 @@ def linear_cross_entropy(
         x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
     )
     if mode == "speed" and wants_grad and e2d.shape[0] > 0:
-        budget = SPEED_CHUNK_BYTES if speed_chunk_bytes is None else int(speed_chunk_bytes)
-        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction, budget)
-    loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
+        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction,
+                                       speed_chunk_budget(speed_chunk_bytes))
+    loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
 
     if reduction == "none":
         loss = loss_rows.view(targets.shape)
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
-        n_valid = reference.valid_rows(targets_flat, spec).sum()
+        n_valid = valid_rows(targets_flat, spec).sum()
         loss = loss_rows.sum() / n_valid.clamp_min(1)
     if return_lse:
         return loss, lse_rows.view(targets.shape)

@@ -7,7 +7,7 @@ fresh process (no kernel cache, allocator or autotuning state shared between ver
     # an older tree beside the working one (.ab/ is git-ignored; carry it to the device)
     mkdir -p .ab/old && git archive HEAD~1 cce_patch | tar -x -C .ab/old
     python3 tests/gpu/ab_compare.py --variant new=. --variant old=.ab/old \\
-        --variant big_ds=.:triton_backend.DS_CHUNK_BYTES=268435456 --modes memory,speed --regimes flat,lm
+        --variant big_ds=.:fused.memory_mode.DS_CHUNK_BYTES=268435456 --modes memory,speed --regimes flat,lm
 
 A variant is ``name=ROOT[:module.ATTR=value,...]``: ``ROOT`` holds the ``cce_patch`` package to import, and each
 ``module.ATTR=value`` sets a constant of ``cce_patch.ops.<module>`` (ints, floats, True/False) before anything

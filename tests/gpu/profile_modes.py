@@ -27,10 +27,12 @@ from cce_patch import linear_cross_entropy
 from cce_patch.bench.memory import peak_mb_above_inputs
 from cce_patch.bench.regimes import make_inputs
 from cce_patch.bench.timing import event_median_ms
-from cce_patch.ops import triton_backend as tb
-from cce_patch.ops import triton_speed as ts
+from cce_patch.ops.fused import lse_kernel as lk
+from cce_patch.ops.fused import memory_mode as mm
+from cce_patch.ops.fused import speed_mode as ts
+from cce_patch.ops.fused import tiles as tb
+from cce_patch.ops.fused.row_prep_kernel import prepare_rows
 from cce_patch.ops.spec import LossSpec
-from cce_patch.ops.triton_rows import row_references
 
 
 def bench(fn, rep=400) -> float:
@@ -53,10 +55,10 @@ def speed_parts(e, c, t, rows: int) -> None:
     v = c.shape[0]
     q = torch.empty((rows, triton.cdiv(v, 8) * 8), dtype=e.dtype, device=e.device)[:, :v]
     e_c, t_c = e[:rows], t[:rows]
-    _, mref = row_references(e_c, c, None, t_c, LossSpec(), ts.MREF_MARGIN)
+    _, anchor = prepare_rows(e_c, c, None, t_c, LossSpec(), ts.ANCHOR_MARGIN)
     spec = LossSpec()
-    fwd_plain = bench(lambda: tb.launch_forward(e_c, c, None, t_c, spec))
-    fwd_store = bench(lambda: tb.launch_forward(e_c, c, None, t_c, spec, q=q, mref=mref))
+    fwd_plain = bench(lambda: lk.launch_lse_forward(e_c, c, None, t_c, spec))
+    fwd_store = bench(lambda: lk.launch_lse_forward(e_c, c, None, t_c, spec, q=q, anchor=anchor))
     q.copy_(torch.randn_like(q, dtype=torch.float32).mul_(1e-3))
     se = e_c * 0.5
     out = torch.empty_like(c)
@@ -141,27 +143,30 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
     print(f"  idle stretches >= {min_us:.0f} us: {total / 1e3:.2f} ms in all")
     del prof, events
 
-    from cce_patch.ops import speed as speed_mod
+    import dataclasses
+
+    from cce_patch.ops import api
 
     def step_with(check_targets: bool, range_sync: bool):
         ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
-        original = speed_mod._speed_backend
+        original = api.get_backend
 
-        def patched(impl):
-            with_grads, *rest = original(impl)
+        def patched(name):
+            backend = original(name)
+            with_grads = backend.forward_with_grads
 
             def no_range(*args):
                 out = with_grads(*args)
-                return (*out[:-1], None)  # in_range None: no sync, no fallback decision
-            return (with_grads if range_sync else no_range, *rest)
+                return (*out[:5], None, out[6])  # in_range None: no sync, no fallback decision
+            return backend if range_sync else dataclasses.replace(backend, forward_with_grads=no_range)
 
         def step():
-            speed_mod._speed_backend = patched
+            api.get_backend = patched
             try:
                 ee.grad = cc.grad = None
                 linear_cross_entropy(ee, cc, t, impl="triton", mode=mode, check_targets=check_targets).backward()
             finally:
-                speed_mod._speed_backend = original
+                api.get_backend = original
         return step
 
     for check, rng in ((True, True), (False, True), (True, False), (False, False)):
@@ -184,22 +189,22 @@ def store_tiles(regime: str) -> None:
     """Tile shapes for speed mode's storing forward kernel alone ("store" in ``tile_config``): the kernel on
     4,096 rows, then the whole speed-mode op."""
     e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
-    original, tma_store = tb.tile_config, tb.Q_TMA_STORE
+    original, tma_store = tb.tile_config, lk.Q_TMA_STORE
     rows = 4096
     q = torch.empty((rows, 256000), dtype=e.dtype, device=e.device)
-    _, mref = row_references(e[:rows], c, None, t[:rows], LossSpec(), ts.MREF_MARGIN)
+    _, anchor = prepare_rows(e[:rows], c, None, t[:rows], LossSpec(), ts.ANCHOR_MARGIN)
     print(f"== storing kernel tiles, {regime}, {rows} rows (then the speed op fwd+bwd)")
     for *tiles, tma in STORE_TILES:
         cfg = tb.TileConfig(*tiles)
         tb.tile_config = lambda dtype, kernel="forward", cfg=cfg: cfg if kernel == "store" else original(dtype, kernel)  # noqa: E731
-        tb.Q_TMA_STORE = tma
+        lk.Q_TMA_STORE = tma
         try:
-            k_ms = bench(lambda: tb.launch_forward(e[:rows], c, None, t[:rows], LossSpec(), q=q, mref=mref))
+            k_ms = bench(lambda: lk.launch_lse_forward(e[:rows], c, None, t[:rows], LossSpec(), q=q, anchor=anchor))
             op_ms = bench(step_fn(e, c, t, mode="speed"))
             print(f"  {tiles} q_tma={tma:d}: kernel {k_ms:6.2f} ms, speed op {op_ms:6.2f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001 - a shape may not fit shared memory: report, go on
             print(f"  {tiles} q_tma={tma:d}: failed {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-    tb.tile_config, tb.Q_TMA_STORE = original, tma_store
+    tb.tile_config, lk.Q_TMA_STORE = original, tma_store
 
 
 FP32_TILES = [  # fp32 inputs with TF32 opted in: the same tile for every kernel, backward one stage deeper
@@ -277,16 +282,16 @@ def main(regimes: list[str]) -> None:
             ms = bench(st)
             mb = peak_mb_above_inputs(st, e.device)
             print(f"  speed op budget {budget / 2**30:.0f} GiB: fwd+bwd {ms:6.2f} ms, {mb:7.1f} MB", flush=True)
-        default = tb.DS_CHUNK_BYTES
+        default = mm.DS_CHUNK_BYTES
         for chunk in (default, 3 * default // 2, 2 * default):
-            tb.DS_CHUNK_BYTES = chunk
+            mm.DS_CHUNK_BYTES = chunk
             st = step_fn(e, c, t)
             ms = bench(st)
             mb = peak_mb_above_inputs(st, e.device)
             print(f"  memory op dS chunk {chunk / 2**20:.0f} MiB: fwd+bwd {ms:6.2f} ms, {mb:7.1f} MB", flush=True)
-        tb.DS_CHUNK_BYTES = default
+        mm.DS_CHUNK_BYTES = default
         for tma_store in (False, True):
-            tb.Q_TMA_STORE = tma_store
+            lk.Q_TMA_STORE = tma_store
             print(f"  Q_TMA_STORE={tma_store}: speed fwd+bwd {bench(step_fn(e, c, t, mode='speed')):6.2f} ms")
         del e, c, t
         torch.cuda.empty_cache()

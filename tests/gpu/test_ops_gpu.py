@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from oracle import TOL, check_against_oracle, make_inputs
 
 from cce_patch import linear_cross_entropy
+from cce_patch.bench.accuracy import fp32_ground_truth, rel_err
 from cce_patch.bench.memory import peak_mb_above_inputs
-from cce_patch.bench.reference import fp32_reference, rel_err
 from cce_patch.bench.regimes import make_inputs as regime_inputs
 
 pytestmark = pytest.mark.gpu
@@ -45,7 +45,7 @@ def test_paper_shape_errors_vs_plain_torch(dtype, regime):
     """Both modes (speed: bf16/fp32 only). bf16/fp16: dE and dC errors vs fp32 at most 2x plain torch's in
     the same dtype. fp32: tight (IEEE products in the kernels, TF32 off in cuBLAS by default)."""
     e, c, t = regime_inputs(regime, *PAPER, device="cuda", dtype=dtype)
-    ref = fp32_reference(e, c, t)
+    ref = fp32_ground_truth(e, c, t)
     modes = ["memory"] + (["speed"] if dtype != torch.float16 else [])
     theirs = None
     if dtype != torch.float32:
@@ -70,7 +70,7 @@ def test_speed_mode_many_chunks_bf16():
     Its errors must stay within 2x the memory mode's (which is within 2x plain torch at N=8192; plain torch
     itself does not fit here)."""
     e, c, t = regime_inputs("lm", 32768, PAPER[1], PAPER[2], device="cuda", dtype=torch.bfloat16)
-    ref = fp32_reference(e, c, t)
+    ref = fp32_ground_truth(e, c, t)
     errs = {}
     for mode in ("memory", "speed"):
         _, de, dc = _grads(lambda *a, m=mode: linear_cross_entropy(*a, impl="triton", mode=m), e, c, t)

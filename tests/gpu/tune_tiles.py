@@ -18,7 +18,9 @@ import triton.testing
 
 from cce_patch import linear_cross_entropy
 from cce_patch.bench.regimes import make_inputs
-from cce_patch.ops import triton_backend as tb
+from cce_patch.ops.fused import lse_kernel as lk
+from cce_patch.ops.fused import memory_mode as mm
+from cce_patch.ops.fused import tiles as tb
 from cce_patch.ops.spec import LossSpec
 
 TILES = [  # block_m, block_n, block_k, num_warps, num_stages
@@ -58,29 +60,29 @@ def main(quick: bool) -> None:
     n, d, v = 8192, 2304, 256000
     e, c, t = make_inputs("lm", n, d, v, device="cuda", dtype=torch.bfloat16)
     default = tb.tile_config(torch.bfloat16)
-    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), "default", default, tb.FWD_WAVES)
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), "default", default, lk.FWD_WAVES)
     cublas_floors(e, c)
     spec = LossSpec()
     fwd = {}
     print(f"tma flat {'forward tiles':>22} group waves | ms")
     for tma, flat in FWD_LOADS:
-        tb.USE_TMA, tb.FWD_FLAT_LOOP = tma, flat
+        tb.USE_TMA, lk.FWD_FLAT_LOOP = tma, flat
         for tiles in TILES[:1] if quick else TILES:
             for group in GROUPS[-1:]:
                 for waves in WAVES:
                     use(tiles, group)
-                    tb.FWD_WAVES = waves
+                    lk.FWD_WAVES = waves
                     key = f"{tma:d}   {flat:d}  {str(tiles):>22} {group:5d} {waves:5d}"
                     try:
-                        fwd[tma, flat, tiles, group, waves] = ms = bench(lambda: tb.triton_forward(e, c, None, t, spec))
+                        fwd[tma, flat, tiles, group, waves] = ms = bench(lambda: mm.forward(e, c, None, t, spec))
                         print(f"{key} | {ms:6.2f}", flush=True)
                     except Exception as exc:  # noqa: BLE001 - a shape may exceed shared memory; report, go on
                         print(f"{key} | failed {type(exc).__name__}: {str(exc)[:80]}")
     best_f = min(fwd, key=fwd.get)
     print("best forward", best_f, f"{fwd[best_f]:.2f} ms", flush=True)
-    tb.FWD_WAVES = best_f[4]
-    tb.USE_TMA, tb.FWD_FLAT_LOOP = best_f[:2]
-    loss, lse = tb.triton_forward(e, c, None, t, spec)
+    lk.FWD_WAVES = best_f[4]
+    tb.USE_TMA, lk.FWD_FLAT_LOOP = best_f[:2]
+    loss, lse = mm.forward(e, c, None, t, spec)
     g = torch.full_like(loss, 1.0 / n)
     bwd = {}
     print(f"tma {'logit-grad tiles':>22} group | ms (all chunks, kernel only)")
@@ -92,7 +94,7 @@ def main(quick: bool) -> None:
                 key = f"{tma:d} {str(tiles):>22} {group:5d}"
                 try:
                     bwd[tma, tiles, group] = ms = bench(
-                        lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
+                        lambda: mm.backward(e, c, None, t, spec, lse, g, None, (False, False, False)))
                     print(f"{key} | {ms:6.2f}", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     print(f"{key} | failed {type(exc).__name__}: {str(exc)[:80]}")
@@ -109,7 +111,7 @@ def main(quick: bool) -> None:
         if f_tma != b_tma:
             print(f"{label}: forward tma={f_tma} and backward tma={b_tma} differ; timing with tma={b_tma}")
         tb.USE_TMA = b_tma
-        full_b = bench(lambda: tb.triton_backward(e, c, None, t, spec, lse, g, None, (True, True, False)))
+        full_b = bench(lambda: mm.backward(e, c, None, t, spec, lse, g, None, (True, True, False)))
         with torch.no_grad():
             f_ms = bench(lambda: linear_cross_entropy(e, c, t))
         ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
@@ -119,7 +121,7 @@ def main(quick: bool) -> None:
             linear_cross_entropy(ee, cc, t).backward()
 
         fb = bench(step, rep=1000)
-        print(f"{label}: tma {f_tma}/{b_tma} waves {tb.FWD_WAVES} fwd {fc} bwd {bc}:", flush=True)
+        print(f"{label}: tma {f_tma}/{b_tma} waves {lk.FWD_WAVES} fwd {fc} bwd {bc}:", flush=True)
         print(f"    op fwd {f_ms:.2f} ms, backend bwd {full_b:.2f} ms, op fwd+bwd {fb:.2f} ms", flush=True)
 
 

@@ -36,7 +36,7 @@ def mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bo
 
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None) -> None:
     """out = scale * (a @ b), out possibly a slice of a gradient. With a scale (fp16 only, see
-    ``triton_backend``), the product is formed in fp32 first, so that undoing the scale cannot overflow fp16."""
+    ``memory_mode``), the product is formed in fp32 first, so that undoing the scale cannot overflow fp16."""
     if scale is None:
         if a.is_cuda or a.dtype == torch.float32:
             torch.mm(a, b, out=out)

@@ -11,13 +11,13 @@ waves, so that partial memory is ~8 B x BLOCK_M x programs (~4 MB on an H100) wh
 The splits are combined in ``combine_partials``.
 
 Speed mode (STORE_Q) additionally writes, for every logit of the rows, the unnormalised probability
-    q_ij = exp(z_ij - mref_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap; 0 at j = t_i)
-in the input dtype, where mref_i is a per-row reference fixed before the launch (``triton_speed.py``: the
-target logit plus a margin; +inf for ignored rows, whose q rows are therefore exactly 0). Because mref_i does
+    q_ij = exp(z_ij - anchor_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap; 0 at j = t_i)
+in the input dtype, where anchor_i is a per-row exponent anchor fixed before the launch (``speed_mode.py``: the
+target logit plus a margin; +inf for ignored rows, whose q rows are therefore exactly 0). Because anchor_i does
 not move while the kernel streams the vocabulary, the sum of exp needs no running max either: each split
-reports (mref_i, sum_{j != t_i} exp(z_ij - mref_i)), merged by ``triton_speed.combine_speed_partials``, and
+reports (anchor_i, sum_{j != t_i} exp(z_ij - anchor_i)), merged by ``speed_mode.combine_speed_partials``, and
 every exp is computed once, for both the sum and q. After the launch the whole row of q is the logit gradient
-up to the row scale exp(mref_i - lse_i), and cuBLAS consumes it directly. The q tile goes out through the copy
+up to the row scale exp(anchor_i - lse_i), and cuBLAS consumes it directly. The q tile goes out through the copy
 engine when the loads do (an asynchronous store that overlaps the next tile's matmul); q (rows x V) is this
 mode's memory cost.
 
@@ -32,25 +32,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
+from ..spec import LossSpec
+from . import tiles
+from .jit_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
+
+#: Forward work items to aim for, in waves of one program per SM (a 128x256 fp32 accumulator fills an SM).
+#: Many short items keep the last wave's idle tail small (the first design gave each program 1/9 of the
+#: vocabulary: 576 items = 4.4 waves on 132 SMs, a fifth wave 36% full), while the per-split partials stay at
+#: ~8 B x BLOCK_M x items whatever N is (~4 MB at BLOCK_M=128).
+FWD_WAVES = 32
+#: With TMA, run the forward as one flat loop over (vocab tile, K step) so that the next tile's loads stay in
+#: flight across the epilogue: 14.4 -> 13.9 ms. With pointer loads it is slower (16.8 -> 19.1), so it is off there.
+FWD_FLAT_LOOP = True
+#: Speed mode writes q through the copy engine (an asynchronous bulk store from shared memory) instead of
+#: pointer stores from registers. H100, paper shape: speed fwd+bwd 48.2 -> 46.3 ms (lm), 51.0 -> 48.7 (peaked).
+#: The same store for memory mode's dS (3 pipeline stages, to fit the 64 KB staging tile) was slower:
+#: 57.0 -> 60.9 ms (lm), 62.3 -> 63.6 (peaked), so dS keeps pointer stores (KERNEL_NOTES.md, v5).
+Q_TMA_STORE = True
 
 
 @triton.jit
-def reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM: tl.constexpr):
-    """Speed mode's version of ``online_update``: with the reference mref fixed per row, fold one logit tile
-    into (sum over non-target columns of exp(z - mref), target logit, logit sum) and return the tile's
-    q = exp(z - mref), 0 at the target column, for the store.
+def anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM: tl.constexpr):
+    """Speed mode's version of ``online_update``: with the anchor fixed per row, fold one logit tile
+    into (sum over non-target columns of exp(z - anchor), target logit, logit sum) and return the tile's
+    q = exp(z - anchor), 0 at the target column, for the store.
 
-    Leaving the target out of the sum lets the host form p_t - 1 = -s / (s + exp(z_t - mref)) without the
+    Leaving the target out of the sum lets the host form p_t - 1 = -s / (s + exp(z_t - anchor)) without the
     cancellation of computing p_t first. bf16 and fp32 share fp32's exponent range, so q keeps full relative
-    precision for logits down to ~87 nats below mref and overflows only ~88 above it; the launcher places
-    mref and checks each row afterwards (``triton_speed.SPEED_RANGE``)."""
+    precision for logits down to ~87 nats below anchor and overflows only ~88 above it; the launcher places
+    anchor and checks each row afterwards (``speed_mode.SPEED_RANGE``)."""
     col_ok = offs_n[None, :] < V
     is_target = offs_n[None, :] == tgt[:, None]
     if NEED_ZSUM:
         zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
     zt_i += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-    q = tl.where(col_ok & ~is_target, tl.exp(z - mref[:, None]), 0.0)
+    q = tl.where(col_ok & ~is_target, tl.exp(z - anchor[:, None]), 0.0)
     s_i += tl.sum(q, axis=1)
     return q, s_i, zt_i, zsum_i
 
@@ -86,7 +102,7 @@ def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.const
 @triton.jit
 def lse_forward_kernel(
     E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
-    Q, MREF, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), MREF (N,)
+    Q, ANCHOR, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), ANCHOR (N,)
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
     Q_IS_DESC: tl.constexpr, UPCAST: tl.constexpr,
@@ -106,7 +122,7 @@ def lse_forward_kernel(
     any_valid = valid_in_block > 0
     n_tiles = tl.where(any_valid, tl.cdiv(v_hi - v_lo, BLOCK_N), 0)
     if STORE_Q:
-        mref = tl.load(MREF + offs_m, mask=row_ok, other=float("inf"))
+        anchor = tl.load(ANCHOR + offs_m, mask=row_ok, other=float("inf"))
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -127,7 +143,7 @@ def lse_forward_kernel(
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
                 if STORE_Q:
-                    q, s_i, zt_i, zsum_i = reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM)
+                    q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
                     store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                                  HAS_SOFTCAP, Q_IS_DESC)
                 else:
@@ -140,13 +156,13 @@ def lse_forward_kernel(
                            HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if STORE_Q:
-                q, s_i, zt_i, zsum_i = reference_update(z, offs_n, tgt, V, mref, s_i, zt_i, zsum_i, NEED_ZSUM)
+                q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
                 store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                              HAS_SOFTCAP, Q_IS_DESC)
             else:
                 m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
     if STORE_Q:
-        m_i = mref  # s_i is relative to the fixed reference
+        m_i = anchor  # s_i is relative to the fixed anchor
         if valid_in_block == 0:
             # The matmul was skipped, but the gradient GEMMs read these rows of q: they must be zeros.
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -174,3 +190,37 @@ def combine_partials(part: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, 
         loss = loss - (label_smoothing / vocab) * part[2].sum(dim=0)
     zero = torch.zeros_like(lse)
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
+
+
+def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor | None = None,
+                   anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: per-split partials (m, s[, zsum]) and the target logits zt.
+
+    With ``q`` and ``anchor`` (speed mode), the kernel also writes q = exp(z - anchor) for every logit into ``q``
+    (rows x V view, unit column stride)."""
+    n, d = e2d.shape
+    v = c.shape[0]
+    cfg = tiles.tile_config(e2d.dtype, "forward" if q is None else "store")
+    row_blocks = triton.cdiv(n, cfg.block_m)
+    vocab_tiles = triton.cdiv(v, cfg.block_n)
+    splits = max(1, min(vocab_tiles, triton.cdiv(FWD_WAVES * tiles.num_sms(e2d.device), row_blocks)))
+    tiles_per_split = triton.cdiv(vocab_tiles, splits)
+    splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside the vocabulary
+    need_zsum = spec.label_smoothing > 0
+    part = torch.empty((3 if need_zsum else 2, splits, n), dtype=torch.float32, device=e2d.device)
+    zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
+    e_arg, c_arg, use_tma = tiles.matmul_operands(e2d, c, cfg)
+    store_q = q is not None
+    q_arg = q if store_q else e2d
+    if store_q and use_tma and Q_TMA_STORE and tiles.tma_ok(q):  # asynchronous bulk store of each q tile
+        q_arg = tiles.TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_n])
+    lse_forward_kernel[(row_blocks * splits,)](
+        e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
+        q_arg, anchor if store_q else zt, q.stride(0) if store_q else 0,
+        n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
+        float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
+        NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=store_q and q_arg is not q,
+        USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tiles.kernel_flags(e2d, bias, spec, cfg),
+    )
+    return part, zt

@@ -6,13 +6,8 @@ one ``@triton.jit`` helper guarantees the backward recomputes exactly what the f
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-#: Under TRITON_INTERPRET=1 (CPU tests) bf16/fp16 ``tl.dot`` is unreliable: upcast tiles to fp32 there.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -5,12 +5,12 @@ before the backward pass: w_i = 1/n_valid (mean) or 1 (sum), times the final gra
 can be formed while the logits are being computed, and the backward's recompute of the logits (a fourth
 GEMM of N x D x V) disappears. Per chunk of token rows (sized by a byte budget), with z = softcap(e c^T + b):
 
-    1. mref_i = z_{i,t_i} + MREF_MARGIN, from the target logit (a gather-dot, ``triton_rows.py``), where
+    1. anchor_i = z_{i,t_i} + ANCHOR_MARGIN, from the target logit (a gather-dot, ``row_prep_kernel.py``), where
        z_{i,t_i} is a lower bound of the row max: max_j z_ij - z_{i,t_i} <= lse_i - z_{i,t_i} = the row's loss.
-    2. The forward kernel streams the vocabulary as usual and also stores q_ij = exp(z_ij - mref_i)
-       [* softcap derivative], 0 at the target, in the input dtype. Its reference does not move while the
+    2. The forward kernel streams the vocabulary as usual and also stores q_ij = exp(z_ij - anchor_i)
+       [* softcap derivative], 0 at the target, in the input dtype. Its anchor does not move while the
        kernel runs, so one scalar per row turns q into probabilities: p_ij = q_ij * a_i,
-       a_i = exp(mref_i - lse_i).
+       a_i = exp(anchor_i - lse_i).
     3. cuBLAS, with w the loss weight of a counted row (1/n_valid for mean, 1 for sum):
            dE[rows] = w a * (Q @ C) + w (p_t - (1 - eps)) f_t * c_t     (fp32, rounded once)
            dC      += w * Q^T @ (a * E[rows])                            (input dtype, in place)
@@ -22,10 +22,10 @@ GEMM of N x D x V) disappears. Per chunk of token rows (sized by a byte budget),
 Three GEMMs in all (the 3-GEMM floor). Memory: the q chunk (rows x V in the input dtype) on top of the
 gradients, plus fp32 rows x D temporaries.
 
-Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. With the margin, q_max = exp(max_j z - mref)
+Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. With the margin, q_max = exp(max_j z - anchor)
 <= exp(loss - 40), and every logit within 40 nats of the max has q >= e^-80: full relative precision. The
-launcher checks lse_i - mref_i <= SPEED_RANGE (64) per row, i.e. losses up to 104 nats (p_target > 1e-45);
-beyond that, or on any non-finite value, the call falls back to the recompute path (see ``speed.py``).
+launcher checks lse_i - anchor_i <= SPEED_RANGE (64) per row, i.e. losses up to 104 nats (p_target > 1e-45);
+beyond that, or on any non-finite value, the call falls back to the recompute path (see ``ops/speed_mode.py``).
 fp16's range (~[-10, 11] in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
 """
 
@@ -34,18 +34,18 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..spec import LossSpec, loss_weight
+from . import tiles
 from .gemm import mm_accumulate, mm_fp32
-from .reference import loss_weight
-from .spec import LossSpec
-from .triton_backend import launch_forward, tile_config
-from .triton_rows import row_references
+from .lse_kernel import launch_lse_forward
+from .row_prep_kernel import prepare_rows
 
-#: Added to the target logit to place each row's reference mref. Since the target logit is at most the row max,
-#: mref <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
+#: Added to the target logit to place each row's exponent anchor. Since the target logit is at most the row max,
+#: anchor <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
 #: number.
-MREF_MARGIN = 40.0
-#: Largest lse - mref a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
-#: scale a = exp(mref - lse) above e^-64. Together with the margin: losses up to 104 nats.
+ANCHOR_MARGIN = 40.0
+#: Largest lse - anchor a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
+#: scale a = exp(anchor - lse) above e^-64. Together with the margin: losses up to 104 nats.
 SPEED_RANGE = 64.0
 #: With more row chunks than this, dC is accumulated in an fp32 buffer (2x dC's bytes more memory, and an
 #: fp32 read+write of it per chunk) instead of in place in the input dtype, which would round every chunk's
@@ -58,26 +58,26 @@ def new_q_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.devic
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def combine_speed_partials(part: torch.Tensor, zt: torch.Tensor, mref: torch.Tensor, valid: torch.Tensor,
+def combine_speed_partials(part: torch.Tensor, zt: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor,
                            eps: float, vocab: int):
-    """(loss, lse, a, p_t - 1) per row from the storing kernel's per-split sums s = sum_{j != t} exp(z_j - mref).
+    """(loss, lse, a, p_t - 1) per row from the storing kernel's per-split sums s = sum_{j != t} exp(z_j - anchor).
 
-    With q_t = exp(z_t - mref) and S = s + q_t: lse = mref + log S, a = exp(mref - lse) = 1 / S, and
+    With q_t = exp(z_t - anchor) and S = s + q_t: lse = anchor + log S, a = exp(anchor - lse) = 1 / S, and
     p_t - 1 = -s / S and loss = log1p(s / q_t) have no cancellation, however close p_t is to 1 (lse - z_t in
     fp32 would lose ~ulp(lse), 3e-5 at lse ~ 300)."""
     s_nt = part[1].sum(dim=0)
-    q_t = torch.exp(zt - mref)
+    q_t = torch.exp(zt - anchor)
     total = s_nt + q_t
-    lse = mref + torch.log(total)
+    lse = anchor + torch.log(total)
     loss = torch.log1p(s_nt / q_t)
     if eps:
         loss = loss + eps * (zt - part[2].sum(dim=0) / vocab)
     zero = torch.zeros_like(lse)
     return (torch.where(valid, loss, zero), torch.where(valid, lse, zero), torch.where(valid, 1.0 / total, zero),
-            torch.where(valid, eps - s_nt / total, zero), torch.where(valid, lse - mref, zero))
+            torch.where(valid, eps - s_nt / total, zero), torch.where(valid, lse - anchor, zero))
 
 
-def triton_forward_with_grads(
+def forward_with_grads(
     e2d: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
@@ -94,21 +94,21 @@ def triton_forward_with_grads(
     not finite), in which case neither the gradients nor loss/lse are to be used.
 
     Launch order matters here: the caller's target check leaves the GPU idle, and every small torch op
-    before the first storing launch costs host time while it stays idle. So the row references come from
+    before the first storing launch costs host time while it stays idle. So the row anchors come from
     one kernel and the first storing kernel is launched before any other bookkeeping."""
     need_de, need_dc, need_db = needs
     n, d = e2d.shape
     v = c.shape[0]
     dtype = e2d.dtype
     eps, cap = spec.label_smoothing, spec.softcap
-    tgt, mref_all = row_references(e2d, c, bias, targets_flat, spec, MREF_MARGIN)
+    tgt, anchor_all = prepare_rows(e2d, c, bias, targets_flat, spec, ANCHOR_MARGIN)
     chunk_spec = LossSpec(ignore_index=spec.ignore_index, softcap=cap, label_smoothing=eps, shift_period=0)
     v_pad = triton.cdiv(v, 8) * 8  # 16-byte aligned rows of q for the copy engine and cuBLAS
     q = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)[:, :v]
     chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
 
     def launch(r0: int, r1: int):
-        return launch_forward(e2d[r0:r1], c, bias, tgt[r0:r1], chunk_spec, q=q[: r1 - r0], mref=mref_all[r0:r1])
+        return launch_lse_forward(e2d[r0:r1], c, bias, tgt[r0:r1], chunk_spec, q=q[: r1 - r0], anchor=anchor_all[r0:r1])
 
     first = launch(*chunks[0])
     # Everything below overlaps the first storing kernel.
@@ -132,7 +132,7 @@ def triton_forward_with_grads(
     for k, (r0, r1) in enumerate(chunks):
         part, zt = first if k == 0 else launch(r0, r1)
         e_c, ok_c, t_safe, qk = e2d[r0:r1], valid[r0:r1], t_safe_all[r0:r1], q[: r1 - r0]
-        loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, mref_all[r0:r1], ok_c, eps, v)
+        loss[r0:r1], lse[r0:r1], a, coef, gap = combine_speed_partials(part, zt, anchor_all[r0:r1], ok_c, eps, v)
         gaps.append(gap.max())
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
@@ -190,10 +190,10 @@ def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tens
         dc_acc[rows] = (dc_acc[rows].float() + acc[i:i + rows_per_step]).to(dc_acc.dtype)
 
 
-def default_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:
+def speed_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:
     """Rows per chunk so that q (rows x V) fits ``chunk_bytes``; chunks are balanced and rounded up to whole
     row blocks, and never fewer than one block."""
-    block = tile_config(dtype, "store").block_m
+    block = tiles.tile_config(dtype, "store").block_m
     itemsize = torch.empty((), dtype=dtype).element_size()
     cap = max(block, chunk_bytes // (triton.cdiv(v, 8) * 8 * itemsize))
     chunks = triton.cdiv(n, cap)

@@ -1,15 +1,16 @@
-"""Pure-PyTorch implementation: the CPU path, and an independent second implementation of the math.
+"""The chunked PyTorch backend: the CPU path, IEEE fp32 on CUDA, and a second implementation of the math.
 
 It follows ``spec.LossSpec`` exactly, in fp32, processing a chunk of rows at a time so that at most
 ``chunk_rows x V`` logits exist at once (never the full ``N x V`` matrix). The backward pass recomputes each
-chunk's logits from ``e``, ``c`` and the saved log-sum-exp, as the fused kernels do.
+chunk's logits from ``e``, ``c`` and the saved log-sum-exp, as the fused kernels do; speed mode
+(``forward_with_grads``) forms each chunk's gradients while its logits exist.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .spec import LossSpec
+from .spec import LossSpec, loss_weight, row_targets, valid_rows
 
 #: fp32 logits per chunk: 64 MiB keeps the CPU path cache-friendly and bounded at any vocabulary size.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -30,40 +31,6 @@ def chunk_rows_for(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (vocab * 4 * 2))
 
 
-def _row_targets(targets_flat: torch.Tensor, start: int, stop: int, shift_period: int) -> torch.Tensor:
-    """Targets of rows [start, stop); rows that end a sequence under shifting get -1 (never a class)."""
-    if not shift_period:
-        return targets_flat[start:stop].long()
-    n = targets_flat.numel()
-    idx = torch.arange(start + 1, stop + 1, device=targets_flat.device)
-    out = targets_flat[idx.clamp_max(n - 1)].long()
-    return torch.where(idx % shift_period == 0, torch.full_like(out, -1), out)
-
-
-def effective_targets(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """(N,) int64 target of each row after the causal shift, ``ignore_index`` where the row does not count.
-
-    Paths that slice rows into chunks whose boundaries need not fall on sequence boundaries (speed mode, the
-    memory mode's row groups) apply the shift up front: every chunk is then an unshifted problem
-    (``shift_period=0``)."""
-    t = _row_targets(targets_flat, 0, targets_flat.numel(), spec.shift_period)
-    valid = (t != spec.ignore_index) & (t >= 0)
-    return torch.where(valid, t, torch.full_like(t, spec.ignore_index))
-
-
-def valid_rows(targets_flat: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """(N,) bool mask of rows that contribute to the loss."""
-    t = _row_targets(targets_flat, 0, targets_flat.numel(), spec.shift_period)
-    return (t != spec.ignore_index) & (t >= 0)
-
-
-def loss_weight(valid: torch.Tensor, mean: bool) -> torch.Tensor:
-    """The loss weight of a counted row as a 0-dim device tensor (no host sync): 1/n_valid (``mean``; 1 when
-    nothing counts, so an all-ignored batch gives 0, not NaN) or 1."""
-    ones = torch.ones((), dtype=torch.float32, device=valid.device)
-    return ones / valid.sum().clamp_min(1) if mean else ones
-
-
 class _Chunk:
     """Logits of one chunk of rows in fp32, with everything the forward and backward need from them."""
 
@@ -76,7 +43,7 @@ class _Chunk:
             s = spec.softcap * torch.tanh(s / spec.softcap)
         self.e = e
         self.z = s
-        t = _row_targets(targets_flat, start, stop, spec.shift_period)
+        t = row_targets(targets_flat, start, stop, spec.shift_period)
         self.valid = (t != spec.ignore_index) & (t >= 0)
         self.t = torch.where(self.valid, t, torch.zeros_like(t))
 
@@ -143,7 +110,7 @@ def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None):
         yield start, stop, _Chunk(e2d, c32, b32, targets_flat, spec, start, stop), c32
 
 
-def torch_forward(
+def forward(
     e2d: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
@@ -159,7 +126,7 @@ def torch_forward(
     return loss, lse
 
 
-def torch_backward(
+def backward(
     e2d: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
@@ -180,19 +147,25 @@ def torch_backward(
     return sink.result()
 
 
-def torch_forward_with_grads(
+def forward_with_grads(
     e2d: torch.Tensor,
     c: torch.Tensor,
     bias: torch.Tensor | None,
     targets_flat: torch.Tensor,
     spec: LossSpec,
-    row_weight: torch.Tensor,
+    mean: bool,
     needs: tuple[bool, bool, bool],
     chunk_rows: int | None = None,
 ):
-    """Speed mode on the torch path: the scalar loss is sum_i w_i loss_i with ``row_weight`` w known now, so
-    each chunk's fp32 logits give its loss and its gradients at once (three matmuls per chunk, not four).
-    Returns (loss_rows, lse_rows, dE, dC, dbias, None): the torch path has no range limit to report."""
+    """Speed mode on the torch path: the scalar loss is ``weight * sum of counted rows`` with the weight known
+    now (1/n_valid for ``mean``, else 1), so each chunk's fp32 logits give its loss and its gradients at once
+    (three matmuls per chunk, not four).
+
+    Returns (loss_rows, lse_rows, dE, dC, dbias, in_range, weight) as every backend's ``forward_with_grads``;
+    ``in_range`` is None: the torch path has no range limit to report."""
+    valid = valid_rows(targets_flat, spec)
+    weight = loss_weight(valid, mean)
+    row_weight = valid.float() * weight
     loss = torch.zeros(e2d.shape[0], dtype=torch.float32, device=e2d.device)
     lse = torch.zeros_like(loss)
     sink = _GradSink(e2d, c, bias, needs)
@@ -200,4 +173,9 @@ def torch_forward_with_grads(
         loss[start:stop], lse[start:stop] = _chunk_loss(ch, spec, c.shape[0])
         dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], row_weight[start:stop], None)
         sink.add(ch, c32, dz, start, stop)
-    return (loss, lse, *sink.result(), None)
+    return (loss, lse, *sink.result(), None, weight)
+
+
+def speed_chunk_rows(n: int, vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
+    """Rows per chunk of speed mode on this path: the fp32 logits and their gradient fit ``chunk_bytes``."""
+    return chunk_rows_for(vocab, chunk_bytes)

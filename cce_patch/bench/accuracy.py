@@ -1,8 +1,8 @@
-"""fp32 reference loss and gradients for the error columns, chunked over tokens so it always fits.
+"""fp32 ground truth (loss and gradients) for the error columns, chunked over tokens so it always fits.
 
 Why chunked: at the paper's shape the fp32 logits alone are 8 GB and at N=65536 they are 67 GB. Rows are taken
 ``chunk`` at a time: logits -> softmax - onehot -> dE rows and a dC accumulation, all in true fp32 (TF32 off),
-so the reference is ~1e-6 accurate and costs a few fp32 GEMMs of N x D x V.
+so the ground truth is ~1e-6 accurate and costs a few fp32 GEMMs of N x D x V.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass
-class Reference:
+class GroundTruth:
     loss: float
     de: torch.Tensor  # (N, D) fp32, gradient of the mean loss
     dc: torch.Tensor  # (V, D) fp32
@@ -31,9 +31,9 @@ def _no_tf32():
 
 
 @torch.no_grad()
-def fp32_reference(
+def fp32_ground_truth(
     e: torch.Tensor, c: torch.Tensor, t: torch.Tensor, *, chunk_bytes: int = 2 * 1024**3
-) -> Reference:
+) -> GroundTruth:
     """Mean cross-entropy of ``e @ c.T`` vs ``t`` and its gradients w.r.t. ``e`` and ``c``, in fp32."""
     n, v = e.shape[0], c.shape[0]
     rows = max(1, min(n, chunk_bytes // (4 * v)))
@@ -54,7 +54,7 @@ def fp32_reference(
             de[s : s + rows] = probs @ c32
             dc.addmm_(probs.T, e32)
             del logits, probs
-    return Reference(loss=float(loss_sum / n), de=de, dc=dc)
+    return GroundTruth(loss=float(loss_sum / n), de=de, dc=dc)
 
 
 def rel_err(g: torch.Tensor, ref: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ the bulk of the work, and cuBLAS does them at full speed while the Triton kernel
 step into the recompute's epilogue. Memory: one dS chunk (bounded by a byte budget) plus the fp32 dE
 accumulator, on top of the gradients themselves.
 Grid: 1-D over (row block, column tile of the chunk), grouped GROUP_M row blocks at a time (see
-``triton_common.grouped_pid``); row blocks whose targets are all ignored write zeros and skip the matmul.
+``jit_common.grouped_pid``); row blocks whose targets are all ignored write zeros and skip the matmul.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import grouped_pid, logit_tile, row_targets
+from .jit_common import grouped_pid, logit_tile, row_targets
 
 
 @triton.jit

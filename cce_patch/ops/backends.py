@@ -1,0 +1,92 @@
+"""The backends of the op, each one record of the same shape, and the one place that chooses between them.
+
+A backend computes the loss of flattened rows (``spec.py`` has the math) four ways:
+
+- ``forward(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows)``, fp32 (N,), 0 on ignored rows;
+- ``backward(e2d, c, bias, targets_flat, spec, lse, grad_loss, grad_lse, needs) -> (dE, dC, dbias)``, the
+  memory mode's recompute, for per-row upstream gradients (``needs`` says which gradients to form);
+- ``forward_with_grads(e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows) -> (loss_rows, lse_rows,
+  dE, dC, dbias, in_range, weight)``, speed mode: the gradients of ``weight * sum of counted rows`` formed in
+  the forward pass; ``in_range`` is None or a 0-dim bool tensor, False when the result must not be used;
+- ``speed_chunk_rows(n, vocab, dtype, chunk_bytes) -> rows``, the rows of one speed-mode chunk.
+
+``"torch"`` is the chunked PyTorch path (``chunked_torch.py``), ``"triton"`` the fused kernels (``fused/``),
+imported only when chosen: importing Triton is slow, and absent on some platforms.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .precision import is_ieee_fp32
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    forward_with_grads: Callable
+    speed_chunk_rows: Callable[[int, int, torch.dtype, int], int]
+
+
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """The backend called ``name`` (``"torch"`` or ``"triton"``), as resolved by :func:`resolve_impl`."""
+    if name == "torch":
+        from . import chunked_torch as path
+
+        return Backend("torch", path.forward, path.backward, path.forward_with_grads, path.speed_chunk_rows)
+    if name == "triton":
+        from .fused import memory_mode, speed_mode
+
+        return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
+                       speed_mode.speed_chunk_rows)
+    raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere, except
+    for IEEE fp32 (fp32 inputs, TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
+
+    Why: Hopper's tensor cores have no IEEE fp32 mode, so Triton lowers an IEEE fp32 ``tl.dot`` to CUDA-core
+    FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took
+    12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
+    logits from cuBLAS SGEMMs, in row chunks large enough for them (``chunked_torch.CUDA_CHUNK_BYTES``)."""
+    ieee_on_cuda = device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() and not ieee_on_cuda else "torch"
+    if impl == "triton":
+        if not _triton_available():
+            raise RuntimeError("impl='triton' needs the `triton` package; install it or use impl='torch'")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (got {device}); use impl='torch' or 'auto' on CPU "
+                "(or set TRITON_INTERPRET=1 before importing triton, for testing)"
+            )
+        if ieee_on_cuda:
+            warnings.warn(
+                "impl='triton' with fp32 inputs and TF32 off runs the fused kernels' IEEE fp32 products on CUDA "
+                "cores, ~70x slower than cuBLAS SGEMM (H200: 12.5 s vs 181 ms at N=8192, V=256000); impl='auto' "
+                "takes the cuBLAS path, and torch.backends.cuda.matmul.allow_tf32 = True opts into TF32",
+                stacklevel=3,
+            )
+    return impl

@@ -1,0 +1,50 @@
+"""Autograd for ``mode="memory"``: the forward keeps per-row statistics only, the backward recomputes logits.
+
+The forward saves the inputs and the (N,) per-row log-sum-exp; the backward hands the backend the per-row
+upstream gradients of the loss and of the LSE, and the backend recomputes the logits chunk by chunk to form
+the exact gradients. Memory above the inputs: one logit-gradient chunk plus fp32 accumulators.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import Backend
+from .spec import LossSpec
+
+
+class MemoryModeFunction(torch.autograd.Function):
+    """(loss_rows, lse_rows) of flattened rows; gradients by recomputation in the backend's ``backward``."""
+
+    @staticmethod
+    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend):
+        ctx.set_materialize_grads(False)
+        if e2d.shape[0] == 0:
+            loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
+            lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
+        else:
+            loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
+        ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
+        ctx.spec, ctx.backend = spec, backend
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        e2d, c, bias, targets_flat, lse = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if not any(needs):
+            return None, None, None, None, None, None
+        if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
+            def zero(t, need):
+                return torch.zeros_like(t) if need else None
+
+            return zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, None, None, None
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        de, dc, db = ctx.backend.backward(
+            e2d, c, bias, targets_flat, ctx.spec, lse,
+            grad_loss.float().contiguous(),
+            grad_lse.float().contiguous() if grad_lse is not None else None,
+            needs,
+        )
+        return de, dc, db, None, None, None
