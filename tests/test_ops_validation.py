@@ -69,6 +69,24 @@ def test_ignore_index_other_values_are_allowed():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from cce_patch.ops import backends
+
+    # not the environment variable: Triton reads it once, and later kernels in this process would not interpret
+    monkeypatch.setattr(backends, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         linear_cross_entropy(*_ok(), impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_unscored_first_position_is_not_checked(impl):
+    """With shift=True, labels[..., 0] is never scored (row t reads target t + 1), so an out-of-range value
+    there is accepted, as stock's shifted cross-entropy accepts it; the same value one position later is not."""
+    e, c, t = _ok()
+    t[:, 0] = 999
+    loss = linear_cross_entropy(e, c, t, shift=True, impl=impl)
+    t2 = t.clone()
+    t2[:, 0] = 0
+    torch.testing.assert_close(loss, linear_cross_entropy(e, c, t2, shift=True, impl=impl))
+    t[0, 1] = 999
+    with pytest.raises(ValueError, match=r"outside \[0, 11\)"):
+        linear_cross_entropy(e, c, t, shift=True, impl=impl)

@@ -86,8 +86,10 @@ def validate_inputs(
         raise ValueError("shift=True needs a sequence dimension: e must be (..., T, D)")
     if c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"c must have at least one class and one feature, got shape {tuple(c.shape)}")
-    if check_targets and targets.numel() > 0:
-        _check_target_range(targets, c.shape[0], ignore_index)
+    if check_targets and targets.numel() > 0 and not (shift and targets.shape[-1] < 2):
+        # Under the shift, position 0 of each sequence is never scored (row t reads target t + 1): only the
+        # targets that are read are checked, as stock's shifted cross-entropy never looks at labels[..., 0].
+        _check_target_range(targets[..., 1:] if shift else targets, c.shape[0], ignore_index)
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
