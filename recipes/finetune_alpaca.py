@@ -152,11 +152,12 @@ def architecture_config(name_or_path: str):
         if not path.exists():
             raise SystemExit(f"error: model config {path} does not exist")
         return AutoConfig.from_pretrained(str(path))
-    from cce_patch.bench.e2e import MODELS, make_config
+    from cce_patch.models.architectures import ARCHITECTURES, architecture_config
 
-    if name_or_path not in MODELS:
-        raise SystemExit(f"error: unknown model_config {name_or_path!r}; use one of {', '.join(MODELS)} or a config.json")
-    return make_config(name_or_path)
+    if name_or_path not in ARCHITECTURES:
+        raise SystemExit(f"error: unknown model_config {name_or_path!r}; use a preset ({', '.join(ARCHITECTURES)}) "
+                         "or a config.json")
+    return architecture_config(name_or_path)
 
 
 def load_model_and_tokenizer(script: ScriptArguments, train: CCETrainingArguments, rows: list[dict[str, str]]):

@@ -18,7 +18,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import statistics
@@ -30,122 +29,11 @@ from pathlib import Path
 
 import torch
 
+from ..models.architectures import ARCHITECTURES, architecture_config
 from .memory import free_cached, is_oom
 from .report import environment, header_lines
 
 log = logging.getLogger("cce_patch.bench")
-
-# Architecture facts from the published configs (ANCHORS.md). rope_theta only shapes the rotary table, but
-# is kept so the model is the real one.
-MODELS: dict[str, tuple[str, dict]] = {
-    "gemma2-2b": (
-        "gemma2",
-        dict(
-            vocab_size=256000,
-            hidden_size=2304,
-            intermediate_size=9216,
-            num_hidden_layers=26,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=256,
-            final_logit_softcapping=30.0,
-            attn_logit_softcapping=50.0,
-            query_pre_attn_scalar=256,
-            sliding_window=4096,
-            tie_word_embeddings=True,
-            max_position_embeddings=8192,
-            rope_theta=10000.0,
-        ),
-    ),
-    "llama3.2-1b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            tie_word_embeddings=True,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_theta=500000.0,
-            bos_token_id=128000,
-            eos_token_id=128001,
-        ),
-    ),
-    "qwen2.5-0.5b": (
-        "qwen2",
-        dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            bos_token_id=151643,
-            eos_token_id=151645,
-        ),
-    ),
-    # Tiny stand-ins with the same structure, for CPU smoke tests.
-    "tiny-llama": (
-        "llama",
-        dict(
-            vocab_size=1000,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            max_position_embeddings=512,
-            rope_theta=10000.0,
-        ),
-    ),
-    "tiny-gemma2": (
-        "gemma2",
-        dict(
-            vocab_size=1000,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            final_logit_softcapping=30.0,
-            attn_logit_softcapping=50.0,
-            query_pre_attn_scalar=16,
-            sliding_window=32,
-            tie_word_embeddings=True,
-            max_position_embeddings=512,
-            rope_theta=10000.0,
-        ),
-    ),
-}
-
-
-def make_config(name: str):
-    """The transformers config for ``name``; ``rope_theta`` goes where this transformers version wants it
-    (``rope_parameters`` in 5.x, a plain field in 4.x)."""
-    from transformers import AutoConfig
-
-    if name not in MODELS:
-        raise SystemExit(f"error: unknown model {name!r}; choose from {', '.join(MODELS)}")
-    model_type, kwargs = MODELS[name]
-    kwargs = dict(kwargs)
-    cls = type(AutoConfig.for_model(model_type))
-    theta = kwargs.pop("rope_theta")
-    if "rope_parameters" in inspect.signature(cls.__init__).parameters:
-        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-    else:
-        kwargs["rope_theta"] = theta
-    return cls(**kwargs)
-
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa"):
     """Random-init model on ``device`` in ``dtype`` (created there directly), gradient checkpointing,
@@ -154,7 +42,10 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, seed: int =
     ``model.config._attn_implementation`` says which ran."""
     from transformers import AutoModelForCausalLM
 
-    cfg = make_config(name)
+    try:
+        cfg = architecture_config(name)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     cfg.use_cache = False
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -389,7 +280,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
     p.add_argument(
         "--model",
         action="append",
-        choices=sorted(MODELS),
+        choices=sorted(ARCHITECTURES),
         default=None,
         help="repeatable; default gemma2-2b and llama3.2-1b on CUDA, tiny-llama on CPU",
     )
