@@ -3,6 +3,7 @@
 cce-patch bench ...      kernel benchmark (python -m cce_patch.bench)
 cce-patch e2e ...        training-step benchmark of a real architecture (python -m cce_patch.bench.e2e)
 cce-patch report X.json  re-render a benchmark JSON as table + plot (python -m cce_patch.bench.report)
+cce-patch options        the CCEConfig options table (markdown), as the README shows it
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ COMMANDS = {
     "bench": "kernel benchmark: ours vs torch, torch.compile, apple CCE, Liger (table, JSON, PNG)",
     "e2e": "training-step benchmark of a real architecture at random init, stock vs patched",
     "report": "re-render the table and plot of a benchmark JSON",
+    "options": "print the CCEConfig options table (markdown)",
 }
 
 
@@ -45,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench.report import main as report_main
 
         return report_main(rest)
+    if cmd == "options":
+        from .config import options_markdown
+
+        print(options_markdown())
+        return 0
     print(f"cce-patch: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

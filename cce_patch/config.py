@@ -106,3 +106,26 @@ class CCEConfig:
 @functools.cache
 def _warn_once(message: str) -> None:
     logger.warning(message)
+
+
+def options_markdown() -> str:
+    """The options table of the docs, generated from CCEConfig's fields and its docstring, so that the README
+    (``cce-patch options`` prints it; tests/test_docs.py checks the README holds it) cannot drift from the
+    class."""
+    doc = CCEConfig.__doc__ or ""
+    described: dict[str, str] = {}
+    current = None
+    for line in doc.split("Attributes:", 1)[-1].splitlines():
+        text = line.strip()
+        if not text:
+            continue
+        name, sep, rest = text.partition(": ")
+        if sep and name in {f.name for f in fields(CCEConfig)} and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = name
+            described[name] = rest
+        elif current is not None:
+            described[current] += " " + text
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in fields(CCEConfig):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {described.get(f.name, '').replace('``', '`')} |")
+    return "\n".join(rows)
