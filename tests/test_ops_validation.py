@@ -81,7 +81,8 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_unscored_first_position_is_not_checked(impl):
     """With shift=True, labels[..., 0] is never scored (row t reads target t + 1), so an out-of-range value
     there is accepted, as stock's shifted cross-entropy accepts it; the same value one position later is not."""
-    e, c, t = _ok()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU: the interpreter (conftest)
+    e, c, t = (x.to(device) for x in _ok())
     t[:, 0] = 999
     loss = linear_cross_entropy(e, c, t, shift=True, impl=impl)
     t2 = t.clone()
