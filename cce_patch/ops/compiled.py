@@ -34,6 +34,9 @@ from .spec import LossSpec, valid_rows
 from .validation import check_scored_targets
 
 Tensor = torch.Tensor
+#: The forward ops may sync with the host (the target check; speed mode's range check), which a CUDA graph
+#: cannot capture: tagged, inductor's cudagraphs (mode="reduce-overhead") leave them outside the graph.
+_SYNCS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 def _spec(ignore_index: int, softcap: float | None, label_smoothing: float, shift_period: int) -> LossSpec:
@@ -53,7 +56,7 @@ def _or_placeholder(grad: Tensor | None, like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- memory
 
 
-@torch.library.custom_op("cce_patch::memory_forward", mutates_args=())
+@torch.library.custom_op("cce_patch::memory_forward", mutates_args=(), tags=_SYNCS)
 def memory_forward(
     e2d: Tensor, c: Tensor, bias: Tensor | None, targets_flat: Tensor, ignore_index: int, softcap: float | None,
     label_smoothing: float, shift_period: int, backend: str, check_targets: bool, lse_has_grad: bool,
@@ -133,7 +136,7 @@ memory_forward.register_autograd(_memory_autograd, setup_context=_memory_setup_c
 # ----------------------------------------------------------------------------------------------------- speed
 
 
-@torch.library.custom_op("cce_patch::speed_forward", mutates_args=())
+@torch.library.custom_op("cce_patch::speed_forward", mutates_args=(), tags=_SYNCS)
 def speed_forward(
     e2d: Tensor, c: Tensor, bias: Tensor | None, targets_flat: Tensor, ignore_index: int, softcap: float | None,
     label_smoothing: float, shift_period: int, backend: str, mean: bool, need_e: bool, need_c: bool,

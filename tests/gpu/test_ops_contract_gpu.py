@@ -135,6 +135,19 @@ def test_cuda_compiled_training_step_under_autocast(mode):
         assert abs(got - want) < 1e-2 * abs(want), losses
 
 
+def test_cuda_compiled_reduce_overhead_runs_the_op_outside_cuda_graphs():
+    """mode="reduce-overhead" (CUDA graphs): the forward ops are tagged cudagraph_unsafe (they may sync with
+    the host), so inductor keeps them out of the captured graph and the step still matches eager."""
+    torch._dynamo.reset()
+    e, c, t, _ = make_inputs((2, 256), 128, 5000, torch.bfloat16, device="cuda")
+    fn = partial(linear_cross_entropy, impl="triton", shift=True)
+    step = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    want = fn(e, c, t)
+    for _ in range(3):
+        got = step(e, c, t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_cuda_compiled_bad_targets_raise():
     torch._dynamo.reset()
     e, c, t, _ = make_inputs((2, 64), 64, 1000, torch.bfloat16, device="cuda")
