@@ -12,9 +12,10 @@ The rule (the same on every device that has autocast, and for the compiled path)
   original tensors in their own dtypes, as stock's do.
 - The op itself then runs with autocast switched off (``autocast_off``): its products accumulate in fp32 and
   its log-sum-exp, softmax and reductions are fp32, whatever autocast would have done to a matmul or a
-  ``logsumexp`` in its body (on the CPU, autocast turns both into bf16, the cause of a loss error ~1000x
-  stock's before this rule). The logits are never rounded to ``X`` (stock rounds them once, in ``F.linear``'s
-  output), so the loss is at least as accurate as stock's.
+  ``logsumexp`` in its body (on the CPU, bf16 autocast ran both in bf16 before this rule: loss error 1.7e-4
+  against the fp64 loss of the same inputs, where stock's is ~1e-5 and ours is now ~1e-7). The logits are
+  never rounded to ``X`` (stock rounds them once, in ``F.linear``'s output), so the loss is at least as
+  accurate as stock's.
 """
 
 from __future__ import annotations
