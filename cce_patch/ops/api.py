@@ -1,9 +1,10 @@
 """``linear_cross_entropy``: the public op. Validation, dispatch, reductions.
 
-One call: validate every input (``validation.py``, before any kernel launch), pick the backend
-(``backends.resolve_impl``), describe the loss once (``spec.LossSpec``), and run it through the autograd
-Function of the chosen mode (``memory_mode.py`` or ``speed_mode.py``). Reductions are ordinary torch ops on
-the (N,) per-row losses, so autograd hands the backend exactly the per-row upstream gradient whatever the
+One call: apply autocast's input casts (``autocast.py``), validate every input (``validation.py``, before any
+kernel launch), pick the backend (``backends.resolve_impl``), describe the loss once (``spec.LossSpec``), and
+run it through the autograd Function of the chosen mode (``memory_mode.py`` or ``speed_mode.py``), or, while
+``torch.compile`` traces, through the custom ops of ``compiled.py``. Reductions are ordinary torch ops on the
+(N,) per-row losses, so autograd hands the backend exactly the per-row upstream gradient whatever the
 reduction.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import compiled
+from .autocast import autocast_inputs
 from .backends import get_backend, resolve_impl
 from .memory_mode import MemoryModeFunction
 from .spec import LossSpec, valid_rows
@@ -37,20 +40,30 @@ def linear_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
 
+    The loss and gradients of ``F.cross_entropy(softcap(e @ c.T + bias), targets, ...)`` (with the causal shift
+    if ``shift``), with the logits formed and kept in fp32: never rounded to the input dtype.
+
     Args:
         e: ``(..., D)`` hidden states (fp32, fp16 or bf16).
-        c: ``(V, D)`` classifier, e.g. ``lm_head.weight``; same dtype as ``e``.
+        c: ``(V, D)`` classifier, e.g. ``lm_head.weight``; same dtype as ``e`` outside autocast (as
+            ``F.linear`` requires). Under ``torch.autocast`` on ``e``'s device both are cast to the autocast
+            dtype, as autocast casts ``F.linear``'s inputs (so an fp32 ``lm_head.weight`` with bf16 or fp32
+            hidden states works as it does stock); the casts are differentiable, and the gradients reach
+            ``e``, ``c`` and ``bias`` in their own dtypes.
         targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``(V,)`` classifier bias, added before ``softcap``.
-        ignore_index: targets with this value contribute nothing (loss 0, gradient 0).
-        softcap: if set, logits are ``softcap * tanh(logits / softcap)`` (Gemma 2 uses 30.0).
+        bias: optional ``(V,)`` float tensor, the classifier bias, added before ``softcap``.
+        ignore_index: an ``int`` (not a tensor, not None): targets with this value contribute nothing (loss 0,
+            gradient 0).
+        softcap: ``None`` or a positive finite cap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2
+            uses 30.0); accurate to fp32 rounding for every cap.
         reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (shape of ``targets``, 0 at
             ignored positions). If every target is ignored, ``"mean"`` returns 0 with zero gradients (not NaN).
         shift: causal-LM shift: position ``t`` of the last sequence dimension is scored against target
-            ``t + 1``; the last position of each sequence is ignored. Nothing is copied. Per-token outputs
-            keep the shape of ``targets`` and are aligned with ``e`` (position ``t`` holds the loss of
-            predicting ``targets[..., t + 1]``).
-        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+            ``t + 1``; the last position of each sequence is ignored, and ``targets[..., 0]`` is never read (nor
+            checked). Nothing is copied. Per-token outputs keep the shape of ``targets`` and are aligned with
+            ``e`` (position ``t`` holds the loss of predicting ``targets[..., t + 1]``).
+        label_smoothing: in ``[0, 1]``, as in ``torch.nn.functional.cross_entropy`` (1 is the uniform target
+            alone).
         return_lse: also return the per-token log-sum-exp (fp32, shape of ``targets``, 0 at ignored positions),
             differentiable, e.g. for a z-loss ``(lse ** 2).sum() / n``.
         impl: ``"auto"`` (Triton on CUDA, torch elsewhere and for IEEE fp32, see ``resolve_impl``),
@@ -60,9 +73,9 @@ def linear_cross_entropy(
             the inputs stays within ~1.25x the gradients (4 GEMMs of N x D x V in all).
             ``"speed"``: for a scalar loss (``reduction`` "mean"/"sum", no ``return_lse``) the gradients are
             formed during the forward pass (3 GEMMs) in chunks of token rows whose unnormalised
-            probabilities take ``speed_chunk_bytes``; bf16 and fp32 only. Without autograd (no_grad, or
-            no input requiring grad) it is the plain forward. The forward then costs what forward+backward
-            costs; backward is nearly free.
+            probabilities take ``speed_chunk_bytes``; bf16 and fp32 only (the dtype after autocast's cast:
+            ``autocast.compute_dtype``). Without autograd (no_grad, or no input requiring grad) it is the
+            plain forward. The forward then costs what forward+backward costs; backward is nearly free.
         speed_chunk_bytes: byte budget of speed mode's chunk (default 2 GiB); smaller means less memory and
             more, smaller GEMMs.
         check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
@@ -71,15 +84,27 @@ def linear_cross_entropy(
     Returns:
         The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
 
-    Non-contiguous ``e`` or ``targets`` are made contiguous first (a copy); gradients are computed only for
-    the tensors that require them. Accumulation is always fp32.
+    Raises:
+        TypeError / ValueError: for any input the op cannot compute, naming the argument, before any kernel
+            launch (under ``torch.compile``, out-of-range targets raise the same ValueError when the compiled
+            code runs).
+        DoubleBackwardError: (a RuntimeError) when a derivative of the op's gradients is requested, e.g. after
+            ``backward(create_graph=True)``; first-order gradients under ``create_graph=True`` are returned.
+
+    Precision: products accumulate in fp32, and the log-sum-exp, softmax and reductions are fp32, whatever
+    autocast is on (the op runs its own arithmetic with autocast off). Under ``torch.compile`` (also with
+    ``fullgraph=True``) the op is one custom-op node in the forward graph and one in the backward graph
+    (``compiled.py``), running the same kernels as eager. Non-contiguous ``e`` or ``targets`` are made
+    contiguous first (a copy); gradients are computed only for the tensors that require them.
     """
+    e, c, bias = autocast_inputs(e, c, bias)
+    compiling = torch.compiler.is_compiling()
     validate_inputs(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
-        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes,
+        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
     )
-    backend = get_backend(resolve_impl(impl, e.device, e.dtype))
+    backend_name = resolve_impl(impl, e.device, e.dtype)
     d = e.shape[-1]
     e2d = e.reshape(-1, d)
     if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
@@ -90,7 +115,7 @@ def linear_cross_entropy(
     c_in = c if c.is_contiguous() else c.contiguous()
     bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     spec = LossSpec(
-        ignore_index=ignore_index,
+        ignore_index=int(ignore_index),
         softcap=float(softcap) if softcap is not None else None,
         label_smoothing=float(label_smoothing),
         shift_period=targets.shape[-1] if shift else 0,
@@ -98,10 +123,19 @@ def linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
     )
-    if mode == "speed" and wants_grad and e2d.shape[0] > 0:
-        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, reduction,
+    speed = mode == "speed" and wants_grad and e2d.shape[0] > 0
+    if compiling:  # one custom op node per direction (compiled.py); the target check runs inside it
+        if speed:
+            return compiled.speed_loss(e2d, c_in, bias_in, targets_flat, spec, backend_name, reduction,
+                                       speed_chunk_budget(speed_chunk_bytes), check_targets)
+        loss_rows, lse_rows = compiled.memory_rows(e2d, c_in, bias_in, targets_flat, spec, backend_name,
+                                                   check_targets, return_lse)
+    elif speed:
+        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name), reduction,
                                        speed_chunk_budget(speed_chunk_bytes))
-    loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend)
+    else:
+        loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec,
+                                                       get_backend(backend_name))
 
     if reduction == "none":
         loss = loss_rows.view(targets.shape)

@@ -3,13 +3,18 @@
 The forward saves the inputs and the (N,) per-row log-sum-exp; the backward hands the backend the per-row
 upstream gradients of the loss and of the LSE, and the backend recomputes the logits chunk by chunk to form
 the exact gradients. Memory above the inputs: one logit-gradient chunk plus fp32 accumulators.
+
+The backend runs with autocast off (``autocast.py``: the op accumulates in fp32 whatever autocast is on), and
+under ``create_graph=True`` its gradients refuse a second differentiation (``second_order.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .autocast import autocast_off
 from .backends import Backend
+from .second_order import guard_second_order
 from .spec import LossSpec
 
 
@@ -23,7 +28,8 @@ class MemoryModeFunction(torch.autograd.Function):
             loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
             lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
         else:
-            loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
+            with autocast_off(e2d.device):
+                loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
         ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
         ctx.spec, ctx.backend = spec, backend
         return loss, lse
@@ -38,13 +44,15 @@ class MemoryModeFunction(torch.autograd.Function):
             def zero(t, need):
                 return torch.zeros_like(t) if need else None
 
-            return zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, None, None, None
+            grads = zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None
+            return *guard_second_order(grads), None, None, None
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
-        de, dc, db = ctx.backend.backward(
-            e2d, c, bias, targets_flat, ctx.spec, lse,
-            grad_loss.float().contiguous(),
-            grad_lse.float().contiguous() if grad_lse is not None else None,
-            needs,
-        )
-        return de, dc, db, None, None, None
+        with torch.no_grad(), autocast_off(e2d.device):
+            grads = ctx.backend.backward(
+                e2d, c, bias, targets_flat, ctx.spec, lse,
+                grad_loss.float().contiguous(),
+                grad_lse.float().contiguous() if grad_lse is not None else None,
+                needs,
+            )
+        return *guard_second_order(grads), None, None, None

@@ -9,7 +9,7 @@ patched forward falls back to memory mode on it.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -23,6 +23,27 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A real ``bool``: a truthy stand-in (``"no"``, a tensor, ``None``) would silently pick a branch."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_ignore_index(value: object) -> int:
+    """The target value that marks an ignored position: a Python (or NumPy) integer in int64's range.
+
+    Not a tensor: it is compared with every target inside the kernels, as a launch argument, so a tensor
+    would need a host sync to read; ``None`` is not "ignore nothing" (pass a value no target takes)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        hint = " (pass int(ignore_index))" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}{hint}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
 
 
 def check_softcap(value: object) -> float | None:

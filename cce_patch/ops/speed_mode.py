@@ -9,13 +9,18 @@ N x D x V); backward multiplies by g when g != 1. The price is memory for one ch
 If the Triton path reports a row outside its range (a loss above ``ANCHOR_MARGIN + SPEED_RANGE`` = 104 nats,
 see ``fused/speed_mode.py``), the forward is redone the plain way, the precomputed gradients are dropped and
 backward runs the recompute path instead: same result, slower.
+
+As in memory mode, the backend runs with autocast off and gradients handed out under ``create_graph=True``
+refuse a second differentiation (``second_order.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .autocast import autocast_off
 from .backends import Backend
+from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
 
 #: Default byte budget for one chunk of the unnormalised probabilities q (rows x V, input dtype). 2 GiB
@@ -38,14 +43,16 @@ class SpeedModeFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
         chunk_rows = backend.speed_chunk_rows(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
-        loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
-            e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)
-        loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
+        with autocast_off(e2d.device):
+            loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
+                e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)
+            loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
         ctx.spec, ctx.needs, ctx.backend = spec, needs, backend
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db
-            loss_rows, lse = backend.forward(e2d, c, bias, targets_flat, spec)
+            with autocast_off(e2d.device):
+                loss_rows, lse = backend.forward(e2d, c, bias, targets_flat, spec)
             ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
             ctx.weight, ctx.grads = weight, None
             loss = loss_rows.sum() * weight
@@ -59,8 +66,9 @@ class SpeedModeFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         if ctx.fallback:
             e2d, c, bias, targets_flat, lse = ctx.saved_tensors
-            row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)  # (N,) fp32
-            grads = ctx.backend.backward(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
+            with torch.no_grad(), autocast_off(e2d.device):
+                row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)  # (N,) fp32
+                grads = ctx.backend.backward(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError(
@@ -69,6 +77,6 @@ class SpeedModeFunction(torch.autograd.Function):
                 )
             grads, ctx.grads = ctx.grads, None  # release them as soon as autograd takes them
             if float(grad) != 1.0:  # the common loss.backward() needs no extra pass over dC
-                grads = tuple(g.mul_(grad) if g is not None else None for g in grads)
-        de, dc, db = grads
-        return de, dc, db, None, None, None, None, None
+                with torch.no_grad():
+                    grads = tuple(g.mul_(grad) if g is not None else None for g in grads)
+        return *guard_second_order(grads), None, None, None, None, None

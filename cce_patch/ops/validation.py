@@ -13,6 +13,8 @@ from .options import (
     MODES,
     REDUCTIONS,
     check_choice,
+    check_flag,
+    check_ignore_index,
     check_label_smoothing,
     check_softcap,
     check_speed_chunk_bytes,
@@ -38,10 +40,18 @@ def validate_inputs(
     mode: str = "memory",
     return_lse: bool = False,
     speed_chunk_bytes: int | None = None,
+    read_values: bool = True,
 ) -> None:
-    """Raise ``ValueError``/``TypeError`` with a clear message for any input the op cannot handle."""
-    if not isinstance(e, torch.Tensor) or not isinstance(c, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise TypeError("linear_cross_entropy expects tensors for e, c and targets")
+    """Raise ``ValueError``/``TypeError`` with a clear message for any input the op cannot handle.
+
+    Checks everything that is known without reading tensor values, then (``check_targets``) the target
+    range, which reads them: one reduction and, on a GPU, a host sync. Under ``torch.compile`` the op passes
+    ``read_values=False`` here and checks the range inside its custom op instead (``compiled.py``), where
+    the values exist."""
+    for name, value in (("e", e), ("c", c), ("targets", targets)):
+        _check_tensor(name, value)
+    if bias is not None:
+        _check_tensor("bias", bias, " or None")
     if e.dim() < 2:
         raise ValueError(f"e must have shape (..., D) with at least 2 dims, got {tuple(e.shape)}")
     if c.dim() != 2:
@@ -57,12 +67,20 @@ def validate_inputs(
     if e.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"e must be float32, float16 or bfloat16, got {e.dtype}")
     if c.dtype != e.dtype:
-        raise TypeError(f"e and c must have the same dtype, got e: {e.dtype}, c: {c.dtype}")
+        raise TypeError(
+            f"e and c must have the same dtype, got e: {e.dtype}, c: {c.dtype} (as F.linear requires; under "
+            "torch.autocast both are cast to the autocast dtype, see cce_patch/ops/autocast.py)"
+        )
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"targets must be an integer tensor (class indices), got {targets.dtype}")
     if c.device != e.device or targets.device != e.device:
         raise ValueError(
             f"e, c and targets must be on the same device, got e: {e.device}, c: {c.device}, targets: {targets.device}"
+        )
+    if e.is_meta:
+        raise ValueError(
+            "e, c and targets are meta tensors (shapes without data): linear_cross_entropy computes a loss from "
+            "values; materialize the model on a real device first"
         )
     if bias is not None:
         if bias.shape != (c.shape[0],):
@@ -71,6 +89,9 @@ def validate_inputs(
             raise ValueError(f"bias must be on {e.device}, got {bias.device}")
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+    check_ignore_index(ignore_index)
+    for name, flag in (("shift", shift), ("return_lse", return_lse), ("check_targets", check_targets)):
+        check_flag(name, flag)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("impl", impl, IMPLS)
     check_choice("mode", mode, MODES)
@@ -86,10 +107,30 @@ def validate_inputs(
         raise ValueError("shift=True needs a sequence dimension: e must be (..., T, D)")
     if c.shape[0] == 0 or c.shape[1] == 0:
         raise ValueError(f"c must have at least one class and one feature, got shape {tuple(c.shape)}")
-    if check_targets and targets.numel() > 0 and not (shift and targets.shape[-1] < 2):
-        # Under the shift, position 0 of each sequence is never scored (row t reads target t + 1): only the
-        # targets that are read are checked, as stock's shifted cross-entropy never looks at labels[..., 0].
-        _check_target_range(targets[..., 1:] if shift else targets, c.shape[0], ignore_index)
+    if check_targets and read_values:
+        check_scored_targets(targets, c.shape[0], ignore_index, targets.shape[-1] if shift else 0)
+
+
+def _check_tensor(name: str, value: object, alternative: str = "") -> None:
+    """``value`` is a dense tensor: a list or a sparse tensor is refused by name here rather than failing
+    somewhere inside a kernel launcher."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{alternative}, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+
+
+def check_scored_targets(targets: torch.Tensor, vocab: int, ignore_index: int, shift_period: int) -> None:
+    """Every target the loss reads is in [0, V) or ``ignore_index``; ``targets`` may be flattened.
+
+    Under the shift (``shift_period`` = T > 0) position 0 of each sequence is never scored (row t reads target
+    t + 1): only the targets that are read are checked, as stock's shifted cross-entropy never looks at
+    ``labels[..., 0]``."""
+    if targets.numel() == 0 or (shift_period and shift_period < 2):
+        return
+    if shift_period:
+        targets = targets.reshape(-1, shift_period)[:, 1:]
+    _check_target_range(targets, vocab, ignore_index)
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

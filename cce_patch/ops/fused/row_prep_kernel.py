@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..spec import LossSpec
-from .jit_common import row_targets
+from .jit_common import accurate_tanh, row_targets
 
 
 @triton.jit
@@ -42,8 +42,8 @@ def row_prep_kernel(
         z += tl.sum(e.to(tl.float32) * c.to(tl.float32), axis=1)
     if HAS_BIAS:
         z += tl.load(BIAS + t_safe, mask=valid, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:  # tanh from exp, as in jit_common.finish_logits
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    if HAS_SOFTCAP:  # the same tanh as jit_common.finish_logits
+        z = softcap * accurate_tanh(z / softcap)
     tl.store(T_OUT + offs_m, tl.where(valid, tgt, ignore_index), mask=row_ok)
     tl.store(ANCHOR + offs_m, tl.where(valid, z + margin, float("inf")), mask=row_ok)
 
