@@ -3,11 +3,15 @@
 Files, by role: ``api.py`` (the public op), ``options.py`` (option ranges), ``validation.py`` (input checks),
 ``spec.py`` (the math and the row bookkeeping every backend shares), ``backends.py`` (the backend record and
 the choice), ``memory_mode.py`` / ``speed_mode.py`` (the two autograd Functions), ``chunked_torch.py`` (the
-PyTorch backend), ``precision.py`` (what fp32 means), ``fused/`` (the Triton backend).
+PyTorch backend), ``precision.py`` (what fp32 means), ``autocast.py`` (the autocast rule), ``compiled.py``
+(the op as custom ops, for torch.compile), ``second_order.py`` (double backward refused), ``fused/`` (the
+Triton backend).
 """
 
 from .api import linear_cross_entropy
+from .autocast import compute_dtype
 from .backends import resolve_impl
+from .second_order import DoubleBackwardError
 from .spec import LossSpec
 
-__all__ = ["linear_cross_entropy", "resolve_impl", "LossSpec"]
+__all__ = ["linear_cross_entropy", "resolve_impl", "LossSpec", "DoubleBackwardError", "compute_dtype"]
