@@ -1,12 +1,13 @@
 """Cases that need a process group, run by tests/test_distributed.py in as few launches as possible.
 
-    torchrun --nproc_per_node 2 tests/distributed_cases.py SUITE OUT_DIR [TMP_DIR]
+    torchrun --standalone --nproc_per_node 2 tests/distributed_cases.py SUITE[,SUITE...] OUT_DIR [TMP_DIR]
 
 SUITE is ``op`` (the vocab-parallel op against the full op and the fp64 oracle, and its refusals), ``layouts``
 (DDP, FSDP2 and tensor parallelism: patched vs stock under the same layout vs one process on the whole batch) or
 ``deepspeed`` (ZeRO-2 and ZeRO-3 the same way). Every case runs on every rank; rank 0 writes OUT_DIR/SUITE.json:
 the world size, backend, device, versions, and one record per case whose numbers are the worst over the ranks and
-whose ``error`` holds the last lines of a case that raised. On a CUDA machine (``CCE_DIST_DEVICE=cuda``) the same
+whose ``error`` holds the last lines of a case that raised. TMP_DIR holds the tiny checkpoints that
+``from_pretrained(tp_plan="auto")`` loads. On a CUDA machine (``CCE_DIST_DEVICE=cuda``) the same
 cases run on NCCL, one GPU per rank. ``python tests/distributed_cases.py --markdown OUT_DIR`` prints the tables.
 
 Training cases use SGD (AdamW's normalisation would amplify rounding on rarely-updated embedding rows), fp32, two
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models_tiny import VOCAB, batch, tiny_model  # noqa: E402
+from models_tiny import batch, tiny_model  # noqa: E402
 from oracle import dense_reference, rel_err  # noqa: E402
 
 import cce_patch  # noqa: E402
@@ -270,7 +271,7 @@ def _two_dim_mesh_case() -> dict:
 
 
 def op_cases() -> dict[str, Callable[[], dict]]:
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Shard
 
     e, c, t, _ = _op_inputs((12,), 16, 37, bias=False, seed=3)
     start, rows = _shard_rows(37, None)
@@ -349,7 +350,7 @@ def rank_batch(step: int, data_parallel: bool):
 def whole_batch(step: int, data_parallel: bool):
     """What one process sees at ``step``: every rank's slice (data parallel) or the shared batch (TP)."""
     parts = [batch(seed=100 * step + r) for r in range(world() if data_parallel else 1)]
-    return tuple(torch.cat(p).to(DEVICE) for p in zip(*parts))
+    return tuple(torch.cat(p).to(DEVICE) for p in zip(*parts, strict=True))
 
 
 class Trace:
@@ -391,7 +392,7 @@ def train(module: torch.nn.Module, forward: Callable, data_parallel: bool, *, si
 
 def compare(a: Trace, b: Trace) -> tuple[float, float, float, str]:
     """(max |loss diff| over steps, worst gradient rel. error, worst parameter rel. error, worst gradient's name)."""
-    loss = max(abs(x - y) for x, y in zip(a.losses, b.losses))
+    loss = max(abs(x - y) for x, y in zip(a.losses, b.losses, strict=True))
     errors = {n: rel_err(a.grads[n], b.grads[n]) for n in b.grads if b.grads[n] is not None}
     missing = [n for n in b.grads if b.grads[n] is not None and a.grads.get(n) is None]
     worst = max(errors, key=errors.get)
@@ -595,7 +596,7 @@ def deepspeed_case(model_key: str, stage: int, *, zero_init: bool = False, throu
                 model = MODELS[model_key]()
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
                 with torch.no_grad():
-                    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+                    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
                         p.copy_(q)
         else:
             model = reference
@@ -679,22 +680,23 @@ def versions() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    suite, out_dir = argv[0], Path(argv[1])
+    suites, out_dir = argv[0].split(","), Path(argv[1])
     tmp_dir = Path(argv[2]) if len(argv) > 2 else out_dir
     backend = setup()
-    torch.manual_seed(0)
     if DEVICE.type == "cpu":
         torch.set_num_threads(1)  # two ranks share the machine's cores; tiny matmuls gain nothing from threads
-    cases = {"op": op_cases, "layouts": lambda: layout_cases(tmp_dir), "deepspeed": deepspeed_cases}[suite]()
-    started = time.perf_counter()
-    records = run_cases(cases)
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        result = {"suite": suite, "world_size": world(), "backend": backend, "device": DEVICE.type,
-                  "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
-                  "versions": versions(), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1),
-                  "cases": records}
-        (out_dir / f"{suite}.json").write_text(json.dumps(result, indent=1))
+    makers = {"op": op_cases, "layouts": lambda: layout_cases(tmp_dir), "deepspeed": deepspeed_cases}
+    for suite in suites:
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        records = run_cases(makers[suite]())
+        if rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            result = {"suite": suite, "world_size": world(), "backend": backend, "device": DEVICE.type,
+                      "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+                      "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+                      "seconds": round(time.perf_counter() - started, 1), "cases": records}
+            (out_dir / f"{suite}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -720,7 +722,8 @@ def markdown(out_dir: Path) -> str:
                      f"{data['seconds']} s)\n")
         rows = [c for c in data["cases"] if "loss_patched_vs_stock" in c or "loss_vs_full" in c]
         if suite == "op":
-            lines.append("| case | loss vs full op | loss vs fp64 | dE vs full | dE vs fp64 | dC (local rows) vs full | dC vs fp64 |")
+            lines.append("| case | loss vs full op | loss vs fp64 | dE vs full | dE vs fp64 | dC (local rows) vs full "
+                         "| dC vs fp64 |")
             lines.append("|---|---|---|---|---|---|---|")
             for c in rows:
                 lines.append("| " + " | ".join([c["name"]] + [_fmt(c.get(k, "-")) for k in (

@@ -291,12 +291,12 @@ def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShar
         vocab = table[0][4]
         if any(row[4] != vocab for row in table):
             raise ValueError(f"vocab-parallel linear_cross_entropy: the ranks disagree on vocab_size ({[r[4] for r in table]})")
-    covered = sorted(zip(starts, sizes))
-    tiles = all(a + n == b for (a, n), (b, _) in zip(covered, covered[1:])) and covered[0][0] == 0
+    covered = sorted(zip(starts, sizes, strict=True))
+    tiles = all(a + n == b for (a, n), (b, _) in zip(covered[:-1], covered[1:], strict=True)) and covered[0][0] == 0
     if not tiles or covered[-1][0] + covered[-1][1] != vocab:
         raise ValueError(
             "vocab-parallel linear_cross_entropy: the ranks' classifier rows "
-            f"{[(a, a + n) for a, n in zip(starts, sizes)]} do not tile the vocabulary [0, {vocab}) exactly once"
+            f"{[(a, a + n) for a, n in zip(starts, sizes, strict=True)]} do not tile the vocabulary [0, {vocab}) exactly once"
         )
     if vocab > 0 and targets_flat.numel() > 0:
         lo, hi = torch.aminmax(targets_flat.masked_fill(targets_flat == ignore_index, 0))
