@@ -28,15 +28,14 @@ refused, naming it, before any compute.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .reference import effective_targets, valid_rows
-from .spec import LossSpec
+from .backends import Backend, get_backend, resolve_impl
+from .spec import LossSpec, effective_targets, valid_rows
 from .validation import validate_inputs
 
 #: Printed in errors: what a vocab-parallel call expects of its inputs.
@@ -64,12 +63,6 @@ def has_dtensor(*tensors: torch.Tensor | None) -> bool:
     if module is None:
         return False
     return any(t is not None and isinstance(t, module.DTensor) for t in tensors)
-
-
-def _backend(impl: str) -> tuple[Callable, Callable]:
-    from .api import _backend as backend_functions  # lazy: api imports this module's entry points
-
-    return backend_functions(impl)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,8 +322,6 @@ def _vocab_parallel(
     check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Validate, then run the vocab-parallel Function and reduce, as ``linear_cross_entropy`` does."""
-    from .api import resolve_impl
-
     # the ordinary op's checks (shapes, dtypes, options) on this rank's shard, which may be empty when V < world;
     # targets are checked against the whole vocabulary in _check_group
     shard_for_checks = c if c.dim() != 2 or c.shape[0] > 0 else c.new_empty((1, c.shape[1]))
@@ -364,7 +355,7 @@ def _vocab_parallel(
         ignore_index=ignore_index, softcap=float(softcap) if softcap is not None else None,
         label_smoothing=float(label_smoothing), shift_period=targets.shape[-1] if shift else 0,
     )
-    backend = resolve_impl(impl, e.device, e.dtype)
+    backend = get_backend(resolve_impl(impl, e.device, e.dtype))
     loss_rows, lse_rows = _VocabParallelFunction.apply(e2d, c_in, bias_in, targets_flat, spec, backend, shard)
     if reduction == "none":
         loss = loss_rows.view(targets.shape)
@@ -401,7 +392,7 @@ class _VocabParallelFunction(torch.autograd.Function):
     """Per-row (loss, lse) of the whole vocabulary from this rank's shard; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, impl: str, shard: VocabShard):
+    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend, shard: VocabShard):
         ctx.set_materialize_grads(False)
         n = e2d.shape[0]
         valid, owner, local = _local_rows(targets_flat, spec, shard)
@@ -411,8 +402,7 @@ class _VocabParallelFunction(torch.autograd.Function):
             loss, lse = zeros, zeros.clone()
         else:
             if shard.rows > 0:
-                forward_fn, _ = _backend(impl)
-                loss_r, lse_r = forward_fn(e2d, c, bias, local, _local_spec(spec))
+                loss_r, lse_r = backend.forward(e2d, c, bias, local, _local_spec(spec))
             else:  # an empty shard (V < world): contributes exp(-inf) = 0 to every row
                 loss_r = torch.zeros(n, dtype=torch.float32, device=e2d.device)
                 lse_r = torch.where(valid, float("-inf"), 0.0)
@@ -429,7 +419,7 @@ class _VocabParallelFunction(torch.autograd.Function):
                 loss = loss - (a / shard.vocab) * summed[2]
             loss = torch.where(valid, loss, 0.0)
         ctx.save_for_backward(e2d, c, bias, local, lse, valid, owner)
-        ctx.spec, ctx.impl, ctx.shard = spec, impl, shard
+        ctx.spec, ctx.backend, ctx.shard = spec, backend, shard
         return loss, lse
 
     @staticmethod
@@ -449,10 +439,10 @@ class _VocabParallelFunction(torch.autograd.Function):
         h = grad_lse.float() if grad_lse is not None else torch.zeros_like(lse)
         g = torch.where(valid, g, 0.0)
         if shard.rows > 0:
-            _, backward_fn = _backend(ctx.impl)
             row_grad_loss = torch.where(owner, g * (1.0 - a), 0.0).contiguous()
             row_grad_lse = (h + torch.where(owner, g * a, g)).contiguous()
-            de, dc, db = backward_fn(e2d, c, bias, local, _local_spec(spec), lse, row_grad_loss, row_grad_lse, needs)
+            de, dc, db = ctx.backend.backward(e2d, c, bias, local, _local_spec(spec), lse, row_grad_loss, row_grad_lse,
+                                              needs)
             if a:
                 de, dc, db = _add_smoothing_grads(e2d, c, g, a / shard.vocab, de, dc, db)
         if de is not None:
