@@ -365,20 +365,28 @@ class Trace:
 
 def train(module: torch.nn.Module, forward: Callable, data_parallel: bool, *, single: bool = False,
           grad_of: Callable | None = None, step_fn: Callable | None = None, backward: Callable | None = None,
-          params_of: Callable | None = None) -> Trace:
-    """Two SGD steps of ``forward`` (the wrapped model) on ``module``'s parameters, recording a Trace."""
+          params_of: Callable | None = None, micro_batches: int = 1) -> Trace:
+    """Two SGD steps of ``forward`` (the wrapped model) on ``module``'s parameters, recording a Trace.
+
+    ``micro_batches`` > 1: gradient accumulation over that many slices of each batch (every slice holds as many
+    counted tokens, so the mean of their means is the batch mean), with FSDP2's gradient reduction off for all
+    but the last (``set_requires_gradient_sync``), as accelerate does under FSDP2."""
     trace = Trace()
     opt = None if step_fn is not None else torch.optim.SGD(module.parameters(), lr=LR)
     for step in range(STEPS):
         ids, mask, labels = whole_batch(step, data_parallel) if single else rank_batch(step, data_parallel)
-        out = forward(input_ids=ids, attention_mask=mask, labels=labels)
-        trace.logits_none &= out.logits is None
-        (backward or (lambda loss: loss.backward()))(out.loss)
-        loss = out.loss.detach().clone()
+        total = torch.zeros((), device=DEVICE)
+        for i, rows in enumerate(torch.arange(ids.shape[0]).chunk(micro_batches)):
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(i == micro_batches - 1)
+            out = forward(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+            trace.logits_none &= out.logits is None
+            (backward or (lambda loss: loss.backward()))(out.loss / micro_batches)
+            total += out.loss.detach() / micro_batches
         if data_parallel and not single:
-            dist.all_reduce(loss)
-            loss /= world()
-        trace.losses.append(float(loss))
+            dist.all_reduce(total)
+            total /= world()
+        trace.losses.append(float(total))
         if step == 0:
             trace.grads = {n: (grad_of or (lambda p: _full(p.grad)))(p) for n, p in module.named_parameters()}
         if step_fn is not None:
@@ -413,7 +421,7 @@ def single_process(build: Callable[[], torch.nn.Module], key: tuple, data_parall
 
 
 def layout_case(model_key: str, apply_layout: Callable, *, data_parallel: bool = True,
-                build: Callable | None = None, prepare: bool = True) -> Callable[[], dict]:
+                build: Callable | None = None, prepare: bool = True, micro_batches: int = 1) -> Callable[[], dict]:
     """Stock and patched training under ``apply_layout`` vs one process. ``apply_layout(model)`` wraps the model
     and returns (forward, facts): facts are the wrapper types and head layout it asserted."""
     build = build or MODELS[model_key]
@@ -428,7 +436,7 @@ def layout_case(model_key: str, apply_layout: Callable, *, data_parallel: bool =
                     prepare_sharded_training(model)
             forward, facts = apply_layout(model)
             assert world() == 2 or os.environ.get("CCE_DIST_ANY_WORLD"), world()
-            traces[patched] = train(model, forward, data_parallel)
+            traces[patched] = train(model, forward, data_parallel, micro_batches=micro_batches)
         single = single_process(MODELS[model_key], (model_key, data_parallel), data_parallel)
         loss_ps, grad_ps, param_ps, worst = compare(traces[True], traces[False])
         loss_p1, grad_p1, param_p1, _ = compare(traces[True], single)
@@ -467,19 +475,24 @@ def ddp(model):
     return wrapped, {"wrapper": type(wrapped).__name__, **_head_facts(model)}
 
 
-def fsdp2(per_layer: bool = True, groups: tuple[tuple[str, ...], ...] = (), reshard: bool = True):
-    """fully_shard on each decoder layer (``per_layer``), on each group of submodules, then on the root."""
+def fsdp2(per_layer: bool = True, groups: tuple[tuple[str, ...], ...] = (), reshard: bool = True,
+          bf16: bool = False):
+    """fully_shard on each decoder layer (``per_layer``), on each group of submodules, then on the root;
+    ``bf16``: FSDP2's mixed precision (bf16 parameters in forward and backward, fp32 gradient reduction), as
+    accelerate's ``mixed_precision: bf16`` sets it up."""
 
     def apply(model):
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kw = dict(reshard_after_forward=reshard, **({"mp_policy": policy} if policy else {}))
         if per_layer:
             for layer in model.model.layers:
-                fully_shard(layer, reshard_after_forward=reshard)
+                fully_shard(layer, **kw)
         for names in groups:
             modules = [model.get_submodule(n) for n in names]
-            fully_shard(modules if len(modules) > 1 else modules[0], reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=reshard)
+            fully_shard(modules if len(modules) > 1 else modules[0], **kw)
+        fully_shard(model, **kw)
         assert isinstance(model, FSDPModule), type(model)
         for names in groups:
             assert all(isinstance(model.get_submodule(n), FSDPModule) for n in names), names
@@ -560,6 +573,11 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
             tied, fsdp2(groups=(("model.embed_tokens", "lm_head"),))),
         "fsdp2 [embed_tokens, lm_head] grouped (tied), reshard_after_forward=False | qwen2 (tied)": layout_case(
             tied, fsdp2(groups=(("model.embed_tokens", "lm_head"),), reshard=False)),
+        "fsdp2 per layer + root, bf16 mixed precision | llama (untied)": layout_case(untied, fsdp2(bf16=True)),
+        "fsdp2 lm_head alone, bf16 mixed precision | llama (untied)": layout_case(
+            untied, fsdp2(groups=(("lm_head",),), bf16=True)),
+        "fsdp2 lm_head alone, 2 accumulated micro-batches (no reduce on the first) | llama (untied)": layout_case(
+            untied, fsdp2(groups=(("lm_head",),)), micro_batches=2),
         "fsdp2 lm_head alone without prepare_sharded_training: refused": fsdp_without_prepare,
         "tp parallelize_module(lm_head) | llama (untied)": layout_case(untied, tp_head, data_parallel=False),
         "tp from_pretrained(tp_plan='auto') | llama (untied)": layout_case(

@@ -73,6 +73,12 @@ def _layout_problems(case: dict) -> list[str]:
         problems.append(f"world size {case.get('world_size')}")
     if not case.get("patched_logits_none"):
         problems.append("the patched model returned logits: the CCE path did not run")
+    if "bf16" in case["name"]:  # bf16 compute on both sides: ours must be as close to the fp32 run as stock is
+        for quantity, slack in (("loss", 1e-4), ("grad", 1e-3), ("param", 1e-3)):
+            ours, stock = case[f"{quantity}_patched_vs_single"], case[f"{quantity}_stock_vs_single"]
+            if not ours <= 1.5 * stock + slack:
+                problems.append(f"{quantity}: patched vs one fp32 process {ours:.2e}, stock {stock:.2e}")
+        return problems + _wrapper_problems(case)
     for key in ("loss_patched_vs_stock", "loss_patched_vs_single", "loss_stock_vs_single"):
         if not case[key] <= FP32_LOSS:
             problems.append(f"{key} = {case[key]:.2e}")
@@ -80,6 +86,12 @@ def _layout_problems(case: dict) -> list[str]:
                 "param_patched_vs_single", "param_stock_vs_single"):
         if not case[key] <= FP32_GRAD:
             problems.append(f"{key} = {case[key]:.2e} (worst gradient: {case['worst_grad']})")
+    return problems + _wrapper_problems(case)
+
+
+def _wrapper_problems(case: dict) -> list[str]:
+    """The layout is the one the case's name says."""
+    problems = []
     name, wrapper = case["name"], case.get("wrapper", "")
     expect_tied = "(tied)" in name and "untied" not in name
     if case.get("tied") != expect_tied:
@@ -104,14 +116,16 @@ def _layout_problems(case: dict) -> list[str]:
 
 def test_layouts_patched_equals_stock_and_one_process(results):
     """DDP, FSDP2 (per layer + root, root only, lm_head alone, grouped with the norm or the embedding; tied and
-    untied; reshard_after_forward on/off) and tensor parallelism (parallelize_module, tp_plan="auto"): two SGD
-    steps give the same losses, gradients and parameters patched, stock and in one process."""
+    untied; reshard_after_forward on/off; bf16 mixed precision; gradient accumulation) and tensor parallelism (parallelize_module,
+    tp_plan="auto"): two SGD steps give the same losses, gradients and parameters patched, stock and in one
+    process (fp32: to rounding; bf16: as close to the fp32 process as stock is)."""
     cases = [c for c in results["layouts"]["cases"] if "loss_patched_vs_stock" in c or "error" in c]
     names = " ".join(c["name"] for c in cases)
     for layout in ("ddp | llama", "ddp | qwen2 (tied)", "fsdp2 per layer + root", "root only", "lm_head alone +",
                    "lm_head alone, reshard_after_forward=False", "[norm, lm_head]", "[embed_tokens, lm_head] grouped |",
                    "[embed_tokens, lm_head] grouped (tied)", "fsdp2 per layer + root | qwen2 (tied)",
-                   "parallelize_module(lm_head)", "tp_plan='auto') | llama", "tp_plan='auto') | qwen2 (tied)"):
+                   "parallelize_module(lm_head)", "tp_plan='auto') | llama", "tp_plan='auto') | qwen2 (tied)",
+                   "per layer + root, bf16", "lm_head alone, bf16", "accumulated micro-batches"):
         assert layout in names, f"layout {layout!r} missing from the suite"
     assert not (problems := _failures(cases, _layout_problems)), "\n".join(problems)
 
