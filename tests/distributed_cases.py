@@ -724,6 +724,10 @@ def main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _label(case: dict) -> str:
+    return case["name"].replace(" | ", ", ")
+
+
 def _fmt(x: Any) -> str:
     return f"{x:.1e}" if isinstance(x, float) else str(x)
 
@@ -744,7 +748,7 @@ def markdown(out_dir: Path) -> str:
                          "| dC vs fp64 |")
             lines.append("|---|---|---|---|---|---|---|")
             for c in rows:
-                lines.append("| " + " | ".join([c["name"]] + [_fmt(c.get(k, "-")) for k in (
+                lines.append("| " + " | ".join([_label(c)] + [_fmt(c.get(k, "-")) for k in (
                     "loss_vs_full", "loss_vs_fp64", "dE_vs_full", "dE_vs_fp64", "dC_vs_full", "dC_vs_fp64")]) + " |")
         else:
             lines.append("| layout | wrapper / head | loss: patched vs stock | vs one process | grad: patched vs stock "
@@ -752,7 +756,7 @@ def markdown(out_dir: Path) -> str:
             lines.append("|---|---|---|---|---|---|---|---|")
             for c in rows:
                 where = f"{c.get('wrapper', '')}; {c.get('head_layout', c.get('head_weight', ''))}"
-                lines.append("| " + " | ".join([c["name"], where] + [_fmt(c[k]) for k in (
+                lines.append("| " + " | ".join([_label(c), where] + [_fmt(c[k]) for k in (
                     "loss_patched_vs_stock", "loss_patched_vs_single", "grad_patched_vs_stock",
                     "grad_patched_vs_single", "grad_stock_vs_single", "param_patched_vs_single")]) + " |")
         refusals = [c for c in data["cases"] if "raised" in c]
