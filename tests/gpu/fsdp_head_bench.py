@@ -15,6 +15,7 @@ memory of the timed steps, and the losses (same seed, so the two runs see the sa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -80,9 +81,6 @@ def run(args, patched: bool, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
         times.append(1000 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"patched": patched, "step_ms_median": statistics.median(times), "peak_gib": peak, "losses": losses}
 
 
@@ -105,7 +103,12 @@ def main() -> None:
     else:
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    results = [run(args, patched, device) for patched in (False, True)]
+    results = []
+    for patched in (False, True):
+        results.append(run(args, patched, device))
+        gc.collect()  # FSDP's hooks make reference cycles: free the first model before building the second
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     ranks: list = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, results)
     if dist.get_rank() == 0:
