@@ -285,6 +285,8 @@ def op_cases() -> dict[str, Callable[[], dict]]:
             reduction="sum", ignore_index=-1, sizes=[19, 18]),
         "vp none, shift, softcap": op_case(reduction="none", shift=True, softcap=3.0, sizes=[20, 17]),
         "vp label smoothing 0.1": op_case(label_smoothing=0.1, sizes=[10, 27]),
+        "vp ignore_index=0, a class id (the stand-in target must not collide)": op_case(
+            ignore_index=0, ignore_frac=0.0, targets_in=(0, 6), reduction="sum"),
         "vp return_lse (z-loss), shift": op_case(return_lse=True, shift=True),
         "vp explicit vocab_start/vocab_size": op_case(sizes=[25, 12], explicit_range=True, reduction="sum"),
         "vp every target on rank 0's shard (rank 1 owns none)": op_case(sizes=[20, 17], targets_in=(0, 20)),

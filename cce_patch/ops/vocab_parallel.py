@@ -373,19 +373,24 @@ def _vocab_parallel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: The backend's ignore_index on a shard: never a local class id, whatever the caller's ignore_index is (a caller
+#: may ignore a real class, e.g. the pad token, which must not collide with the stand-in target 0).
+_LOCAL_IGNORE = -1
+
+
 def _local_rows(targets_flat: torch.Tensor, spec: LossSpec, shard: VocabShard):
     """(valid, owner, local targets): counted rows, rows whose target is in this shard, and each row's target in
-    local class ids (the owner's own, a stand-in 0 for rows another rank owns, ignore_index where not counted)."""
+    local class ids (the owner's own, a stand-in 0 for rows another rank owns, _LOCAL_IGNORE where not counted)."""
     valid = valid_rows(targets_flat, spec)
     t = effective_targets(targets_flat, spec)
     owner = valid & (t >= shard.start) & (t < shard.start + shard.rows)
-    local = torch.where(owner, t - shard.start, torch.where(valid, torch.zeros_like(t), torch.full_like(t, spec.ignore_index)))
-    return valid, owner, local
+    stand_in = torch.where(valid, torch.zeros_like(t), torch.full_like(t, _LOCAL_IGNORE))
+    return valid, owner, torch.where(owner, t - shard.start, stand_in)
 
 
 def _local_spec(spec: LossSpec) -> LossSpec:
     """The backend's view: unshifted (targets are pre-shifted), unsmoothed (smoothing is added here)."""
-    return LossSpec(ignore_index=spec.ignore_index, softcap=spec.softcap)
+    return LossSpec(ignore_index=_LOCAL_IGNORE, softcap=spec.softcap)
 
 
 class _VocabParallelFunction(torch.autograd.Function):
