@@ -175,8 +175,7 @@ def test_vocab_parallel_op_matches_the_full_op(results):
     cases = [c for c in results["op"]["cases"] if "raised" not in c]
     assert len(cases) >= 16, [c["name"] for c in cases]
     for needed in ("ignore_index=-1", "ignore_index=0", "softcap", "shift", "owns none", "every row ignored", "empty shard",
-                   "triton",
-                   "label smoothing", "return_lse", "dtensor Shard(0)", "sequence-parallel", "2-D mesh"):
+                   "triton", "label smoothing", "return_lse", "dtensor Shard(0)", "sequence-parallel", "2-D mesh"):
         assert any(needed in c["name"] for c in cases), needed
     assert not (problems := _failures(cases, _op_problems)), "\n".join(problems)
 
