@@ -55,9 +55,7 @@ def fsdp_owner(model: nn.Module, param: Any) -> nn.Module | None:
     except ImportError:  # torch without FSDP2
         return None
     holders = [m for m in model.modules() if isinstance(m, FSDPModule) and any(p is param for p in m.parameters())]
-    for candidate in reversed(holders):  # modules() is pre-order: descendants come after their ancestors
-        return candidate
-    return None
+    return holders[-1] if holders else None  # modules() is pre-order: descendants come after their ancestors
 
 
 class _UnshardHeadBeforeLoss:
@@ -96,18 +94,20 @@ def prepare_sharded_training(model: nn.Module) -> nn.Module:
     base = unwrap_peft(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if not isinstance(decoder, nn.Module) or decoder is base:
-        raise NotImplementedError(
-            f"prepare_sharded_training: {type(base).__name__} has no separate decoder module (get_decoder()), "
-            "after which the head weight could be gathered"
-        )
+        # Only FSDP2 groups outside the root need the hook; without it the op refuses such a layout by name.
+        logger.warning("prepare_sharded_training: %s has no separate decoder module (get_decoder()); a head in an "
+                       "FSDP2 group of its own will not be gathered for the loss", type(base).__name__)
+        return model
     if getattr(decoder, _HOOK_ATTR, None) is None:
         setattr(decoder, _HOOK_ATTR, decoder.register_forward_hook(_UnshardHeadBeforeLoss(base)))
     return model
 
 
 def release_sharded_training(model: nn.Module) -> None:
-    """Remove the hook of :func:`prepare_sharded_training` (``unpatch`` companions call this)."""
-    decoder = unwrap_peft(model).get_decoder()
+    """Remove the hook of :func:`prepare_sharded_training` (after ``unpatch``, where the stock forward gathers the
+    head by calling it)."""
+    base = unwrap_peft(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     handle = getattr(decoder, _HOOK_ATTR, None)
     if handle is not None:
         handle.remove()
