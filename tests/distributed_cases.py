@@ -17,6 +17,7 @@ compared (relative L2 error per tensor, the worst tensor reported).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,12 +132,18 @@ def _objective(out, return_lse: bool, weight: torch.Tensor | None):
 
 def op_case(*, vocab=37, d=16, n_shape=(3, 8), sizes=None, bias=True, dtype=torch.float32, api="plain",
             explicit_range=False, seed=0, ignore_index=-100, ignore_frac=0.25, targets_in=None, frozen_head=False,
-            **options) -> Callable[[], dict]:
+            autocast: bool = False, **options) -> Callable[[], dict]:
     """The vocab-parallel op (plain tensors plus the default group, or a Shard(0) DTensor through
     ``linear_cross_entropy``) against the full op on the whole classifier and the fp64 oracle: loss, LSE, dE,
-    this rank's rows of dC and dbias, under a random upstream gradient (and a z-loss with return_lse)."""
+    this rank's rows of dC and dbias, under a random upstream gradient (and a z-loss with return_lse).
+    ``autocast``: fp32 inputs, both ops under bf16 autocast (the cast inputs against fp64)."""
 
     def run() -> dict:
+        context = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            return compute()
+
+    def compute() -> dict:
         e, c, t, b = _op_inputs(n_shape, d, vocab, bias=bias, seed=seed, dtype=dtype, ignore_frac=ignore_frac,
                                 ignore_index=ignore_index, targets_in=targets_in)
         start, rows = _shard_rows(vocab, sizes)
@@ -178,8 +185,9 @@ def op_case(*, vocab=37, d=16, n_shape=(3, 8), sizes=None, bias=True, dtype=torc
         if b_vp is not None:
             grad_b = b_vp.grad.to_local() if api == "dtensor" else b_vp.grad
         # the fp64 oracle
+        cast = (lambda x: x.to(torch.bfloat16) if x is not None else None) if autocast else (lambda x: x)
         ref, ref_lse, (e64, c64, b64) = dense_reference(
-            e, c, t, bias=b, ignore_index=ignore_index, softcap=options.get("softcap"),
+            cast(e), cast(c), t, bias=cast(b), ignore_index=ignore_index, softcap=options.get("softcap"),
             reduction=options.get("reduction", "mean"), shift=options.get("shift", False),
             label_smoothing=options.get("label_smoothing", 0.0),
         )
@@ -230,6 +238,20 @@ def _dtensor(tensor, placements, mesh_shape=None):
 
     mesh = init_device_mesh(DEVICE.type, mesh_shape or (world(),))
     return distribute_tensor(tensor, mesh, placements)
+
+
+def _double_backward_case() -> dict:
+    """A derivative of the vocab-parallel op's gradients is refused (DoubleBackwardError), as for the plain op."""
+    e, c, t, _ = _op_inputs((12,), 16, 37, bias=False, seed=9)
+    start, rows = _shard_rows(37, None)
+    e = e.requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(e, c[start:start + rows].clone().requires_grad_(), t)
+    (de,) = torch.autograd.grad(loss, e, create_graph=True)
+    try:
+        de.sum().backward()
+    except RuntimeError as exc:
+        return {"raised": True, "message": str(exc)[:300], "names_layout": type(exc).__name__ == "DoubleBackwardError"}
+    return {"raised": False, "names_layout": False}
 
 
 def _partial(tensor):
@@ -294,6 +316,7 @@ def op_cases() -> dict[str, Callable[[], dict]]:
         "vp empty shard (V < world: sizes 3/0)": op_case(vocab=3, sizes=[3, 0], bias=False),
         "vp frozen head (dE only)": op_case(frozen_head=True, bias=False),
         "vp bf16": op_case(dtype=torch.bfloat16, bias=False, vocab=64, d=32, n_shape=(40,)),
+        "vp bf16 autocast (fp32 inputs)": op_case(autocast=True, bias=True, vocab=64, d=32, n_shape=(40,)),
         "vp triton backend (interpreter on CPU)": op_case(impl="triton", shift=True, bias=False, vocab=64, d=16,
                                                           n_shape=(2, 9)),
         "dtensor Shard(0) via linear_cross_entropy": op_case(api="dtensor", vocab=40),
@@ -301,6 +324,7 @@ def op_cases() -> dict[str, Callable[[], dict]]:
             api="dtensor", shift=True, softcap=2.5, reduction="sum"),
         "dtensor sequence-parallel e (Shard(1)) gathered": _seq_parallel_case,
         "dtensor 2-D mesh (Replicate, Shard(0))": _two_dim_mesh_case,
+        "refuse: double backward (DoubleBackwardError)": _double_backward_case,
         "refuse: mode='speed'": refusal_case(
             lambda: vocab_parallel_linear_cross_entropy(e, c_rows, t, mode="speed"), "mode='speed'", "vocab-parallel"),
         "refuse: softcap with label_smoothing": refusal_case(

@@ -175,7 +175,8 @@ def test_vocab_parallel_op_matches_the_full_op(results):
     cases = [c for c in results["op"]["cases"] if "raised" not in c]
     assert len(cases) >= 16, [c["name"] for c in cases]
     for needed in ("ignore_index=-1", "ignore_index=0", "softcap", "shift", "owns none", "every row ignored", "empty shard",
-                   "triton", "label smoothing", "return_lse", "dtensor Shard(0)", "sequence-parallel", "2-D mesh"):
+                   "triton", "label smoothing", "return_lse", "dtensor Shard(0)", "sequence-parallel", "2-D mesh",
+                   "autocast"):
         assert any(needed in c["name"] for c in cases), needed
     assert not (problems := _failures(cases, _op_problems)), "\n".join(problems)
 
@@ -183,9 +184,10 @@ def test_vocab_parallel_op_matches_the_full_op(results):
 def test_vocab_parallel_refusals_name_the_layout(results):
     """Speed mode, softcap with smoothing, a head split over the hidden size, Partial placements, a hidden-split
     e, data-parallel inputs with a vocab-sharded weight, targets beyond the whole vocabulary, shards that do not
-    tile it, and a local shard passed to the plain op: each a ValueError that says what is wrong."""
+    tile it, and a local shard passed to the plain op: each a ValueError that says what is wrong; a second
+    derivative: DoubleBackwardError, as for the one-device op."""
     cases = [c for c in results["op"]["cases"] if c["name"].startswith("refuse")]
-    assert len(cases) == 10, [c["name"] for c in cases]
+    assert len(cases) == 11, [c["name"] for c in cases]
     problems = _failures(cases, lambda c: [] if c["raised"] and c["names_layout"] else [f"{c}"])
     assert not problems, "\n".join(problems)
 

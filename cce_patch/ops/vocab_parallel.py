@@ -34,9 +34,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .autocast import autocast_inputs, autocast_off
 from .backends import Backend, get_backend, resolve_impl
+from .second_order import guard_second_order
 from .spec import LossSpec, effective_targets, valid_rows
-from .validation import validate_inputs
+from .validation import check_scored_targets, validate_inputs
 
 #: Printed in errors: what a vocab-parallel call expects of its inputs.
 _LAYOUT_HINT = (
@@ -257,7 +259,8 @@ def _fingerprint(e2d: torch.Tensor, targets_flat: torch.Tensor) -> list[int]:
     return [*sums.view(torch.int64).tolist(), int(t.sum()), int((t * position).sum())]
 
 
-def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShard, ignore_index: int) -> VocabShard:
+def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShard, ignore_index: int,
+                 shift_period: int) -> VocabShard:
     """Refuse inconsistent calls before any collective that assumes equal shapes, and complete ``shard``."""
     me = [e2d.shape[0], e2d.shape[1], shard.rows, shard.start, shard.vocab, *_fingerprint(e2d, targets_flat)]
     table = _all_gather_longs(torch.tensor(me, dtype=torch.int64, device=e2d.device), shard.group, shard.world).tolist()
@@ -291,15 +294,8 @@ def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShar
             "vocab-parallel linear_cross_entropy: the ranks' classifier rows "
             f"{[(a, a + n) for a, n in zip(starts, sizes, strict=True)]} do not tile the vocabulary [0, {vocab}) exactly once"
         )
-    if vocab > 0 and targets_flat.numel() > 0:
-        lo, hi = torch.aminmax(targets_flat.masked_fill(targets_flat == ignore_index, 0))
-        if int(lo) < 0 or int(hi) >= vocab:
-            bad = (targets_flat != ignore_index) & ((targets_flat < 0) | (targets_flat >= vocab))
-            raise ValueError(
-                f"targets contain {int(bad.sum())} value(s) outside [0, {vocab}) that are not "
-                f"ignore_index={ignore_index} (first: {int(targets_flat[bad][0])}); the vocabulary is the whole "
-                f"vocab-parallel head ({shard.world} shards)"
-            )
+    # the targets the loss reads, against the whole head's vocabulary (the ordinary op's check and message)
+    check_scored_targets(targets_flat, vocab, ignore_index, shift_period)
     return VocabShard(group=shard.group, world=shard.world, start=starts[rank], rows=shard.rows, vocab=vocab)
 
 
@@ -322,6 +318,7 @@ def _vocab_parallel(
     check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Validate, then run the vocab-parallel Function and reduce, as ``linear_cross_entropy`` does."""
+    e, c, bias = autocast_inputs(e, c, bias)  # under autocast: the dtype autocast gives F.linear (autocast.py)
     # the ordinary op's checks (shapes, dtypes, options) on this rank's shard, which may be empty when V < world;
     # targets are checked against the whole vocabulary in _check_group
     shard_for_checks = c if c.dim() != 2 or c.shape[0] > 0 else c.new_empty((1, c.shape[1]))
@@ -350,9 +347,9 @@ def _vocab_parallel(
     c_in = c if c.is_contiguous() else c.contiguous()
     bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     if check_targets:
-        shard = _check_group(e2d, targets_flat, shard, ignore_index)
+        shard = _check_group(e2d, targets_flat, shard, ignore_index, targets.shape[-1] if shift else 0)
     spec = LossSpec(
-        ignore_index=ignore_index, softcap=float(softcap) if softcap is not None else None,
+        ignore_index=int(ignore_index), softcap=float(softcap) if softcap is not None else None,
         label_smoothing=float(label_smoothing), shift_period=targets.shape[-1] if shift else 0,
     )
     backend = get_backend(resolve_impl(impl, e.device, e.dtype))
@@ -401,28 +398,11 @@ class _VocabParallelFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n = e2d.shape[0]
         valid, owner, local = _local_rows(targets_flat, spec, shard)
-        a = spec.label_smoothing
         if n == 0:
             zeros = torch.zeros(0, dtype=torch.float32, device=e2d.device)
             loss, lse = zeros, zeros.clone()
         else:
-            if shard.rows > 0:
-                loss_r, lse_r = backend.forward(e2d, c, bias, local, _local_spec(spec))
-            else:  # an empty shard (V < world): contributes exp(-inf) = 0 to every row
-                loss_r = torch.zeros(n, dtype=torch.float32, device=e2d.device)
-                lse_r = torch.where(valid, float("-inf"), 0.0)
-            m = lse_r.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
-            parts = [torch.where(valid, torch.exp(lse_r - m), 0.0), torch.where(owner, lse_r - loss_r, 0.0)]
-            if a:
-                parts.append(_logit_sums(e2d, c, bias) if shard.rows > 0 else torch.zeros_like(m))
-            summed = torch.stack(parts)
-            dist.all_reduce(summed, group=shard.group)
-            lse = torch.where(valid, m + torch.where(valid, summed[0], 1.0).log(), 0.0)
-            loss = lse - (1.0 - a) * summed[1]
-            if a:
-                loss = loss - (a / shard.vocab) * summed[2]
-            loss = torch.where(valid, loss, 0.0)
+            loss, lse = _forward_rows(e2d, c, bias, spec, backend, shard, valid, owner, local)
         ctx.save_for_backward(e2d, c, bias, local, lse, valid, owner)
         ctx.spec, ctx.backend, ctx.shard = spec, backend, shard
         return loss, lse
@@ -434,25 +414,55 @@ class _VocabParallelFunction(torch.autograd.Function):
         nothing = (None,) * 4
         if not any(needs):
             return None, None, None, *nothing
-        spec, shard = ctx.spec, ctx.shard
         zero = lambda t, need: torch.zeros_like(t) if need and t is not None else None  # noqa: E731
-        de, dc, db = zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2])
-        if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
-            return de, dc, db, *nothing
-        a = spec.label_smoothing
-        g = grad_loss.float() if grad_loss is not None else torch.zeros_like(lse)
-        h = grad_lse.float() if grad_lse is not None else torch.zeros_like(lse)
-        g = torch.where(valid, g, 0.0)
+        grads = zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2])
+        if e2d.shape[0] > 0 and (grad_loss is not None or grad_lse is not None):
+            with torch.no_grad(), autocast_off(e2d.device):
+                grads = _backward_rows(e2d, c, bias, local, lse, valid, owner, ctx.spec, ctx.backend, ctx.shard,
+                                       grad_loss, grad_lse, needs, grads)
+        return *guard_second_order(grads), *nothing
+
+
+def _forward_rows(e2d, c, bias, spec: LossSpec, backend: Backend, shard: VocabShard, valid, owner, local):
+    """Per-row (loss, lse) of the whole vocabulary: the shard's backend forward, then the two all-reduces."""
+    n, a = e2d.shape[0], spec.label_smoothing
+    with autocast_off(e2d.device):
         if shard.rows > 0:
-            row_grad_loss = torch.where(owner, g * (1.0 - a), 0.0).contiguous()
-            row_grad_lse = (h + torch.where(owner, g * a, g)).contiguous()
-            de, dc, db = ctx.backend.backward(e2d, c, bias, local, _local_spec(spec), lse, row_grad_loss, row_grad_lse,
-                                              needs)
-            if a:
-                de, dc, db = _add_smoothing_grads(e2d, c, g, a / shard.vocab, de, dc, db)
-        if de is not None:
-            dist.all_reduce(de, group=shard.group)
-        return de, dc, db, *nothing
+            loss_r, lse_r = backend.forward(e2d, c, bias, local, _local_spec(spec))
+        else:  # an empty shard (V < world): contributes exp(-inf) = 0 to every row
+            loss_r = torch.zeros(n, dtype=torch.float32, device=e2d.device)
+            lse_r = torch.where(valid, float("-inf"), 0.0)
+        m = lse_r.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
+        parts = [torch.where(valid, torch.exp(lse_r - m), 0.0), torch.where(owner, lse_r - loss_r, 0.0)]
+        if a:
+            parts.append(_logit_sums(e2d, c, bias) if shard.rows > 0 else torch.zeros_like(m))
+        summed = torch.stack(parts)
+        dist.all_reduce(summed, group=shard.group)
+        lse = torch.where(valid, m + torch.where(valid, summed[0], 1.0).log(), 0.0)
+        loss = lse - (1.0 - a) * summed[1]
+        if a:
+            loss = loss - (a / shard.vocab) * summed[2]
+        return torch.where(valid, loss, 0.0), lse
+
+
+def _backward_rows(e2d, c, bias, local, lse, valid, owner, spec: LossSpec, backend: Backend, shard: VocabShard,
+                   grad_loss, grad_lse, needs, zeros):
+    """(dE, dC, dbias): the shard's backend backward with the global LSE (module docstring), dE all-reduced."""
+    de, dc, db = zeros
+    a = spec.label_smoothing
+    g = grad_loss.float() if grad_loss is not None else torch.zeros_like(lse)
+    h = grad_lse.float() if grad_lse is not None else torch.zeros_like(lse)
+    g = torch.where(valid, g, 0.0)
+    if shard.rows > 0:
+        row_grad_loss = torch.where(owner, g * (1.0 - a), 0.0).contiguous()
+        row_grad_lse = (h + torch.where(owner, g * a, g)).contiguous()
+        de, dc, db = backend.backward(e2d, c, bias, local, _local_spec(spec), lse, row_grad_loss, row_grad_lse, needs)
+        if a:
+            de, dc, db = _add_smoothing_grads(e2d, c, g, a / shard.vocab, de, dc, db)
+    if de is not None:
+        dist.all_reduce(de, group=shard.group)
+    return de, dc, db
 
 
 def _logit_sums(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
