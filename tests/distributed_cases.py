@@ -787,7 +787,7 @@ def markdown(out_dir: Path) -> str:
                     "grad_patched_vs_single", "grad_stock_vs_single", "param_patched_vs_single")]) + " |")
         refusals = [c for c in data["cases"] if "raised" in c]
         if refusals:
-            lines.append("\nRefused before any compute, naming the layout: "
+            lines.append("\nRefused, each with an error that names the problem (the layout ones before any compute): "
                          + "; ".join(f"{c['name'].removeprefix('refuse: ')} ({'ok' if c['names_layout'] else 'NOT OK'})"
                                      for c in refusals) + ".")
     return "\n".join(lines)
