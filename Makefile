@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # On machines without an NVIDIA GPU, pin torch to the local CPU wheel so pip never downloads the
 # multi-GB CUDA build. Machines with a GPU (and users) keep whatever torch they choose.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# DS_BUILD_OPS=0: deepspeed (a test extra) installs as pure Python; it compiles an op only when one is used.
 ifeq ($(HAS_GPU),1)
-PIP_ENV :=
+PIP_ENV := DS_BUILD_OPS=0
 else
-PIP_ENV := PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
+PIP_ENV := DS_BUILD_OPS=0 PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
 endif
 PYTEST_ARGS ?=
 

@@ -12,7 +12,8 @@ precision, which happens inside ``Trainer.train()`` before ``on_train_begin``. P
 the autocast wrapper and run the decoder without autocast; so the callback patches in ``on_init_end`` (the end of
 ``Trainer.__init__``, before any wrapping), and the wrapper later wraps the patched forward. What gets patched is
 the model the Trainer holds: the ``*ForCausalLM`` itself or a ``PeftModel`` (``patch`` finds its base model);
-DDP / FSDP / DeepSpeed wrap that same object later, so their wrappers are never touched.
+DDP / FSDP / DeepSpeed wrap that same object later, so their wrappers are never touched (``distributed.py`` says
+what each sharded layout needs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
 from ..models.patching import is_patched, patch
-from .zero3 import register_head_with_zero3
+from .distributed import prepare_sharded_training
 
 logger = logging.getLogger("cce_patch")
 
@@ -79,7 +80,7 @@ def apply_cce(model: nn.Module, args: Any = None, config: CCEConfig | None = Non
         patch(model, config)
     except NotImplementedError as exc:
         raise NotImplementedError(f"use_cce: cannot patch {type(model).__name__}: {exc}") from exc
-    register_head_with_zero3(model)
+    prepare_sharded_training(model)  # FSDP2 groups that do not gather the head by themselves (distributed.py)
     return model
 
 

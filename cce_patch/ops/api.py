@@ -19,6 +19,7 @@ from .memory_mode import MemoryModeFunction
 from .spec import LossSpec, valid_rows
 from .speed_mode import SpeedModeFunction, speed_chunk_budget
 from .validation import validate_inputs
+from .vocab_parallel import dtensor_linear_cross_entropy, has_dtensor
 
 
 def linear_cross_entropy(
@@ -96,8 +97,17 @@ def linear_cross_entropy(
     ``fullgraph=True``) the op is one custom-op node in the forward graph and one in the backward graph
     (``compiled.py``), running the same kernels as eager. Non-contiguous ``e`` or ``targets`` are made
     contiguous first (a copy); gradients are computed only for the tensors that require them.
+
+    DTensor inputs (FSDP2 / tensor-parallel parameters) go to ``vocab_parallel.py``: a classifier split over the
+    vocabulary (``Shard(0)``) runs vocab-parallel across its mesh, other layouts are refused by name.
     """
     e, c, bias = autocast_inputs(e, c, bias)
+    if has_dtensor(e, c, targets, bias):
+        return dtensor_linear_cross_entropy(
+            e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
+            label_smoothing=label_smoothing, return_lse=return_lse, impl=impl, mode=mode,
+            speed_chunk_bytes=speed_chunk_bytes, check_targets=check_targets,
+        )
     compiling = torch.compiler.is_compiling()
     validate_inputs(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
