@@ -6,8 +6,8 @@ so the ``[tokens x vocab]`` logit matrix is never materialized.
 
 from .config import CCEConfig
 from .models import is_patched, patch, unpatch
-from .ops import linear_cross_entropy
+from .ops import TokenStats, linear_cross_entropy, linear_log_probs
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_cross_entropy", "patch", "unpatch", "is_patched", "CCEConfig", "__version__"]
+__all__ = ["linear_cross_entropy", "linear_log_probs", "TokenStats", "patch", "unpatch", "is_patched", "CCEConfig", "__version__"]
