@@ -480,3 +480,29 @@ def test_trl_024_sft_refused_at_init_or_trains_with_logits(trl_024):
     """, extra_path=trl_024)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "refused" in run.stdout and "trained" in run.stdout, run.stdout
+
+
+# ----- the recipe -----------------------------------------------------------------------------------------------------
+def test_recipe_trains_briefly_offline(tmp_path, kernels):
+    import finetune_trl_sft
+
+    threads = torch.get_num_threads()
+    trainer = finetune_trl_sft.main([
+        "--max_steps", "4", "--offline_examples", "64", "--logging_steps", "2", "--output_dir", str(tmp_path),
+        "--disable_tqdm", "true", "--report_to", "none", "--cce_config", '{"impl": "torch"}', "--sample_answers", "2",
+    ])
+    assert torch.get_num_threads() == threads  # the tiny model's single thread is given back
+    assert cce_patch.is_patched(trainer.model) and fused_head_options(trainer.model) is not None
+    assert kernels["ours"] >= 4 and kernels["trl"] == 0
+    logs = _logs(trainer)
+    assert len(logs) == 2 and all({"loss", "mean_token_accuracy", "entropy"} <= set(h) for h in logs)
+    assert trainer.args.bf16 is False and (tmp_path / "trainer_state.json").is_file()
+
+
+def test_recipe_config_parses_like_the_trainer_recipe():
+    import finetune_trl_sft
+
+    script, train = finetune_trl_sft.parse_args(["--output_dir", "x"])
+    assert train.use_cce is True and train.max_steps > 0 and script.dataset_name == "generated"
+    _, stock = finetune_trl_sft.parse_args(["--use_cce", "false", "--output_dir", "x"])
+    assert stock.use_cce is False

@@ -204,7 +204,7 @@ def install_fused_head(
 
         prepare_sharded_training(model)  # an FSDP2 group that does not gather the head for us (distributed.py)
         watch_for_bypass(model)
-    logger.info("cce_patch: fused LM head on %s (outputs=%s, temperature=%g%s)", type(model).__name__,
+    logger.info("fused LM head on %s (outputs=%s, temperature=%g%s)", type(model).__name__,
                 ",".join(outputs), temperature, ", lm_head in fp32" if cast_lm_head_to_fp32 else "")
 
 
