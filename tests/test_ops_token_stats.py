@@ -242,10 +242,10 @@ def test_triton_backward_row_groups(monkeypatch):
 
 
 def test_under_autocast_inputs_cast_like_f_linear():
-    """Inside CPU autocast (bf16) fp32 e and c are cast to bf16 as F.linear's would be; the arithmetic stays
-    fp32 (the result equals the call on bf16 copies outside autocast)."""
+    """Inside autocast (bf16) fp32 e and c are cast to bf16 as F.linear's would be; the arithmetic stays fp32
+    (the result equals the call on bf16 copies outside autocast)."""
     e, c, t, _ = make((2, 9), 32, 120)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         inside = linear_log_probs(e, c, t, outputs=("entropy",), impl="torch")
     outside = linear_log_probs(e.bfloat16(), c.bfloat16(), t, outputs=("entropy",), impl="torch")
     torch.testing.assert_close(inside.log_probs, outside.log_probs, rtol=0, atol=0)
@@ -271,9 +271,9 @@ def test_bad_options_are_refused_before_any_launch(bad, match):
 def test_bad_targets_and_shapes_are_refused():
     e, c, t, _ = make((5,), 8, 20)
     with pytest.raises(ValueError, match="outside"):
-        linear_log_probs(e, c, torch.full((5,), 20))
+        linear_log_probs(e, c, torch.full((5,), 20, device=DEVICE))
     with pytest.raises(ValueError, match="hidden size"):
-        linear_log_probs(e, torch.randn(20, 9), t)
+        linear_log_probs(e, torch.randn(20, 9, device=DEVICE), t)
 
 
 def test_single_output_name_as_a_string():
