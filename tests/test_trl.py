@@ -156,6 +156,30 @@ def test_sft_with_use_cce_in_the_config(data, sft_reference, kernels):
     assert kernels["trl"] == 0
 
 
+def test_sft_with_lora(data, kernels):
+    """PEFT: TRL installs the head on the base model; LoRA on the decoder trains through our kernel, equal to
+    TRL's head. A LoRA adapter on lm_head itself is refused at init (by TRL, or by us: its weight is not one
+    tensor)."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    logs = {}
+    for patched in (False, True):
+        trainer = _train_sft(data, patched, args=_args(SFTConfig, max_steps=2, learning_rate=1e-2), peft_config=lora)
+        logs[patched] = _logs(trainer)
+        assert (fused_head_options(trainer.model) is not None) == patched
+    _assert_same_logs(logs[True], logs[False], SFT_KEYS)
+    assert kernels["ours"] >= 2
+    rows, tokenizer = data
+    with pytest.raises((ValueError, NotImplementedError), match="lm_head"):
+        from trl import SFTTrainer
+
+        SFTTrainer(model=_model(tokenizer, patched=True), args=_args(SFTConfig), processing_class=tokenizer,
+                   train_dataset=_sft_dataset(rows[:8]),
+                   peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+
+
 def test_cce_configs_keep_trls_defaults_and_parse():
     from transformers import HfArgumentParser
     from trl import SFTConfig

@@ -69,11 +69,19 @@ class FusedHeadOptions:
 
 
 # ----- what cce_patch knows about a model ---------------------------------------------------------------------
+# The models room is being restructured (its accessors move between modules); these four functions are the only
+# places this file reads it, and each accepts both layouts.
+def _peft_helpers():
+    try:
+        from .peft import effective_head, unwrap_peft
+    except ImportError:  # the models room's layout with heads.py
+        from ..models.heads import effective_head, unwrap_peft
+    return effective_head, unwrap_peft
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The ``*ForCausalLM`` inside a PeftModel, or the model itself."""
-    from .peft import unwrap_peft
-
-    return unwrap_peft(model)
+    return _peft_helpers()[1](model)
 
 
 def is_cce_patched(model: nn.Module | None) -> bool:
@@ -88,16 +96,24 @@ def is_cce_patched(model: nn.Module | None) -> bool:
 
 def cce_config(model: nn.Module):
     """The CCEConfig of a patched model (the defaults for an unpatched one)."""
-    from ..models.forward import cce_config_of
+    from .. import models
 
-    return cce_config_of(base_model(model))
+    config_of = getattr(models, "config_of", None)
+    if config_of is None:
+        from ..models.forward import cce_config_of as config_of
+    return config_of(base_model(model)) or _default_config()
+
+
+def _default_config():
+    from ..config import CCEConfig
+
+    return CCEConfig()
 
 
 def head_linear(model: nn.Module) -> nn.Linear:
     """The nn.Linear whose weight (and bias) produce the logits: PEFT's modules_to_save copy when it trains,
     NotImplementedError for a LoRA adapter on the head (its weight is not one tensor; TRL's head would drop it)."""
-    from .peft import effective_head
-
+    effective_head = _peft_helpers()[0]
     head = model.get_output_embeddings()
     if head is None:
         raise NotImplementedError(f"{type(model).__name__} has no output embeddings (lm_head) for a fused LM head")

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..config import CCEConfig
 from ..models.patching import is_patched, patch
 from .distributed import prepare_sharded_training
-from .fused_head import fused_head_options, install_fused_head
+from .fused_head import base_model, fused_head_options, install_fused_head
 
 logger = logging.getLogger("cce_patch")
 
@@ -164,9 +164,7 @@ class CCETrainer(Trainer):
         if not (getattr(self.args, "cce_token_metrics", False) and self._use_cce() and is_patched(model)):
             return
         if fused_head_options(model) is None:
-            from .peft import unwrap_peft
-
-            install_fused_head(unwrap_peft(model), outputs=self.TOKEN_METRIC_OUTPUTS)
+            install_fused_head(base_model(model), outputs=self.TOKEN_METRIC_OUTPUTS)
 
     def _token_metrics_step(self, inputs: dict) -> bool:
         """Whether this loss goes through the fused head: training, labels given, and no loss computed from
