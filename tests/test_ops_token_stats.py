@@ -279,3 +279,13 @@ def test_bad_targets_and_shapes_are_refused():
 def test_single_output_name_as_a_string():
     e, c, t, _ = make((5,), 8, 20)
     assert linear_log_probs(e, c, t, outputs="entropy").entropy is not None
+
+
+def test_double_backward_is_refused():
+    from cce_patch.ops import DoubleBackwardError
+
+    e, c, t, _ = make((2, 5), 16, 40)
+    out = linear_log_probs(e, c, t, outputs=("entropy",), impl="torch")
+    (de,) = torch.autograd.grad(out.log_probs.sum() + out.entropy.sum(), (e,), create_graph=True)
+    with pytest.raises(DoubleBackwardError):
+        de.sum().backward()

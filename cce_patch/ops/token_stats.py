@@ -10,7 +10,6 @@ chunk (the memory mode of ``linear_cross_entropy``). The math of every field and
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 from numbers import Real
@@ -18,8 +17,10 @@ from typing import NamedTuple
 
 import torch
 
+from .autocast import autocast_inputs, autocast_off
 from .backends import Backend, get_backend, resolve_impl
 from .options import check_softcap
+from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
 from .stats import OUTPUTS, StatsSpec
 from .validation import validate_inputs
@@ -62,26 +63,6 @@ def _check_finite(name: str, value: object) -> float:
     return float(value)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def _as_autocast_would(x, dtype: torch.dtype):
-    """``x`` cast as autocast casts ``F.linear``'s inputs (floating tensors other than fp64)."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype not in (torch.float64, dtype):
-        return x.to(dtype)
-    return x
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """The op's own arithmetic is fp32 whatever autocast is on (a CPU autocast would turn its matmuls bf16)."""
-    if _autocast_dtype(device.type) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
 class TokenStatsFunction(torch.autograd.Function):
     """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of flattened rows. Gradients flow from
     log_probs and entropy, recomputing the logits in the backend's ``backward`` (``stats.py``'s formula)."""
@@ -98,7 +79,7 @@ class TokenStatsFunction(torch.autograd.Function):
             mean = empty.clone() if stats.mean_logits else None
             top1 = torch.zeros(0, dtype=torch.bool, device=e2d.device) if stats.is_top1 else None
         else:
-            with _no_autocast(e2d.device):
+            with autocast_off(e2d.device):
                 lp, lse, ent, lssp, mean, top1 = backend.stats_forward(e2d, c, bias, targets_flat, spec, stats)
         ctx.save_for_backward(e2d, c, bias, targets_flat, lse, ent if ent is not None else lse)
         ctx.spec, ctx.stats, ctx.backend = spec, stats, backend
@@ -116,19 +97,20 @@ class TokenStatsFunction(torch.autograd.Function):
             def zero(t, need):
                 return torch.zeros_like(t) if need else None
 
-            return (zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None, *none)
+            grads = zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None
+            return (*guard_second_order(grads), *none)
         # stats.py: g = -a on the loss term, h = -h_ent * entropy on the LSE term, r = -h_ent on p log p
         grad_loss = -grad_lp.float().contiguous() if grad_lp is not None else torch.zeros_like(lse)
         grad_lse = grad_plogp = None
         if grad_ent is not None:
             grad_plogp = -grad_ent.float().contiguous()
             grad_lse = grad_plogp * ent
-        with torch.no_grad(), _no_autocast(e2d.device):
-            de, dc, db = ctx.backend.backward(
+        with torch.no_grad(), autocast_off(e2d.device):
+            grads = ctx.backend.backward(
                 e2d, c, bias, targets_flat, ctx.spec, lse, grad_loss, grad_lse, needs,
                 grad_plogp=grad_plogp, logit_scale=ctx.stats.logit_scale,
             )
-        return (de, dc, db, *none)
+        return (*guard_second_order(grads), *none)  # a derivative of these gradients raises DoubleBackwardError
 
 
 def linear_log_probs(
@@ -151,7 +133,10 @@ def linear_log_probs(
 
     Args:
         e: ``(..., D)`` hidden states (fp32, fp16 or bf16); under autocast, ``e``, ``c`` and ``bias`` are cast
-            as autocast casts ``F.linear``'s inputs, and the op's arithmetic stays fp32.
+            as autocast casts ``F.linear``'s inputs, and the op's arithmetic stays fp32 (``autocast.py``, as for
+            ``linear_cross_entropy``). A derivative of its gradients (double backward) raises
+            ``DoubleBackwardError``. Under ``torch.compile`` it runs (checked on the torch path), with graph breaks:
+            unlike ``linear_cross_entropy`` it is not registered as custom ops (``compiled.py``).
         c: ``(V, D)`` classifier, e.g. ``lm_head.weight``; same dtype as ``e``.
         targets: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
         bias: optional ``(V,)`` classifier bias.
@@ -178,10 +163,7 @@ def linear_log_probs(
     temperature = _check_positive_finite("temperature", temperature)
     logit_scale = _check_finite("logit_scale", logit_scale)
     check_softcap(softcap)
-    if isinstance(e, torch.Tensor):
-        dtype = _autocast_dtype(e.device.type)
-        if dtype is not None:
-            e, c, bias = (_as_autocast_would(x, dtype) for x in (e, c, bias))
+    e, c, bias = autocast_inputs(e, c, bias)  # the rule of linear_cross_entropy (autocast.py)
     validate_inputs(
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction="none", shift=shift,
         label_smoothing=0.0, impl=impl, check_targets=check_targets,
@@ -198,7 +180,7 @@ def linear_log_probs(
     bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     # stats.py: softcap_k(y) / tau == softcap_{k / tau}(y / tau), so the temperature folds into the cap and alpha
     spec = LossSpec(
-        ignore_index=ignore_index,
+        ignore_index=int(ignore_index),
         softcap=float(softcap) / temperature if softcap is not None else None,
         shift_period=targets.shape[-1] if shift else 0,
     )
