@@ -115,6 +115,41 @@ def test_method_specs_parse_options():
     assert torch.allclose(m.loss(e, c, t).double(), ref, rtol=1e-5)
 
 
+TRL_PEERS = "trl,trl[outputs=entropy+is_top1],ours[outputs=entropy+is_top1],ours[outputs=log_probs]"
+
+
+def test_cli_bench_trl_head_peers(tmp_path):
+    """TRL's fused-head kernel and ours with the same per-token outputs, through the CLI on CPU: every phase
+    runs, and their loss and gradients match the fp32 ground truth (the GPU run is the measurement)."""
+    pytest.importorskip("trl.kernels.chunked_logprob")
+    rc = cli_main(["bench", "--preset", "tiny", "--device", "cpu", "--methods", TRL_PEERS, "--out", str(tmp_path),
+                   "--name", "trl"])
+    assert rc == 0
+    res = json.loads((tmp_path / "trl.json").read_text())["results"]
+    assert {r["method"] for r in res} == set(M.split_specs(TRL_PEERS))
+    assert len(res) == 4 * len(REGIMES)
+    for r in res:
+        assert all(s == "ok" for s in r["status"].values()), r["status"]
+        assert r["de_rel_err"] < 1e-5 and r["dc_rel_err"] < 1e-5 and r["loss_abs_err"] < 1e-4, r
+    described = {r["method"]: r["description"] for r in res}
+    assert "ChunkedLogProbFunction" in described["trl"] and "'entropy', 'is_top1'" in described[
+        "trl[outputs=entropy+is_top1]"]
+    assert "linear_log_probs" in described["ours[outputs=entropy+is_top1]"]
+
+
+def test_trl_head_methods_compute_the_same_loss():
+    pytest.importorskip("trl.kernels.chunked_logprob")
+    e, c, t = make_inputs("peaked", 40, 24, 300, device="cpu", dtype=torch.float32)
+    losses = [M.build(s, torch.device("cpu")).loss(e, c, t) for s in M.split_specs(TRL_PEERS)]
+    ref = F.cross_entropy((e @ c.T).double(), t)
+    for loss in losses:
+        assert torch.allclose(loss.double(), ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="takes only outputs"):
+        M.build("trl[chunk=4]", torch.device("cpu"))
+    with pytest.raises(ValueError, match="takes no"):
+        M.build("ours[outputs=entropy,mode=speed]", torch.device("cpu"))
+
+
 def test_regimes_statistics_cpu():
     n, d, v = 256, 256, 8192
     stats = {r: describe(*make_inputs(r, n, d, v, device="cpu", dtype=torch.float32)) for r in REGIMES}

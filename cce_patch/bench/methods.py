@@ -5,6 +5,13 @@ cross-entropy of ``e @ c.T`` against ``targets``), so its forward time, its fwd+
 its gradients can be measured the same way. A method spec is a name with optional keyword options in brackets,
 e.g. ``ours``, ``ours[impl=torch]``, ``ours[mode=speed]`` — the options go to
 ``cce_patch.linear_cross_entropy`` unchanged, so new modes of the op need no change here.
+
+Per-token heads (TRL's fused LM head, and ours serving it): ``trl`` is TRL's ``ChunkedLogProbFunction`` (the
+kernel of ``add_fused_lm_head``, TRL >= 1.15) computing the per-token log-probs, and
+``trl[outputs=entropy+is_top1]`` also the entropy and the first-argmax flag, as SFTTrainer asks; ``ours[outputs=
+entropy+is_top1]`` is ``cce_patch.linear_log_probs`` with the same outputs. Their loss is the mean of -log p
+(the cross-entropy, so the error columns apply); the extra fields are computed in the forward and receive no
+gradient, as in SFT, where they are metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +31,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: Methods tried by default, in table order. Unavailable ones (no CUDA, peer not installed) are skipped
 #: with a note instead of failing the run.
 DEFAULT_METHODS = ("gemm", "torch", "torch.compile", "ours", "ours[mode=speed]", "cce", "cce_exact", "liger")
-KNOWN = ("gemm", "torch", "torch.compile", "ours", "cce", "cce_exact", "liger", "torch_lce")
+KNOWN = ("gemm", "torch", "torch.compile", "ours", "cce", "cce_exact", "liger", "torch_lce", "trl")
+#: TRL 1.15-1.16's vocabulary chunk per projection in its fused head (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``).
+TRL_CHUNK_SIZE = 32768
 
 
 class MethodUnavailable(RuntimeError):
@@ -114,6 +124,10 @@ def _need_cuda(device: torch.device, name: str) -> None:
 def build(spec: str, device: torch.device) -> Method:
     """Build the method named by ``spec`` for ``device``; ``MethodUnavailable`` if it cannot run here."""
     name, opts = parse_spec(spec)
+    if name == "ours" and "outputs" in opts:
+        return _ours_per_token(spec, opts)
+    if name == "trl":
+        return _trl(spec, opts)
     if name == "ours":
         from cce_patch import linear_cross_entropy
 
@@ -160,6 +174,52 @@ def build(spec: str, device: torch.device) -> Method:
     raise ValueError(f"unknown method {name!r}; known: {', '.join(KNOWN)} (ours takes [key=value,...])")
 
 
+def _outputs(value: object) -> tuple[str, ...]:
+    """``"entropy+is_top1"`` -> ``("log_probs", "entropy", "is_top1")`` (log-probs are always computed)."""
+    names = tuple(n.strip() for n in str(value).split("+") if n.strip())
+    return ("log_probs", *(n for n in names if n != "log_probs"))
+
+
+def _ours_per_token(spec: str, opts: dict) -> Method:
+    """``linear_log_probs`` with TRL's per-token outputs; the loss is the mean of -log p."""
+    from cce_patch import linear_log_probs
+
+    opts = dict(opts)
+    outputs = _outputs(opts.pop("outputs"))
+    refused = sorted(set(opts) & {"mode", "reduction", "label_smoothing", "return_lse", "speed_chunk_bytes"})
+    if refused:
+        raise ValueError(f"{spec}: linear_log_probs takes no {refused} (per-token outputs, memory mode)")
+    kwargs = {"impl": "auto", **opts}
+
+    def ours(e, c, t, _kw=kwargs, _outputs=outputs):
+        stats = linear_log_probs(e, c, t, outputs=_outputs, **_kw)
+        return -stats.log_probs.sum() / stats.mask.sum().clamp_min(1)
+
+    return Method(spec, ours, f"cce_patch.linear_log_probs(outputs={outputs}, {_fmt(kwargs)}) -> mean -log p",
+                  options={"outputs": outputs, **kwargs})
+
+
+def _trl(spec: str, opts: dict) -> Method:
+    """TRL's fused LM head kernel, ``trl.kernels.chunked_logprob.ChunkedLogProbFunction``, as its head calls it
+    (TRL's vocabulary chunk, no bias, temperature 1); the bench's targets are all counted, so no row selection."""
+    opts = dict(opts)
+    outputs = _outputs(opts.pop("outputs", "log_probs"))
+    if opts:
+        raise ValueError(f"method 'trl' takes only outputs=... (got {opts})")
+    kernel = _import("trl.kernels.chunked_logprob", "trl (>= 1.15, for its fused LM head)")
+    function = getattr(kernel, "ChunkedLogProbFunction", None)
+    if function is None:
+        raise MethodUnavailable(f"trl {_version('trl')} has no ChunkedLogProbFunction (it arrived in 1.15)")
+    # trl.trainer.utils holds TRL's chunk but imports half of TRL's dependencies: read it only if it is loaded
+    chunk = getattr(sys.modules.get("trl.trainer.utils"), "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK_SIZE)
+
+    def trl_head(e, c, t, _outputs=outputs):
+        log_probs = function.apply(e, c, None, t, 1.0, chunk, None, 1.0, _outputs)[0]
+        return -log_probs.mean()
+
+    return Method(spec, trl_head, f"trl {_version('trl')} ChunkedLogProbFunction(outputs={outputs}, chunk={chunk})")
+
+
 def _apple(name: str, device: torch.device) -> Method:
     """apple's ml-cross-entropy. ``cce``: its default gradient filtering. ``cce_exact``: its exact mode —
     ``impl="cce_exact"`` where the installed version has it, else (PyPI 25.1.1) ``filter_eps=None``, which
@@ -199,4 +259,5 @@ def peer_versions() -> dict[str, str | None]:
     return {
         "cut-cross-entropy": _version("cut-cross-entropy"),
         "liger-kernel": _version("liger-kernel"),
+        "trl": _version("trl"),
     }

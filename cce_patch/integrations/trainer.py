@@ -7,6 +7,11 @@ Two ways to honour them, sharing :func:`apply_cce`:
 - ``CCETrainer``: a drop-in ``Trainer`` that also asks the patched model for the loss alone whenever evaluation
   only needs the loss (``skip_logits``, as the Trainer does for Liger), and patches models made by ``model_init``.
 
+Token metrics (``cce_token_metrics=True``, ``CCETrainer``): the training loss then comes from the fused LM head
+(``fused_head.py``: the loss and, in the same pass, each token's entropy and whether its label is the argmax),
+and the Trainer logs ``mean_token_accuracy`` and ``entropy`` over the counted tokens of each logging window, as
+TRL's SFTTrainer does, without logits.
+
 When to patch matters. ``accelerate`` wraps ``model.forward`` in autocast when it prepares the model for mixed
 precision, which happens inside ``Trainer.train()`` before ``on_train_begin``. Patching after that would replace
 the autocast wrapper and run the decoder without autocast; so the callback patches in ``on_init_end`` (the end of
@@ -23,12 +28,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
 from ..models.patching import is_patched, patch
 from .distributed import prepare_sharded_training
+from .fused_head import base_model, fused_head_options, install_fused_head
 
 logger = logging.getLogger("cce_patch")
 
@@ -41,6 +48,11 @@ class CCETrainingArguments(TrainingArguments):
     cce_config: dict | str | None = field(
         default=None,
         metadata={"help": 'CCE options as a dict or JSON string, e.g. \'{"impl": "triton"}\' (see cce_patch.CCEConfig).'},
+    )
+    cce_token_metrics: bool = field(
+        default=False,
+        metadata={"help": "CCETrainer: log mean_token_accuracy and entropy of the trained tokens, computed by the "
+                          "kernel in the loss pass (no logits)."},
     )
 
     def __post_init__(self) -> None:
@@ -93,14 +105,17 @@ class CCECallback(TrainerCallback):
 
     def __init__(self, config: CCEConfig | None = None) -> None:
         self.config = config
-
-    def _enabled(self, args: Any) -> bool:
-        return bool(getattr(args, "use_cce", True))
+        self.logs_token_metrics = False  # set by CCETrainer, which logs them; a plain Trainer cannot
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # End of Trainer.__init__: before accelerate wraps forward for autocast, and before evaluate()/predict().
         if self._enabled(args) and model is not None:
             apply_cce(model, args, self.config)
+            if getattr(args, "cce_token_metrics", False) and not self.logs_token_metrics:
+                logger.warning("cce_token_metrics: only CCETrainer logs them; a plain Trainer with CCECallback does not")
+
+    def _enabled(self, args: Any) -> bool:
+        return bool(getattr(args, "use_cce", True))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # A model the Trainer received after __init__ (e.g. the callback was added later) is patched here.
@@ -113,16 +128,25 @@ class CCETrainer(Trainer):
     """A ``Trainer`` that honours ``args.use_cce`` by itself.
 
     Beyond the callback it (1) patches each model ``model_init`` makes (hyper-parameter search, re-init at
-    ``train()``), and (2) passes ``skip_logits=True`` to the patched model whenever the Trainer evaluates for
-    the loss alone (``evaluate()`` without ``compute_metrics``), so evaluation never builds logits either.
+    ``train()``), (2) passes ``skip_logits=True`` to the patched model whenever the Trainer evaluates for
+    the loss alone (``evaluate()`` without ``compute_metrics``), so evaluation never builds logits either, and
+    (3) with ``cce_token_metrics``, logs the token accuracy and entropy of training, computed in the loss pass.
     """
+
+    #: the per-token fields the token metrics need from the fused head
+    TOKEN_METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")
 
     def __init__(self, *args: Any, cce_config: CCEConfig | None = None, **kwargs: Any) -> None:
         self._cce_overrides = cce_config
+        self._token_sums: torch.Tensor | None = None  # (counted tokens, entropy sum, correct) of the log window
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, CCECallback) or c is CCECallback for c in callbacks):
             callbacks.append(CCECallback(cce_config))
+        for cb in callbacks:
+            if isinstance(cb, CCECallback):
+                cb.logs_token_metrics = True
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._install_token_metrics(self.model)
 
     def _use_cce(self) -> bool:
         return bool(getattr(self.args, "use_cce", True))
@@ -131,7 +155,48 @@ class CCETrainer(Trainer):
         model = super().call_model_init(trial)
         if self._use_cce():
             apply_cce(model, self.args, self._cce_overrides)
+            self._install_token_metrics(model)
         return model
+
+    def _install_token_metrics(self, model: nn.Module | None) -> None:
+        """With ``cce_token_metrics``, the patched model's training loss comes from the fused LM head, which
+        computes the metrics' per-token values in the same pass (``fused_head.py``)."""
+        if not (getattr(self.args, "cce_token_metrics", False) and self._use_cce() and is_patched(model)):
+            return
+        if fused_head_options(model) is None:
+            install_fused_head(base_model(model), outputs=self.TOKEN_METRIC_OUTPUTS)
+
+    def _token_metrics_step(self, inputs: dict) -> bool:
+        """Whether this loss goes through the fused head: training, labels given, and no loss computed from
+        logits by the Trainer (label smoothing, ``compute_loss_func``), which keeps its own path."""
+        return (
+            getattr(self.args, "cce_token_metrics", False) and self.model.training and "labels" in inputs
+            and self.label_smoother is None and self.compute_loss_func is None
+            and fused_head_options(self.model) is not None
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._token_metrics_step(inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, {**inputs, "fused_lm_head": True}, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        sums = torch.stack([
+            outputs.label_mask.sum().float(), outputs.entropy.detach().sum().float(), outputs.is_top1.sum().float(),
+        ])
+        self._token_sums = sums if self._token_sums is None else self._token_sums + sums
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs gain ``mean_token_accuracy`` and ``entropy``: over every counted token of the window
+        since the last log, summed over processes (token-weighted, like TRL's)."""
+        if self._token_sums is not None and "loss" in logs:
+            totals = self.accelerator.reduce(self._token_sums, reduction="sum")
+            self._token_sums = None
+            count, entropy, correct = totals.tolist()
+            logs["mean_token_accuracy"] = correct / count if count > 0 else 0.0
+            logs["entropy"] = entropy / count if count > 0 else 0.0
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if prediction_loss_only and self._use_cce() and is_patched(self.model) and "labels" in inputs:

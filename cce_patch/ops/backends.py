@@ -1,6 +1,7 @@
 """The backends of the op, each one record of the same shape, and the one place that chooses between them.
 
-A backend computes the loss of flattened rows (``spec.py`` has the math) four ways:
+A backend computes the loss of flattened rows (``spec.py`` has the math) four ways, and the per-token statistics
+of ``linear_log_probs`` (``stats.py``) a fifth:
 
 - ``forward(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows)``, fp32 (N,), 0 on ignored rows;
 - ``backward(e2d, c, bias, targets_flat, spec, lse, grad_loss, grad_lse, needs) -> (dE, dC, dbias)``, the
@@ -8,7 +9,11 @@ A backend computes the loss of flattened rows (``spec.py`` has the math) four wa
 - ``forward_with_grads(e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows) -> (loss_rows, lse_rows,
   dE, dC, dbias, in_range, weight)``, speed mode: the gradients of ``weight * sum of counted rows`` formed in
   the forward pass; ``in_range`` is None or a 0-dim bool tensor, False when the result must not be used;
-- ``speed_chunk_rows(n, vocab, dtype, chunk_bytes) -> rows``, the rows of one speed-mode chunk.
+- ``speed_chunk_rows(n, vocab, dtype, chunk_bytes) -> rows``, the rows of one speed-mode chunk;
+- ``stats_forward(e2d, c, bias, targets_flat, spec, stats) -> (log_probs, lse, entropy, log_sum_sq_probs,
+  mean_logits, is_top1)``, per row, the fields ``stats`` does not ask for None. Their gradients are
+  ``backward``'s, with two keyword arguments the loss path never passes: ``grad_plogp`` (the entropy's
+  per-row coefficient) and ``logit_scale`` (the statistics' factor alpha on the products).
 
 ``"torch"`` is the chunked PyTorch path (``chunked_torch.py``), ``"triton"`` the fused kernels (``fused/``),
 imported only when chosen: importing Triton is slow, and absent on some platforms.
@@ -34,6 +39,7 @@ class Backend:
     backward: Callable
     forward_with_grads: Callable
     speed_chunk_rows: Callable[[int, int, torch.dtype, int], int]
+    stats_forward: Callable
 
 
 @functools.cache
@@ -42,12 +48,13 @@ def get_backend(name: str) -> Backend:
     if name == "torch":
         from . import chunked_torch as path
 
-        return Backend("torch", path.forward, path.backward, path.forward_with_grads, path.speed_chunk_rows)
+        return Backend("torch", path.forward, path.backward, path.forward_with_grads, path.speed_chunk_rows,
+                       path.stats_forward)
     if name == "triton":
         from .fused import memory_mode, speed_mode
 
         return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
-                       speed_mode.speed_chunk_rows)
+                       speed_mode.speed_chunk_rows, memory_mode.stats_forward)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 

@@ -3,7 +3,8 @@
 It follows ``spec.LossSpec`` exactly, in fp32, processing a chunk of rows at a time so that at most
 ``chunk_rows x V`` logits exist at once (never the full ``N x V`` matrix). The backward pass recomputes each
 chunk's logits from ``e``, ``c`` and the saved log-sum-exp, as the fused kernels do; speed mode
-(``forward_with_grads``) forms each chunk's gradients while its logits exist.
+(``forward_with_grads``) forms each chunk's gradients while its logits exist. The per-token statistics
+(``stats.py``) are ``stats_forward``, and ``backward`` with the entropy's coefficient and the logit factor.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .spec import LossSpec, loss_weight, row_targets, valid_rows
+from .stats import StatsSpec
 
 #: fp32 logits per chunk: 64 MiB keeps the CPU path cache-friendly and bounded at any vocabulary size.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -32,13 +34,16 @@ def chunk_rows_for(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
 
 
 class _Chunk:
-    """Logits of one chunk of rows in fp32, with everything the forward and backward need from them."""
+    """Logits of one chunk of rows in fp32, with everything the forward and backward need from them.
+    ``logit_scale`` (the statistics' alpha) multiplies ``e . c + b`` before the soft cap."""
 
-    def __init__(self, e2d, c32, b32, targets_flat, spec: LossSpec, start: int, stop: int):
+    def __init__(self, e2d, c32, b32, targets_flat, spec: LossSpec, start: int, stop: int, logit_scale: float = 1.0):
         e = e2d[start:stop].float()
         s = e @ c32.T
         if b32 is not None:
             s = s + b32
+        if logit_scale != 1.0:
+            s = s * logit_scale
         if spec.softcap is not None:
             s = spec.softcap * torch.tanh(s / spec.softcap)
         self.e = e
@@ -59,8 +64,9 @@ def _chunk_loss(ch: _Chunk, spec: LossSpec, vocab: int) -> tuple[torch.Tensor, t
 
 
 def _chunk_logit_grad(ch: _Chunk, spec: LossSpec, vocab: int, lse: torch.Tensor, g: torch.Tensor,
-                      h: torch.Tensor | None) -> torch.Tensor:
-    """dS of one chunk (spec.py's formula) for upstream gradients g on the loss and h on the LSE."""
+                      h: torch.Tensor | None, r: torch.Tensor | None = None, logit_scale: float = 1.0) -> torch.Tensor:
+    """dS of one chunk (spec.py's formula) for upstream gradients g on the loss and h on the LSE, plus
+    (stats.py) r_i p_ij log p_ij and the factor alpha = ``logit_scale``."""
     a = spec.label_smoothing
     g = torch.where(ch.valid, g.float(), 0.0)
     p = torch.exp(ch.z - lse[:, None]).masked_fill_(~ch.valid[:, None], 0.0)  # ignored rows: lse = 0, z may be big
@@ -68,8 +74,12 @@ def _chunk_logit_grad(ch: _Chunk, spec: LossSpec, vocab: int, lse: torch.Tensor,
     dz.scatter_add_(1, ch.t[:, None], -(1.0 - a) * g[:, None])
     if h is not None:
         dz = dz + torch.where(ch.valid, h.float(), 0.0)[:, None] * p
+    if r is not None:  # ignored rows: p is 0 there, and so is the term
+        dz = dz + torch.where(ch.valid, r.float(), 0.0)[:, None] * p * (ch.z - lse[:, None])
     if spec.softcap is not None:
         dz = dz * (1.0 - (ch.z / spec.softcap) ** 2)
+    if logit_scale != 1.0:
+        dz = dz * logit_scale
     return dz
 
 
@@ -100,14 +110,14 @@ class _GradSink:
         )
 
 
-def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None):
+def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None, logit_scale: float = 1.0):
     """(start, stop, chunk, c32) for each chunk of rows, the fp32 classifier converted once."""
     c32 = c.float()
     b32 = bias.float() if bias is not None else None
     step = chunk_rows or chunk_rows_for(c.shape[0], default_chunk_bytes(c.device))
     for start in range(0, e2d.shape[0], step):
         stop = min(e2d.shape[0], start + step)
-        yield start, stop, _Chunk(e2d, c32, b32, targets_flat, spec, start, stop), c32
+        yield start, stop, _Chunk(e2d, c32, b32, targets_flat, spec, start, stop, logit_scale), c32
 
 
 def forward(
@@ -137,14 +147,60 @@ def backward(
     grad_lse: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
     chunk_rows: int | None = None,
+    grad_plogp: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dE, dC, dbias) for upstream per-row gradients ``grad_loss`` and ``grad_lse`` (N,) fp32."""
+    """Gradients (dE, dC, dbias) for upstream per-row gradients ``grad_loss`` and ``grad_lse`` (N,) fp32;
+    ``grad_plogp`` and ``logit_scale`` are the per-token statistics' (``stats.py``), absent on the loss path."""
     sink = _GradSink(e2d, c, bias, needs)
-    for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows):
+    for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows, logit_scale):
         h = grad_lse[start:stop] if grad_lse is not None else None
-        sink.add(ch, c32, _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], grad_loss[start:stop], h),
-                 start, stop)
+        r = grad_plogp[start:stop] if grad_plogp is not None else None
+        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], grad_loss[start:stop], h, r, logit_scale)
+        sink.add(ch, c32, dz, start, stop)
     return sink.result()
+
+
+def stats_forward(
+    e2d: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets_flat: torch.Tensor,
+    spec: LossSpec,
+    stats: StatsSpec,
+    chunk_rows: int | None = None,
+):
+    """Per-row (log_probs, lse, entropy, log_sum_sq_probs, mean_logits, is_top1) of ``stats.py``, fp32 (bool
+    for is_top1), 0 / False on ignored rows; the fields ``stats`` does not ask for are None.
+
+    A chunk holds its logits and up to two more fp32 arrays of its size (log p, p), so its rows are a third of
+    the loss path's."""
+    n, vocab = e2d.shape[0], c.shape[0]
+    zeros = torch.zeros(n, dtype=torch.float32, device=e2d.device)
+    log_probs, lse = zeros.clone(), zeros.clone()
+    entropy = zeros.clone() if stats.entropy else None
+    log_sum_sq = zeros.clone() if stats.log_sum_sq_probs else None
+    mean = zeros.clone() if stats.mean_logits else None
+    top1 = torch.zeros(n, dtype=torch.bool, device=e2d.device) if stats.is_top1 else None
+    step = chunk_rows or max(1, chunk_rows_for(vocab, default_chunk_bytes(c.device)) // 3)
+    for start, stop, ch, _ in _chunks(e2d, c, bias, targets_flat, spec, step, stats.logit_scale):
+        rows = slice(start, stop)
+        row_lse = torch.logsumexp(ch.z, dim=-1)
+        keep = ch.valid
+        lse[rows] = torch.where(keep, row_lse, 0.0)
+        log_probs[rows] = torch.where(keep, ch.z.gather(1, ch.t[:, None]).squeeze(1) - row_lse, 0.0)
+        if entropy is not None or log_sum_sq is not None:
+            log_p = ch.z - row_lse[:, None]
+            if entropy is not None:
+                entropy[rows] = torch.where(keep, -(log_p.exp() * log_p).sum(-1), 0.0)
+            if log_sum_sq is not None:
+                log_sum_sq[rows] = torch.where(keep, torch.logsumexp(2.0 * log_p, dim=-1), 0.0)
+            del log_p
+        if mean is not None:
+            mean[rows] = torch.where(keep, ch.z.mean(-1), 0.0)
+        if top1 is not None:  # torch.argmax returns the first maximum
+            top1[rows] = keep & (ch.z.argmax(-1) == ch.t)
+    return log_probs, lse, entropy, log_sum_sq, mean, top1
 
 
 def forward_with_grads(

@@ -2,7 +2,7 @@
 # Fetch, on a machine WITH network, the wheels the GPU image lacks, into .whl/ (git-ignored), and copy the
 # shared benchmark/fine-tune data into .gpu_data/ (git-ignored). Both travel to the device with `carry`.
 #
-#   bash tests/gpu/fetch_wheels.sh            # datasets (+ dill, multiprocess), cut-cross-entropy, liger-kernel
+#   bash tests/gpu/fetch_wheels.sh            # datasets (+ dill, multiprocess), cut-cross-entropy, liger-kernel, trl
 #   WITH_PYARROW=1 bash tests/gpu/fetch_wheels.sh   # also carry pyarrow 24 (47 MiB!), only the qwen2.5 tokenizer
 #
 # datasets 5.2 declares pyarrow>=24; the image's pyarrow version is not recorded in KINDS.md. run_all.sh prints
@@ -10,7 +10,8 @@
 #
 # Why these: the GPU image (torch 2.11, transformers 5.17, see /work/.library/device/KINDS.md) has pyarrow,
 # pandas, xxhash, fsspec, requests, huggingface_hub, ... but not `datasets`, nor its `dill` / `multiprocess`;
-# apple's `cut-cross-entropy` and `liger-kernel` are the peers the benchmark compares against.
+# apple's `cut-cross-entropy` and `liger-kernel` are the peers the benchmark compares against, and `trl` (1.16, pure
+# Python) holds TRL's fused LM head kernel (the `trl` bench method) and the trainers of tests/gpu/test_trl_gpu.py.
 # Wheels are pure-Python except pyarrow; all are fetched for CPython 3.12 manylinux x86_64 with --no-deps so
 # nothing already in the image (torch!) is pulled in. The whole working tree + carried folders must stay under
 # 64 MiB per device call: the script prints the sizes.
@@ -28,6 +29,7 @@ DILL_VER=${DILL_VER:-0.4.0}
 MULTIPROCESS_VER=${MULTIPROCESS_VER:-0.70.18}
 CCE_VER=${CCE_VER:-25.1.1}
 LIGER_VER=${LIGER_VER:-0.8.5}
+TRL_VER=${TRL_VER:-1.16.0}
 PYARROW_VER=${PYARROW_VER:-24.0.0}
 if [[ "${WITH_PYARROW:-0}" == 1 ]]; then
   TOKENIZERS=${TOKENIZERS:-qwen2.5}          # pyarrow alone is 47 MiB: keep the carried total under 64 MiB
@@ -45,6 +47,7 @@ download() {
 download "datasets==$DATASETS_VER" "dill==$DILL_VER" "multiprocess==$MULTIPROCESS_VER"
 download "cut-cross-entropy==$CCE_VER"
 download "liger-kernel==$LIGER_VER"
+download "trl==$TRL_VER"
 if [[ "${WITH_PYARROW:-0}" == 1 ]]; then
   download "pyarrow==$PYARROW_VER"
 fi

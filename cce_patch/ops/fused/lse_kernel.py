@@ -10,6 +10,14 @@ per vocabulary split plus zt per row. The launcher sizes the splits so that the 
 waves, so that partial memory is ~8 B x BLOCK_M x programs (~4 MB on an H100) whatever N and V are.
 The splits are combined in ``combine_partials``.
 
+Per-token statistics (``linear_log_probs``; the math is in ``ops/stats.py``): behind compile-time flags that
+are all off on the loss path (which therefore compiles to the same kernel), each split also keeps, against
+its running max m_i, x_i = sum_j exp(z_ij - m_i) (z_ij - m_i) (entropy), sq_i = sum_j exp(2 (z_ij - m_i))
+(log sum p^2) and mbt_i = max_{j < t_i} z_ij (is the target the first argmax?), and zsum_i (mean logit).
+HAS_SCALE multiplies the fp32 products by one factor alpha before the bias is added (the launcher passes the
+bias pre-multiplied by alpha), i.e. z = softcap(alpha (e . c + b)): the temperature and the model's logit scale.
+``combine_stats`` merges the splits.
+
 Speed mode (STORE_Q) additionally writes, for every logit of the rows, the unnormalised probability
     q_ij = exp(z_ij - anchor_i) * (1 - (z_ij / softcap)^2)      (softcap factor only with softcap; 0 at j = t_i)
 in the input dtype, where anchor_i is a per-row exponent anchor fixed before the launch (``speed_mode.py``: the
@@ -33,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..spec import LossSpec
+from ..stats import StatsSpec
 from . import tiles
 from .jit_common import dot_step, finish_logits, grouped_pid, logit_tile, row_targets
 
@@ -100,14 +109,64 @@ def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.const
 
 
 @triton.jit
+def stats_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
+                 NEED_ZSUM: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SQ: tl.constexpr, NEED_TOP1: tl.constexpr):
+    """``online_update`` plus the per-token statistics' sums, all against the running max m (``ops/stats.py``):
+    x = sum exp(z - m) (z - m), sq = sum exp(2 (z - m)), mbt = max of z left of the target column.
+
+    Keeping x relative to m (not sum exp(z - m) z) avoids the cancellation of lse - E[z] when the logits are
+    large and the entropy small; when m grows by d, x -> exp(-d) (x - d s) and sq -> exp(-2d) sq."""
+    col_ok = offs_n[None, :] < V
+    if NEED_ZSUM:
+        zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
+    zt_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
+    if NEED_TOP1:
+        left = col_ok & (offs_n[None, :] < tgt[:, None])
+        mbt_i = tl.maximum(mbt_i, tl.max(tl.where(left, z, float("-inf")), axis=1))
+    zm = tl.where(col_ok, z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(zm, axis=1))
+    rescale = tl.exp(m_i - m_new)
+    p = tl.exp(zm - m_new[:, None])
+    if NEED_ENTROPY:
+        shift = tl.where(s_i > 0, m_i - m_new, 0.0) * s_i  # the first tile: m_i = -inf and s_i = 0
+        x_i = rescale * (x_i + shift) + tl.sum(p * tl.where(col_ok, z - m_new[:, None], 0.0), axis=1)
+    if NEED_SQ:
+        sq_i = sq_i * rescale * rescale + tl.sum(p * p, axis=1)
+    s_i = s_i * rescale + tl.sum(p, axis=1)
+    return m_new, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i
+
+
+@triton.jit
+def scaled_logit_tile(
+    E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap, logit_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``jit_common.logit_tile``, with the fp32 products multiplied by ``logit_scale`` before the (pre-scaled)
+    bias and the soft cap when HAS_SCALE; exactly ``logit_tile`` otherwise."""
+    if HAS_SCALE:
+        raw = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
+                         False, False, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+        z = finish_logits(raw * logit_scale, BIAS, n0 + tl.arange(0, BLOCK_N), V, softcap, HAS_BIAS, HAS_SOFTCAP)
+    else:
+        z = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
+                       HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    return z
+
+
+@triton.jit
 def lse_forward_kernel(
-    E, C, BIAS, T, PART, ZT,  # PART: (2 or 3, splits, N) fp32 -> m, s[, zsum]; ZT: (N,) fp32, zero-filled
+    E, C, BIAS, T, PART, ZT,  # PART: (planes, splits, N) fp32 -> m, s[, zsum[, x, sq, mbt]]; ZT: (N,) fp32, zero-filled
     Q, ANCHOR, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), ANCHOR (N,)
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
+    logit_scale,  # per-token statistics only (HAS_SCALE): the fp32 factor alpha of ops/stats.py
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
     Q_IS_DESC: tl.constexpr, UPCAST: tl.constexpr,
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SQ: tl.constexpr, NEED_TOP1: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,6 +186,10 @@ def lse_forward_kernel(
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zsum_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if STATS:
+        x_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sq_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mbt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     m0 = pid_m * BLOCK_M
     if FLAT_LOOP:
         # One loop over (tile, K step) pairs with the epilogue on each tile's last step: the software
@@ -141,24 +204,35 @@ def lse_forward_kernel(
                            UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
             if ki == k_steps - 1:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
+                if HAS_SCALE:
+                    acc = acc * logit_scale
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
                 if STORE_Q:
                     q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
                     store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                                  HAS_SOFTCAP, Q_IS_DESC)
+                elif STATS:
+                    m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
+                        z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
+                        NEED_ZSUM, NEED_ENTROPY, NEED_SQ, NEED_TOP1)
                 else:
                     m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for tile in range(0, n_tiles):
             n0 = v_lo + tile * BLOCK_N
-            z = logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap,
-                           HAS_BIAS, HAS_SOFTCAP, UPCAST, IEEE_FP32, EVEN_K, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+            z = scaled_logit_tile(E, C, BIAS, m0, n0, N, V, D, stride_e, stride_c, softcap, logit_scale,
+                                  HAS_BIAS, HAS_SOFTCAP, HAS_SCALE, UPCAST, IEEE_FP32, EVEN_K, USE_TMA,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if STORE_Q:
                 q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
                 store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                              HAS_SOFTCAP, Q_IS_DESC)
+            elif STATS:
+                m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
+                    z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
+                    NEED_ZSUM, NEED_ENTROPY, NEED_SQ, NEED_TOP1)
             else:
                 m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
     if STORE_Q:
@@ -174,6 +248,13 @@ def lse_forward_kernel(
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:
         tl.store(out + 2 * plane, zsum_i, mask=row_ok)
+    if STATS:
+        if NEED_ENTROPY:
+            tl.store(out + 3 * plane, x_i, mask=row_ok)
+        if NEED_SQ:
+            tl.store(out + 4 * plane, sq_i, mask=row_ok)
+        if NEED_TOP1:
+            tl.store(out + 5 * plane, mbt_i, mask=row_ok)
     # Exactly one split holds each valid row's target: a plain masked store, no atomics, no per-split plane.
     owns_target = valid & (tgt >= v_lo) & (tgt < v_hi)
     tl.store(ZT + offs_m, zt_i, mask=owns_target)
@@ -192,12 +273,52 @@ def combine_partials(part: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, 
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
 
 
+#: Planes of the forward's partials: m and s always, zsum with label smoothing or the mean logit, the rest
+#: for the per-token statistics (``stats_update``).
+PLANE_ZSUM, PLANE_X, PLANE_SQ, PLANE_MBT = 2, 3, 4, 5
+
+
+def combine_stats(part: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, stats: StatsSpec, vocab: int):
+    """Merge the per-split partials of a statistics launch into per-row (log_probs, lse, entropy,
+    log_sum_sq_probs, mean_logits, is_top1), fp32 (bool for is_top1), 0 / False on ignored rows; the fields
+    ``stats`` does not ask for are None.
+
+    With M the max over splits k and w_k = exp(m_k - M): S = sum_k w_k s_k, lse = M + log S,
+    entropy = log S - sum_k w_k (x_k + (m_k - M) s_k) / S, log sum p^2 = log(sum_k w_k^2 sq_k) - 2 log S,
+    and the target is the first argmax iff z_t >= M and z_t > max_k mbt_k."""
+    m, s = part[0], part[1]
+    m_max = m.max(dim=0).values
+    m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
+    w = torch.exp(m - m_safe)
+    s_tot = (s * w).sum(dim=0)
+    log_s = torch.log(s_tot)
+    lse = m_safe + log_s
+    zero = torch.zeros_like(lse)
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, x, zero)
+
+    entropy = log_sum_sq = mean = top1 = None
+    if stats.entropy:
+        x = part[PLANE_X] + torch.where(s > 0, (m - m_safe) * s, 0.0)  # splits relative to their own max -> to M
+        entropy = keep(log_s - (w * x).sum(dim=0) / s_tot)
+    if stats.log_sum_sq_probs:
+        log_sum_sq = keep(torch.log((part[PLANE_SQ] * w * w).sum(dim=0)) - 2.0 * log_s)
+    if stats.mean_logits:
+        mean = keep(part[PLANE_ZSUM].sum(dim=0) / vocab)
+    if stats.is_top1:
+        top1 = valid & (zt >= m_max) & (zt > part[PLANE_MBT].max(dim=0).values)
+    return keep(zt - lse), keep(lse), entropy, log_sum_sq, mean, top1
+
+
 def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor | None = None,
-                   anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       anchor: torch.Tensor | None = None,
+                       stats: StatsSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: per-split partials (m, s[, zsum]) and the target logits zt.
 
     With ``q`` and ``anchor`` (speed mode), the kernel also writes q = exp(z - anchor) for every logit into ``q``
-    (rows x V view, unit column stride)."""
+    (rows x V view, unit column stride). With ``stats`` (per-token statistics, never with ``q``), the logits are
+    ``softcap(stats.logit_scale * (e . c + b))`` and the partials hold the planes ``combine_stats`` reads."""
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tiles.tile_config(e2d.dtype, "forward" if q is None else "store")
@@ -206,8 +327,14 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
     splits = max(1, min(vocab_tiles, triton.cdiv(FWD_WAVES * tiles.num_sms(e2d.device), row_blocks)))
     tiles_per_split = triton.cdiv(vocab_tiles, splits)
     splits = triton.cdiv(vocab_tiles, tiles_per_split)  # every split starts inside the vocabulary
-    need_zsum = spec.label_smoothing > 0
-    part = torch.empty((3 if need_zsum else 2, splits, n), dtype=torch.float32, device=e2d.device)
+    stats = stats or StatsSpec()
+    need_zsum = spec.label_smoothing > 0 or stats.mean_logits
+    extras = stats.entropy or stats.log_sum_sq_probs or stats.is_top1
+    planes = PLANE_MBT + 1 if extras else (PLANE_ZSUM + 1 if need_zsum else 2)
+    part = torch.empty((planes, splits, n), dtype=torch.float32, device=e2d.device)
+    bias_arg = bias if bias is not None else e2d
+    if bias is not None and stats.scaled:  # z = softcap(alpha * acc + alpha * b): the kernel adds a scaled bias
+        bias_arg = bias.float() * stats.logit_scale
     zt = torch.zeros(n, dtype=torch.float32, device=e2d.device)
     e_arg, c_arg, use_tma = tiles.matmul_operands(e2d, c, cfg)
     store_q = q is not None
@@ -215,12 +342,14 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
     if store_q and use_tma and Q_TMA_STORE and tiles.tma_ok(q):  # asynchronous bulk store of each q tile
         q_arg = tiles.TensorDescriptor.from_tensor(q, [cfg.block_m, cfg.block_n])
     lse_forward_kernel[(row_blocks * splits,)](
-        e_arg, c_arg, bias if bias is not None else e2d, targets_flat, part, zt,
+        e_arg, c_arg, bias_arg, targets_flat, part, zt,
         q_arg, anchor if store_q else zt, q.stride(0) if store_q else 0,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
-        float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m,
+        float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m, stats.logit_scale,
         NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=store_q and q_arg is not q,
         USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tiles.kernel_flags(e2d, bias, spec, cfg),
+        STATS=extras, NEED_ENTROPY=stats.entropy, NEED_SQ=stats.log_sum_sq_probs, NEED_TOP1=stats.is_top1,
+        HAS_SCALE=stats.scaled,
     )
     return part, zt

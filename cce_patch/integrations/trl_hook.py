@@ -1,0 +1,78 @@
+"""Arm the TRL integration (``trl.py``) whenever TRL is imported, without importing TRL ourselves.
+
+Why a hook at import time: TRL's trainers install their fused LM head inside ``__init__`` (``add_fused_lm_head``),
+from a function each trainer module imported by name. A user who patches a model and then builds a trainer
+must get cce_patch's kernel without any further step, and ``import cce_patch`` must not pay for importing TRL
+(seconds) in programs that never use it. So ``install()`` (called by ``import cce_patch``) arms a finder on
+``sys.meta_path`` that does nothing but wait for the TRL modules below: right after one of them has executed,
+``trl.py`` wraps what it needs in it (``on_module_loaded``). Modules already imported are handled at once.
+
+The wrappers act only on models patched with cce_patch; every other model, and TRL itself, behave exactly as
+without cce_patch. A failure to arm is logged, never raised into TRL's import.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import logging
+import sys
+
+logger = logging.getLogger("cce_patch")
+
+#: The modules whose loading arms the integration: TRL's fused-head factory, and the trainers checked at init.
+WATCHED = (
+    "trl.trainer.utils",
+    "trl.trainer.sft_trainer",
+    "trl.trainer.grpo_trainer",
+    "trl.trainer.rloo_trainer",
+    "trl.trainer.dpo_trainer",
+    "trl.trainer.kto_trainer",
+)
+
+
+def _arm(module) -> None:
+    try:
+        from . import trl as integration
+
+        integration.on_module_loaded(module)
+    except Exception as exc:  # noqa: BLE001 - never break TRL's import; say so instead
+        logger.warning("cce_patch could not arm its TRL integration on %s: %s: %s", module.__name__,
+                       type(exc).__name__, exc)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a watched module it asks the other finders for the spec and makes the loader
+    call ``_arm`` after the module's code has run."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in WATCHED:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module, _run=run):
+            _run(module)
+            _arm(module)
+
+        loader.exec_module = exec_module  # the loader object is this module's own (one per spec)
+        return spec
+
+
+def install() -> None:
+    """Arm the integration once per process: now for the watched modules already imported, later for the rest."""
+    if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+    for name in WATCHED:  # utils first: the trainers' checks expect the fused head to be wrapped already
+        module = sys.modules.get(name)
+        if module is not None:
+            _arm(module)
