@@ -313,6 +313,9 @@ def test_e2e_cli_with_liger_and_max_tokens_on_tiny_presets(tmp_path):
         cli_main(["e2e", "--model", "tiny-llama", "--variants", "stock,ligr", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="takes no options"):
         cli_main(["e2e", "--model", "tiny-llama", "--variants", "stock[x=1]", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cli_main(["e2e", "--model", "tiny-llama", "--max-memory-gib", "8", "--out", str(tmp_path)])
 
 
 def test_max_tokens_search_brackets_the_limit():

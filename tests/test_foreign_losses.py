@@ -12,19 +12,25 @@ import types
 
 import pytest
 import torch
-import transformers
 from models_tiny import tiny_model
-from transformers.models.llama import modeling_llama
 
 from cce_patch import patch, unpatch
 from cce_patch.models.foreign_losses import detect_foreign_loss, foreign_loss_forward
 
-liger = pytest.importorskip("liger_kernel.transformers")
+
+@pytest.fixture
+def liger():
+    """Imported when a test runs, not at collection (as is modeling_llama below): importing Liger or a modeling
+    module replaces ``sys.modules["transformers"]`` with a new module object, and test modules collected after
+    this one would then hold a different ``transformers`` than cce_patch does."""
+    return pytest.importorskip("liger_kernel.transformers")
 
 
 @pytest.fixture
 def restore_llama(monkeypatch):
     """Snapshot what apply_liger_kernel_to_llama may replace process-wide, so monkeypatch puts it back."""
+    from transformers.models.llama import modeling_llama
+
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", modeling_llama.LlamaForCausalLM.forward)
@@ -36,7 +42,7 @@ def _no_kernels(**flags):
             **flags}
 
 
-def test_stock_and_patched_models_have_no_foreign_loss(restore_llama):
+def test_stock_and_patched_models_have_no_foreign_loss(restore_llama, liger):
     model = tiny_model("llama")
     assert detect_foreign_loss(model) is None and detect_foreign_loss(type(model)) is None
     patch(model)
@@ -48,7 +54,7 @@ def test_stock_and_patched_models_have_no_foreign_loss(restore_llama):
     assert detect_foreign_loss(model) is None
 
 
-def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama):
+def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama, liger):
     model = tiny_model("llama")
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
     found = foreign_loss_forward(model)
@@ -67,9 +73,9 @@ def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama):
     unpatch(model)
 
 
-def test_liger_loss_on_the_class(restore_llama):
+def test_liger_loss_on_the_class(restore_llama, liger):
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True))
-    cls = transformers.LlamaForCausalLM
+    cls = type(tiny_model("llama"))
     found = foreign_loss_forward(cls)
     assert found.where == "class LlamaForCausalLM" and found.runs
     model = tiny_model("llama")
@@ -110,13 +116,13 @@ def test_wrapped_forwards_and_other_libraries(restore_llama):
     assert detect_foreign_loss(model) is None
 
 
-def test_liger_cross_entropy_replacing_torch_is_named(restore_llama):
+def test_liger_cross_entropy_replacing_torch_is_named(restore_llama, liger):
     liger.apply_liger_kernel_to_llama(**_no_kernels(cross_entropy=True))
     message = detect_foreign_loss(tiny_model("llama"))
     assert message is not None and "torch.nn.functional.cross_entropy" in message and "liger_kernel" in message
 
 
-def test_peft_model_is_looked_through(restore_llama):
+def test_peft_model_is_looked_through(restore_llama, liger):
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)

@@ -19,7 +19,6 @@ from cce_patch import patch
 from cce_patch.models.foreign_losses import detect_foreign_loss
 
 pytestmark = pytest.mark.gpu
-liger = pytest.importorskip("liger_kernel.transformers")
 
 APPLY = {"llama": "apply_liger_kernel_to_llama", "gemma2": "apply_liger_kernel_to_gemma2"}
 PATCHED = {  # what each apply function may replace process-wide
@@ -60,6 +59,9 @@ def _models(family: str, dtype: torch.dtype):
 
 
 def _compose(model, family: str):
+    # Imported here, not at collection: importing Liger replaces sys.modules["transformers"] (see
+    # tests/test_foreign_losses.py), and GPU tests are collected in CPU runs too.
+    liger = pytest.importorskip("liger_kernel.transformers")
     getattr(liger, APPLY[family])(fused_linear_cross_entropy=False, cross_entropy=False, model=model)
     patch(model)
     assert detect_foreign_loss(model) is None
