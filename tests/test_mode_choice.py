@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -222,3 +223,43 @@ def test_free_memory_reads_something_on_cpu():
     free = mode_choice.free_memory_bytes(torch.device("cpu"))
     assert free is None or free > 0
     assert mode_choice.free_memory_bytes(torch.device("meta")) is None
+
+
+def test_under_torch_compile_the_rule_is_traced_once_without_a_graph_break(free_memory):
+    """fullgraph compilation of a default call: no graph break, free memory read once at trace time, the
+    compiled loss and gradients equal eager's; with little free memory the graph holds memory mode; a symbolic N
+    (dynamic shapes) is compared with the rule's range in the graph, not a graph break."""
+    torch._dynamo.reset()
+    assert torch.compiler.assume_constant_result(lambda: None)._dynamo_marked_constant  # what _speed_rows carries
+    assert mode_choice._speed_rows._dynamo_marked_constant
+    e, c, t = inputs(n=24)
+
+    def fn(e, c, t):
+        return linear_cross_entropy(e, c, t, impl="torch")
+
+    def graph_of(*args) -> str:
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(fn)(*args)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+        return explanation.graphs[0].code
+
+    assert "cce_patch.speed_forward" in graph_of(e, c, t) and free_memory.reads == 1
+    torch._dynamo.reset()
+    loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(e, c, t)
+    g = torch.autograd.grad(loss, (e, c))
+    ref = linear_cross_entropy(e, c, t, impl="torch", mode="memory")
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g, torch.autograd.grad(ref, (e, c)), strict=True))
+    free_memory.value = 1
+    assert "cce_patch.memory_forward" in graph_of(e, c, t)
+    free_memory.value = 10**12
+    torch._dynamo.mark_dynamic(e, 0)
+    torch._dynamo.mark_dynamic(t, 0)
+    assert "cce_patch.speed_forward" in graph_of(e, c, t)
+    lo, hi = mode_choice._speed_rows("cpu", None, "torch", 16, 200, torch.float32, "mean", False, None, 0.0, None)
+    need = mode_choice.speed_working_set_bytes(hi, 16, 200, torch.float32, get_backend("torch"), 2 * 1024**3)
+    assert lo == 1 and need <= mode_choice.AUTO_MEMORY_FRACTION * 10**12
+    assert mode_choice._speed_rows("cpu", None, "triton", 16, 200, torch.float32, "mean", False, None, 0.0,
+                                   None)[0] == math.ceil(mode_choice.SPEED_MIN_WORK / (16 * 200))
+    assert mode_choice._speed_rows("cpu", None, "torch", 16, 200, torch.float16, "mean", False, None, 0.0,
+                                   None) == (1, 0)

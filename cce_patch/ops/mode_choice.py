@@ -26,7 +26,6 @@ changes every step, does not fill the log.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -143,18 +142,19 @@ def choose_mode(
     """``"speed"`` or ``"memory"`` for a call of ``mode="auto"`` on ``backend`` (see the module doc). Without
     gradients, or without rows, both modes are the plain forward: nothing is decided or logged.
 
-    Under ``torch.compile`` the choice is made once when the call is traced and baked into the graph
-    (``torch._dynamo.assume_constant_result``: reading free memory is not traceable); with a symbolic N
-    (dynamic shapes) there is no shape to decide for, and the call takes memory mode."""
+    Under ``torch.compile`` the rule is read once per head when the call is traced, as the range of N in which
+    speed mode applies (``_speed_rows``, which Dynamo treats as a constant: reading free memory is not
+    traceable), and N is compared with it in the graph, so a symbolic N (dynamic shapes) gets a shape guard,
+    not a graph break."""
     n = e2d.shape[0]
-    if not wants_grad or n == 0:
+    if not wants_grad:
         return "memory"
     options = (reduction, return_lse, softcap, label_smoothing, speed_chunk_bytes)
     if torch.compiler.is_compiling():
-        if not isinstance(n, int):
-            return "memory"
-        return _traced_choice()(e2d.device.type, e2d.device.index, backend, n, e2d.shape[1], c.shape[0], e2d.dtype,
-                                *options)
+        lo, hi = _speed_rows(e2d.device.type, e2d.device.index, backend, e2d.shape[1], c.shape[0], e2d.dtype, *options)
+        return "speed" if lo <= n <= hi else "memory"
+    if n == 0:
+        return "memory"
     return _choose(e2d.device.type, e2d.device.index, backend, n, e2d.shape[1], c.shape[0], e2d.dtype, *options)
 
 
@@ -187,13 +187,38 @@ def _choose(device_type: str, device_index: int | None, backend: str, n: int, d:
     return choice.mode
 
 
-@functools.cache
-def _traced_choice():
-    """``_choose`` as a function Dynamo calls while tracing and treats as a constant (created on first use:
-    importing ``torch._dynamo`` is not free, and eager calls never need it)."""
-    import torch._dynamo
+def _speed_rows(device_type: str, device_index: int | None, backend: str, d: int, v: int, dtype: torch.dtype,
+                reduction: str, return_lse: bool, softcap: float | None, label_smoothing: float,
+                speed_chunk_bytes: int | None) -> tuple[int, int]:
+    """(lo, hi): the rule as a range, speed mode for lo <= N <= hi (empty where it cannot apply): lo from
+    ``SPEED_MIN_WORK``, hi the largest N whose working set is within ``AUTO_MEMORY_FRACTION`` of the free
+    memory now (bisection; the estimate grows with N but for small steps at chunk boundaries)."""
+    device = torch.device(device_type, device_index)
+    key = _key(device, backend, 0, d, v, dtype, speed_chunk_bytes)
+    problem = speed_mode_problem(dtype, reduction, return_lse, softcap, label_smoothing)
+    free = free_memory_bytes(device) if problem is None else None
+    if free is None:
+        reason = f"speed mode cannot compute this call: {problem[1]}" if problem else f"free memory on {device} is unknown"
+        _log(ModeChoice("memory", reason + " (torch.compile: every N)", "compiled"), key, detail=True)
+        return 1, 0
+    lo = math.ceil(SPEED_MIN_WORK / (d * v)) if backend == "triton" else 1
+    handle, budget, limit = get_backend(backend), speed_chunk_budget(speed_chunk_bytes), AUTO_MEMORY_FRACTION * free
+    hi, top = 0, 2**31
+    while hi < top:
+        mid = (hi + top + 1) // 2
+        if speed_working_set_bytes(mid, d, v, dtype, handle, budget) <= limit:
+            hi = mid
+        else:
+            top = mid - 1
+    _log(ModeChoice("speed" if lo <= hi else "memory", f"torch.compile: speed mode for {lo} <= N <= {hi}, memory "
+                    f"mode otherwise ({free / 1e9:.2f} GB free)", "compiled"), key, detail=True)
+    return lo, hi
 
-    return torch._dynamo.assume_constant_result(_choose)
+
+# Under torch.compile, Dynamo calls _speed_rows while tracing and treats its answer as a constant, exactly as
+# torch.compiler.assume_constant_result(_speed_rows) would mark it; set directly because that function imports
+# Dynamo (~2 s), which eager users never need (tests/test_mode_choice.py checks the two agree).
+_speed_rows._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, backend, budget: int) -> ModeChoice:
