@@ -1,7 +1,8 @@
 """The ``cce-patch`` console script.
 
 cce-patch bench ...      kernel benchmark (python -m cce_patch.bench)
-cce-patch e2e ...        training-step benchmark of a real architecture (python -m cce_patch.bench.e2e)
+cce-patch e2e ...        training-step benchmark of a real architecture: stock, ours, Liger-Kernel; the largest
+                         step that fits (python -m cce_patch.bench.e2e)
 cce-patch report X.json  re-render a benchmark JSON as table + plot (python -m cce_patch.bench.report)
 cce-patch options        the CCEConfig options table (markdown), as the README shows it
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "bench": "kernel benchmark: ours vs torch, torch.compile, apple CCE, Liger (table, JSON, PNG)",
-    "e2e": "training-step benchmark of a real architecture at random init, stock vs patched",
+    "e2e": "training-step benchmark of a real architecture at random init: stock, ours, Liger; max tokens/step",
     "report": "re-render the table and plot of a benchmark JSON",
     "options": "print the CCEConfig options table (markdown)",
 }

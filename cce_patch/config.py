@@ -42,10 +42,12 @@ class CCEConfig:
         label_smoothing: in [0, 1], as in ``torch.nn.functional.cross_entropy``, applied inside the kernel.
             Stock transformers models have no such option (the Trainer's ``label_smoothing_factor`` smooths the
             logits outside the model, which a patched model does not return), so this is where it goes.
-        mode: ``"memory"`` (default: the backward recomputes the logits) or ``"speed"`` (gradients formed in
-            the forward pass: one GEMM fewer, more memory; see ``linear_cross_entropy``). Where speed mode
-            cannot compute a call (fp16 hidden states, softcap with label smoothing) the patched forward uses
-            memory mode and logs a warning once.
+        mode: ``"auto"`` (default: speed mode where it can compute the call, fits comfortably in the free
+            memory and gains from it, memory mode otherwise; decided once per shape, logged once at INFO),
+            ``"memory"`` (the backward recomputes the logits) or ``"speed"`` (gradients formed in the forward
+            pass: one GEMM fewer, more memory; see ``linear_cross_entropy``). Where speed mode cannot compute a
+            call (fp16 hidden states, softcap with label smoothing), ``"speed"`` uses memory mode and logs a
+            warning once; ``"auto"`` takes memory mode without one.
         speed_chunk_bytes: speed mode's chunk budget in bytes (None: the op's default).
     """
 
@@ -54,7 +56,7 @@ class CCEConfig:
     return_logits: bool = False
     check_targets: bool = True
     label_smoothing: float = 0.0
-    mode: str = "memory"
+    mode: str = "auto"
     speed_chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class CCEConfig:
                 options["mode"] = "memory"
             else:
                 options["speed_chunk_bytes"] = self.speed_chunk_bytes
+        elif self.mode == "auto":  # the op decides (ops/mode_choice.py), silently where speed mode cannot apply
+            options["speed_chunk_bytes"] = self.speed_chunk_bytes
         return options
 
 

@@ -273,32 +273,109 @@ def test_families_selection():
 
 def test_e2e_tiny_model_stock_vs_patched(tmp_path):
     pytest.importorskip("transformers")
-    rc = cli_main(
-        [
-            "e2e",
-            "--model",
-            "tiny-llama",
-            "--batch",
-            "2",
-            "--seq",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    rc = cli_main(["e2e", "--model", "tiny-llama", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "0",
+                   "--variants", "stock,patched", "--out", str(tmp_path), "--no-png"])
     data = json.loads((tmp_path / "e2e.json").read_text())
     stock, patched = data["results"]
     assert stock["variant"] == "stock" and stock["status"] == "ok"
     assert 0.5 * math.log(1000) < stock["loss"] < 2 * math.log(1000) and stock["step_ms"] > 0
-    if not hasattr(cce_patch, "patch"):
-        assert patched["status"].startswith("error") and rc == 1
-        pytest.skip("cce_patch.patch not implemented yet: only the stock variant was checked")
-    assert rc == 0 and patched["status"] == "ok"
+    assert rc == 0 and patched["variant"] == "ours" and patched["status"] == "ok"  # "patched" is ours' old name
     assert patched["loss_rel_diff"] < 1e-4 and patched["grad_norm_rel_diff"] < 1e-3  # fp32 on CPU
+
+
+def test_e2e_cli_with_liger_and_max_tokens_on_tiny_presets(tmp_path):
+    """The whole `cce-patch e2e` on CPU: two tiny architectures, the Liger variants (reported as skipped: its
+    kernels need CUDA), per-variant options, the max-tokens search up to a small cap, table + JSON + PNG."""
+    pytest.importorskip("liger_kernel")
+    rc = cli_main(["e2e", "--model", "tiny-llama", "--model", "tiny-gemma2", "--batch", "2", "--seq", "16",
+                   "--steps", "1", "--warmup", "0", "--with-liger-kernels", "--max-tokens", "--max-tokens-cap", "96",
+                   "--variants", "stock,ours,ours[mode=memory],liger,ours+liger", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {(r["model"], r["variant"]): r for r in data["results"]}
+    assert set(rows) == {(m, v) for m in ("tiny-llama", "tiny-gemma2")
+                         for v in ("stock", "ours", "ours[mode=memory]", "liger", "ours+liger")}
+    for model in ("tiny-llama", "tiny-gemma2"):
+        for variant in ("ours", "ours[mode=memory]"):
+            r = rows[model, variant]
+            assert r["status"] == "ok" and r["loss_rel_diff"] < 1e-4, r
+        assert rows[model, "ours[mode=memory]"]["options"] == {"mode": "memory"}
+        for variant in ("liger", "ours+liger"):
+            assert rows[model, variant]["status"].startswith("skipped: Liger-Kernel's Triton kernels need a CUDA")
+        for variant in ("stock", "ours"):
+            m = rows[model, variant]["max_tokens"]
+            assert m["bound"] == "cap" and m["tokens"] == 96 and m["batch"] == 6 and m["seq"] == 16
+            assert [p["batch"] for p in m["probes"]][:2] == [1, 2] and all(p["fits"] for p in m["probes"])
+    md = (tmp_path / "e2e.md").read_text()
+    assert "| tiny-gemma2 | ours+liger |" in md and "Largest tokens per step" in md and "≥ 96" in md
+    assert (tmp_path / "e2e.png").exists() == HAS_MPL
+    with pytest.raises(SystemExit, match="unknown variant"):
+        cli_main(["e2e", "--model", "tiny-llama", "--variants", "stock,ligr", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="takes no options"):
+        cli_main(["e2e", "--model", "tiny-llama", "--variants", "stock[x=1]", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            cli_main(["e2e", "--model", "tiny-llama", "--max-memory-gib", "8", "--out", str(tmp_path)])
+
+
+def test_max_tokens_search_brackets_the_limit():
+    """The search over the batch (a fake step that runs out of memory past a limit, with a linear peak): the
+    answer is the largest fitting batch, bracketed within rel_tol, in few probes; the cap and the time budget
+    end it early and say so."""
+    from cce_patch.bench.e2e.max_tokens import Probe, largest_fitting
+
+    def make(limit_batch: int, seconds_per_seq: float = 1.0):
+        calls = []
+
+        def probe(b: int) -> Probe:
+            calls.append(b)
+            fits = b <= limit_batch
+            return Probe(b, fits, 10_000 + 1_000 * b if fits else None, seconds_per_seq * b)
+
+        return probe, calls
+
+    probe, calls = make(100)
+    lo, hi, bound, probes = largest_fitting(probe, cap=1000, budget_s=1e9, rel_tol=1 / 32,
+                                            limit_bytes=10_000 + 1_000 * 100 + 500)
+    assert (lo, bound) == (100, "exact") and hi - lo <= max(1, lo // 32) and calls[:3] == [1, 2, 100]
+    assert len(calls) <= 4
+    probe, calls = make(100)  # the prediction overshoots (a real peak is not exactly linear): bisection closes it
+    lo, hi, bound, _ = largest_fitting(probe, cap=1000, budget_s=1e9, limit_bytes=10_000 + 1_000 * 130)
+    assert bound == "exact" and 97 <= lo <= 100 and hi <= 103 and len(calls) <= 8
+    probe, calls = make(37)  # no memory statistics (CPU): doubling, then bisection
+    lo, hi, bound, _ = largest_fitting(probe, cap=1000, budget_s=1e9, rel_tol=0.0)
+    assert (lo, hi, bound) == (37, 38, "exact")
+    probe, _ = make(10**6)
+    assert largest_fitting(probe, cap=50, budget_s=1e9)[2] == "cap"
+    probe, _ = make(0)
+    assert largest_fitting(probe, cap=50, budget_s=1e9)[:3] == (0, 1, "none")
+    probe, calls = make(10**6, seconds_per_seq=1.0)
+    lo, _, bound, _ = largest_fitting(probe, cap=10**6, budget_s=20, clock=lambda: float(sum(calls)))
+    assert bound == "time" and sum(calls) <= 20 and lo == max(calls)
+
+
+def test_liger_kernels_are_applied_and_undone():
+    """build.liger_kernels puts Liger's kernels on one instance and restores the instance and the family's
+    modeling module exactly (Liger changes both), so variants can follow each other on one model."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    from cce_patch.bench.e2e.build import applied, build_model, liger_kernels, parse_variant
+    from cce_patch.models.foreign_losses import detect_foreign_loss
+
+    model = build_model("tiny-llama", torch.device("cpu"), torch.float32)
+    module_before = dict(vars(modeling_llama))
+    norm_forward = model.model.norm.forward
+    with liger_kernels(model, fused_loss=True):
+        assert modeling_llama.apply_rotary_pos_emb is not module_before["apply_rotary_pos_emb"]
+        assert "liger_kernel" in model.model.norm.forward.__func__.__module__
+        assert "Liger-Kernel" in detect_foreign_loss(model)
+    assert dict(vars(modeling_llama)) == module_before
+    assert "forward" not in model.__dict__ and model.model.norm.forward == norm_forward
+    with applied(model, parse_variant("ours+liger[mode=speed]")):
+        assert cce_patch.is_patched(model) and model._cce_config.mode == "speed"
+        assert detect_foreign_loss(model) is None
+    assert not cce_patch.is_patched(model) and dict(vars(modeling_llama)) == module_before
 
 
 def test_cli_tf32_opt_in_is_recorded_and_scoped(tmp_path, tf32):

@@ -299,7 +299,8 @@ def test_speed_mode_falls_back_where_unsupported(caplog):
         assert speed.replace(label_smoothing=0.1).op_options(torch.bfloat16, 30.0)["mode"] == "memory"
     messages = [r.message for r in caplog.records if r.name.startswith("cce_patch")]
     assert len(messages) == 2 and "fp16" in messages[0] and "label_smoothing" in messages[1]
-    assert CCEConfig().op_options(torch.float16, None)["mode"] == "memory"
+    assert CCEConfig(mode="memory").op_options(torch.float16, None)["mode"] == "memory"
+    assert CCEConfig().op_options(torch.float16, None)["mode"] == "auto"  # the default: the op decides, silently
     e = torch.randn(2, 3, 8, dtype=torch.float16)
     with pytest.raises(TypeError, match="fp16"):  # the op raises on the same rule
         linear_cross_entropy(e, torch.randn(5, 8, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.long),

@@ -6,6 +6,7 @@ Examples::
     cce-patch bench --preset families --out outputs/fam  # the five families' head shapes at N=8192
     cce-patch bench --preset scaling --methods ours,torch.compile
     cce-patch bench --shape 4096x2048x128256 --regimes lm --methods 'ours,ours[mode=speed],torch'
+    cce-patch bench --preset scaling --methods 'ours[mode=memory],ours[mode=speed],ours'   # ours = mode="auto"
     cce-patch bench --regimes lm --dtype fp32 --tf32     # fp32 inputs, TF32 tensor cores opted in
     cce-patch bench --preset tiny --device cpu           # seconds on a CPU (CI smoke test)
 """
@@ -93,7 +94,8 @@ def build_parser(prog: str = "python -m cce_patch.bench") -> argparse.ArgumentPa
         "--methods",
         default=None,
         help=f"comma-separated method specs; known: {','.join(M.KNOWN)}; ours takes options, e.g. "
-        "'ours[mode=speed]' (passed to linear_cross_entropy). Default: all (CUDA) / torch,ours",
+        "'ours[mode=speed]' (passed to linear_cross_entropy; plain ours is the op's default, mode='auto'). "
+        "Default: all (CUDA) / torch,ours",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument(

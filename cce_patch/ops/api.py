@@ -16,6 +16,7 @@ from . import compiled
 from .autocast import autocast_inputs
 from .backends import get_backend, resolve_impl
 from .memory_mode import MemoryModeFunction
+from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, valid_rows
 from .speed_mode import SpeedModeFunction, speed_chunk_budget
 from .validation import validate_inputs
@@ -35,7 +36,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     return_lse: bool = False,
     impl: str = "auto",
-    mode: str = "memory",
+    mode: str = "auto",
     speed_chunk_bytes: int | None = None,
     check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,10 @@ def linear_cross_entropy(
         impl: ``"auto"`` (Triton on CUDA, torch elsewhere and for IEEE fp32, see ``resolve_impl``),
             ``"triton"`` or ``"torch"``.
         mode: how the gradients are obtained; both are exact.
-            ``"memory"`` (default): the backward pass recomputes the logits chunk by chunk; memory above
+            ``"auto"`` (default): speed mode where it can compute the call, its working set takes at most half
+            the free memory and the call is large enough to gain from it; memory mode otherwise. Decided once
+            per shape and logged once (``mode_choice.py``).
+            ``"memory"``: the backward pass recomputes the logits chunk by chunk; memory above
             the inputs stays within ~1.25x the gradients (4 GEMMs of N x D x V in all).
             ``"speed"``: for a scalar loss (``reduction`` "mean"/"sum", no ``return_lse``) the gradients are
             formed during the forward pass (3 GEMMs) in chunks of token rows whose unnormalised
@@ -133,6 +137,10 @@ def linear_cross_entropy(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
     )
+    auto = mode == "auto"
+    if auto:  # speed or memory mode for this shape (mode_choice.py)
+        mode = choose_mode(e2d, c_in, backend_name, wants_grad=wants_grad, reduction=reduction, return_lse=return_lse,
+                           softcap=softcap, label_smoothing=label_smoothing, speed_chunk_bytes=speed_chunk_bytes)
     speed = mode == "speed" and wants_grad and e2d.shape[0] > 0
     if compiling:  # one custom op node per direction (compiled.py); the target check runs inside it
         if speed:
@@ -141,9 +149,15 @@ def linear_cross_entropy(
         loss_rows, lse_rows = compiled.memory_rows(e2d, c_in, bias_in, targets_flat, spec, backend_name,
                                                    check_targets, return_lse)
     elif speed:
-        return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name), reduction,
-                                       speed_chunk_budget(speed_chunk_bytes))
-    else:
+        try:
+            return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name),
+                                           reduction, speed_chunk_budget(speed_chunk_bytes))
+        except torch.OutOfMemoryError:
+            if not auto:
+                raise
+            note_speed_oom(e2d, c_in, backend_name, speed_chunk_bytes)  # this call, and the shape from now on
+            speed = False
+    if not compiling and not speed:
         loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec,
                                                        get_backend(backend_name))
 

@@ -14,7 +14,7 @@ from numbers import Integral, Real
 import torch
 
 IMPLS = ("auto", "triton", "torch")
-MODES = ("memory", "speed")
+MODES = ("auto", "memory", "speed")  # auto: mode_choice.py picks one of the other two per shape
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -233,6 +233,49 @@ EOF
   fi
 fi
 
+# === issue 16 (fastest by default): auto mode and the Liger-Kernel composition (opt-in) ======================
+# auto       tests/gpu/auto_mode.py: memory vs speed vs auto fwd+bwd (N = 256..64k on the Gemma 2 head, the five
+#            family heads at N=8192, the Trainer's call at Qwen2.5-0.5B's head for 16 x 128..512 tokens, ~5 GB free,
+#            Phi 3.5 tile/chunk candidates), then a Qwen2.5-0.5B training step at 16 x 512 in each mode. ~3 min.
+#            -> auto_mode.json, auto_mode.png, e2e_qwen_modes.json. CCE_AUTO_ARGS replaces the sweep's arguments,
+#            CCE_AUTO_E2E_ARGS the step's (model, batch, seq, steps).
+# e2e-liger  tests/gpu/test_liger_compose.py (Liger's kernels + our loss == stock), then cce-patch e2e with
+#            --with-liger-kernels --max-tokens on Gemma-2-2B and Llama-3.1-8B (stock, ours, liger, ours+liger; step
+#            at 4 x 2048, largest tokens per step up to 131072). ~3.5 min. -> e2e_liger.json, e2e_liger.png.
+#            CCE_E2E_LIGER_MODELS / CCE_E2E_LIGER_ARGS change the models / the rest of the arguments.
+# CPU dry run of both (a minute): PYTHON=<venv>/bin/python CCE_GPU_STEPS="auto e2e-liger" \
+#   CCE_AUTO_ARGS="--tiny --device cpu --sections ns,trainer" CCE_AUTO_E2E_ARGS="--model tiny-llama --batch 2 --seq 16 --steps 1 --warmup 0" \
+#   CCE_E2E_LIGER_MODELS=tiny-gemma2 CCE_E2E_LIGER_ARGS="--batch 1 --seq 16 --steps 1 --warmup 0 --max-tokens --max-tokens-cap 64" \
+#   bash tests/gpu/run_all.sh
+if want auto; then
+  # shellcheck disable=SC2086  # CCE_AUTO_ARGS is a list of words on purpose
+  run_section auto "${CCE_TIMEOUT_AUTO:-330}" "$PY" tests/gpu/auto_mode.py --out "$SCRATCH/auto" ${CCE_AUTO_ARGS:-}
+  keep "$SCRATCH/auto/auto_mode.json" "$SCRATCH/auto/auto_mode.png"
+  # shellcheck disable=SC2086  # CCE_AUTO_E2E_ARGS is a list of words on purpose
+  run_section auto-e2e "${CCE_TIMEOUT_AUTO_E2E:-150}" "$PY" -m cce_patch.bench.e2e \
+    --variants 'ours[mode=memory],ours[mode=speed],ours' --out "$SCRATCH/auto" --name e2e_qwen_modes --no-png \
+    ${CCE_AUTO_E2E_ARGS:---model qwen2.5-0.5b --batch 16 --seq 512 --steps 8 --warmup 2}
+  keep "$SCRATCH/auto/e2e_qwen_modes.json"
+  if [[ ${RESULT[auto]} != rc=0* || ${RESULT[auto-e2e]} != rc=0* ]]; then
+    RESULT[auto]="failed (sweep: ${RESULT[auto]}; e2e: ${RESULT[auto-e2e]})"
+  fi
+fi
+if want e2e-liger; then
+  run_section e2e-liger-test "${CCE_TIMEOUT_LIGER_TEST:-150}" \
+    "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu/test_liger_compose.py
+  LIGER_MODELS=()
+  for m in ${CCE_E2E_LIGER_MODELS:-gemma2-2b llama3.1-8b}; do LIGER_MODELS+=(--model "$m"); done
+  # shellcheck disable=SC2086  # CCE_E2E_LIGER_ARGS is a list of words on purpose
+  run_section e2e-liger "${CCE_TIMEOUT_E2E_LIGER:-330}" \
+    "$PY" -m cce_patch.bench.e2e "${LIGER_MODELS[@]}" --with-liger-kernels --out "$SCRATCH/e2e_liger" --name e2e_liger \
+    ${CCE_E2E_LIGER_ARGS:---batch 4 --seq 2048 --steps 3 --warmup 1 --max-tokens --max-tokens-cap 131072 --max-tokens-budget-s 25}
+  keep "$SCRATCH/e2e_liger/e2e_liger.json" "$SCRATCH/e2e_liger/e2e_liger.png"
+  if [[ ${RESULT[e2e-liger]} != rc=0* || ${RESULT[e2e-liger-test]} != rc=0* ]]; then
+    RESULT[e2e-liger]="failed (e2e: ${RESULT[e2e-liger]}; test: ${RESULT[e2e-liger-test]})"
+  fi
+fi
+# === end of issue 16 ============================================================================================
+
 # --- summary -------------------------------------------------------------------------------------------
 hr summary
 status=0

@@ -1,0 +1,99 @@
+"""The end-to-end benchmark's outputs: a markdown table (and one of the max-tokens search when it ran), the
+JSON of every record, and a PNG of the table (step time, peak memory, largest tokens per step)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from ..report import header_lines
+from .measure import E2ERecord
+
+log = logging.getLogger("cce_patch.bench")
+
+
+def _f(x, p: int) -> str:
+    return "-" if x is None else f"{x:.{p}f}"
+
+
+def markdown(records: list[E2ERecord], env: dict) -> str:
+    lines = header_lines(env)
+    lines.append(
+        "| model | variant | tokens | attn | loss | loss rel.diff | grad-norm rel.diff | peak GiB "
+        "| GiB above weights | step ms | status |"
+    )
+    lines.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in records:
+        lines.append(
+            f"| {r.model} | {r.variant} | {r.batch}x{r.seq} | {r.attn} | {_f(r.loss, 4)} "
+            f"| {_f(r.loss_rel_diff, 5)} | {_f(r.grad_norm_rel_diff, 4)} | {_f(r.peak_gib, 2)} "
+            f"| {_f(r.above_weights_gib, 2)} | {_f(r.step_ms, 1)} | {r.status} |"
+        )
+    searched = [r for r in records if r.max_tokens]
+    if searched:
+        lines += ["", "Largest tokens per step that fit (forward + backward, gradient checkpointing, no optimizer "
+                  "states; batch x seq at a fixed seq):", "",
+                  "| model | variant | max tokens/step | batch x seq | vs stock | bound | fails at | probes | search s |",
+                  "|---|---|---:|---|---:|---|---:|---:|---:|"]
+        stock = {r.model: r.max_tokens["tokens"] for r in searched if r.variant == "stock" and r.max_tokens["tokens"]}
+        for r in searched:
+            m = r.max_tokens
+            ratio = m["tokens"] / stock[r.model] if r.model in stock else None
+            shown = f"≥ {m['tokens']:,}" if m["bound"] in ("cap", "time") else f"{m['tokens']:,}"
+            fails = "-" if m["fails_at_tokens"] is None else f"{m['fails_at_tokens']:,}"
+            lines.append(f"| {r.model} | {r.variant} | {shown} | {m['batch']}x{m['seq']} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} | {m['bound']} | {fails} | "
+                         f"{len(m['probes'])} | {m['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, env: dict, config: dict, records: list[E2ERecord], losses_agree: bool) -> None:
+    path.write_text(json.dumps({"environment": env, "config": config, "losses_agree": losses_agree,
+                                "results": [asdict(r) for r in records]}, indent=1, default=str) + "\n")
+
+
+def plot(records: list[E2ERecord], env: dict, path: Path) -> bool:
+    """Grouped bars per model: step ms, peak GiB and (when searched) max tokens per step, one bar per
+    variant. Returns False (and logs why) if matplotlib is missing or nothing was measured."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no plot written (pip install 'cce_patch[bench]')")
+        return False
+    models = list(dict.fromkeys(r.model for r in records))
+    panels = [("step ms", lambda r: r.step_ms, "%.0f"), ("peak GiB", lambda r: r.peak_gib, "%.1f"),
+              ("max tokens / step", lambda r: r.max_tokens["tokens"] if r.max_tokens else None, "%d")]
+    panels = [p for p in panels if any(p[1](r) is not None for r in records)]
+    variants = [v for v in dict.fromkeys(r.variant for r in records)
+                if any(get(r) is not None for r in records if r.variant == v for _, get, _ in panels)]
+    if not panels or not variants:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.4), squeeze=False)
+    width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab10").colors
+    for ax, (title, get, fmt) in zip(axes[0], panels, strict=True):
+        for k, variant in enumerate(variants):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                rec = next((r for r in records if r.model == model and r.variant == variant), None)
+                value = get(rec) if rec is not None else None
+                if value is not None:
+                    xs.append(i + (k - (len(variants) - 1) / 2) * width)
+                    ys.append(value)
+            bars = ax.bar(xs, ys, width, label=variant, color=colors[k % len(colors)])
+            ax.bar_label(bars, fmt=fmt, fontsize=7)
+        ax.set_xticks(range(len(models)), models, fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0][0].legend(fontsize=8)
+    r0 = records[0]
+    fig.suptitle(f"one training step, {r0.batch}x{r0.seq} tokens, {r0.dtype}, gradient checkpointing — "
+                 f"{env.get('device', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,159 @@
+"""Other libraries' fused losses on a model: which one is installed, where, and whether it or ours runs.
+
+Liger-Kernel's ``apply_liger_kernel_to_<family>()`` (and ``AutoLigerKernelForCausalLM``) installs, by default,
+its own fused linear cross-entropy as the ``*ForCausalLM.forward``: on the class, or on one instance when
+given ``model=``. Its other kernels (RMSNorm, SwiGLU/GeGLU, RoPE) replace modules and functions inside the
+decoder and compose with cce_patch; its loss does not: only one forward can compute the loss. apple's
+``cut_cross_entropy.transformers.cce_patch`` and Unsloth install theirs the same way. ``patch`` uses
+:func:`detect_foreign_loss` to say which loss runs, and a check at training start can catch a foreign loss
+installed *after* ``patch`` (which then runs instead of ours).
+
+Recognition is by the module that defines the forward function, looked up through bound methods,
+``functools.partial`` and ``__wrapped__`` chains (accelerate and transformers wrap forwards), so nothing here
+imports the libraries it recognises.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Top-level package of a forward's module -> what its loss is.
+KNOWN_LOSS_LIBRARIES = {
+    "liger_kernel": "Liger-Kernel's fused linear cross-entropy",
+    "cut_cross_entropy": "apple's Cut Cross-Entropy",
+    "unsloth": "Unsloth's fused cross-entropy",
+    "unsloth_zoo": "Unsloth's fused cross-entropy",
+}
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # cce_patch/
+
+
+@dataclass(frozen=True)
+class ForeignLoss:
+    """A forward from another library that computes the loss itself."""
+
+    library: str  # the package, e.g. "liger_kernel"
+    what: str  # e.g. "Liger-Kernel's fused linear cross-entropy"
+    function: str  # e.g. "liger_kernel.transformers.model.llama.lce_forward"
+    where: str  # "the instance" or "class LlamaForCausalLM"
+    runs: bool  # True: it is the forward that runs; False: cce_patch's forward is installed over it
+
+    def __str__(self) -> str:
+        if self.runs:
+            return f"{self.what} ({self.function}, installed on {self.where}) computes this model's loss"
+        return (f"{self.what} ({self.function}, installed on {self.where}) is under cce_patch's forward: "
+                "cce_patch's loss runs wherever CCE applies (training), that forward elsewhere")
+
+
+def detect_foreign_loss(target: Any) -> str | None:
+    """A sentence naming the other library's fused-loss forward on ``target`` (a model, a PeftModel or a model
+    class) and whether it runs, or None when the model's forward is transformers' own (or ours over it).
+    Also names a ``torch.nn.functional.cross_entropy`` replaced by another library (Liger's
+    ``cross_entropy=True``), which stock forwards call on the logits."""
+    found = [str(f) for f in (foreign_loss_forward(target), foreign_cross_entropy()) if f is not None]
+    return "; ".join(found) or None
+
+
+def foreign_loss_forward(target: Any) -> ForeignLoss | None:
+    """The foreign fused-loss forward of ``target``, looking at the instance's own forward first (it shadows
+    the class's), then the class's; below cce_patch's forward, at what it replaced."""
+    if isinstance(target, type):
+        return _class_forward(target, runs=True)
+    model = _unwrap_peft(target)
+    own = model.__dict__.get("forward")
+    if own is None:
+        return _class_forward(type(model), runs=True)
+    found, ours = _scan(own)
+    if found is not None:
+        return ForeignLoss(*found, where="the instance", runs=True)
+    if ours is None:
+        return None  # the instance has its own forward (a user's, a wrapper) that reaches no foreign loss
+    replaced = model.__dict__.get("_cce_original_forward")  # the instance's own forward that patch replaced
+    found = _scan(replaced)[0] if replaced is not None else None
+    if found is not None:
+        return ForeignLoss(*found, where="the instance", runs=False)
+    return _class_forward(type(model), runs=False)
+
+
+def foreign_cross_entropy() -> ForeignLoss | None:
+    """``torch.nn.functional.cross_entropy`` when another known library has replaced it (Liger's
+    ``apply_liger_kernel_to_*(cross_entropy=True)`` does, process-wide)."""
+    import torch.nn.functional as F
+
+    found = _scan(F.cross_entropy)[0]
+    if found is None:
+        return None
+    return ForeignLoss(*found, where="torch.nn.functional.cross_entropy (process-wide)", runs=True)
+
+
+def _class_forward(cls: type, runs: bool) -> ForeignLoss | None:
+    for klass in cls.__mro__:
+        if "forward" not in klass.__dict__:
+            continue
+        found, ours = _scan(klass.__dict__["forward"])
+        if found is not None:
+            return ForeignLoss(*found, where=f"class {klass.__name__}", runs=runs)
+        if ours is None:
+            return None
+        # A class patch: what it replaced is remembered on the class, and is also what our forward wraps.
+        replaced = klass.__dict__.get("_cce_class_original_forward", getattr(ours, "__wrapped__", None))
+        found = _scan(replaced)[0] if replaced is not None else None
+        return ForeignLoss(*found, where=f"class {klass.__name__}", runs=False) if found is not None else None
+    return None
+
+
+def _scan(fn: Any) -> tuple[tuple[str, str, str] | None, Callable | None]:
+    """Walk ``fn``'s wrapping chain from the outside in: (library, what, qualified name) of the first known
+    foreign function, or (None, cce_patch's forward) if ours comes first (what it wraps is what it replaced,
+    not what runs), or (None, None)."""
+    for layer in _layers(fn):
+        if _is_ours(layer):
+            return None, layer
+        module = getattr(layer, "__module__", None) or ""
+        library = module.split(".", 1)[0]
+        if library in KNOWN_LOSS_LIBRARIES:
+            name = getattr(layer, "__qualname__", getattr(layer, "__name__", repr(layer)))
+            return (library, KNOWN_LOSS_LIBRARIES[library], f"{module}.{name}"), None
+    return None, None
+
+
+def _is_ours(fn: Any) -> bool:
+    """cce_patch's patched forward: it carries the original's name and module (``functools.update_wrapper``),
+    so it is recognised by its marker or by where its code lives."""
+    if getattr(fn, "_cce_patched", False):
+        return True
+    code = getattr(fn, "__code__", None)
+    return code is not None and Path(code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def _layers(fn: Any, limit: int = 16) -> list[Callable]:
+    """``fn`` and everything it wraps: bound methods' functions, partials' functions, ``__wrapped__``."""
+    out: list[Callable] = []
+    seen: set[int] = set()
+    while fn is not None and id(fn) not in seen and len(out) < limit:
+        seen.add(id(fn))
+        if isinstance(fn, types.MethodType):
+            fn = fn.__func__
+            continue
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        out.append(fn)
+        fn = getattr(fn, "__wrapped__", None)
+    return out
+
+
+def _unwrap_peft(model: Any) -> Any:
+    """The transformers model inside a PeftModel (duck-typed: this room does not import peft)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        try:
+            base = get_base()
+        except Exception:  # noqa: BLE001 - not a PeftModel after all
+            return model
+        return base if base is not None else model
+    return model
