@@ -139,12 +139,18 @@ def test_no_grad_is_the_plain_forward():
     assert torch.equal(fast, linear_cross_entropy(e, c, t, mode="memory").detach())
 
 
-def test_second_backward_is_refused():
-    e, c, t, _ = make_inputs((11,), 16, 90, torch.float32, device=DEVICE)
-    loss = linear_cross_entropy(e, c, t, mode="speed")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="once"):
-        loss.backward()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_second_backward_recomputes(impl):
+    """The precomputed gradients are handed out once; a second backward through the same call
+    (retain_graph=True) recomputes them as memory mode does, with its own upstream gradient."""
+    e, c, t, b = make_inputs((3, 11), 16, 90, torch.float32, bias=True, device=DEVICE)
+    loss = linear_cross_entropy(e, c, t, bias=b, shift=True, mode="speed", impl=impl)
+    first = torch.autograd.grad(loss, (e, c, b), retain_graph=True)
+    second = torch.autograd.grad(loss * 3.0, (e, c, b))
+    want = torch.autograd.grad(linear_cross_entropy(e, c, t, bias=b, shift=True, mode="memory", impl=impl), (e, c, b))
+    for got1, got2, ref in zip(first, second, want, strict=True):
+        torch.testing.assert_close(got1, ref, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(got2, 3.0 * ref, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Methods tried by default, in table order. Unavailable ones (no CUDA, peer not installed) are skipped
 #: with a note instead of failing the run.
-DEFAULT_METHODS = ("gemm", "torch", "torch.compile", "ours", "ours[mode=speed]", "cce", "cce_exact", "liger")
+#: ``ours`` is the op's default (mode="auto"); both fixed modes are listed too, so a table shows what auto chose.
+DEFAULT_METHODS = ("gemm", "torch", "torch.compile", "ours", "ours[mode=memory]", "ours[mode=speed]", "cce", "cce_exact",
+                   "liger", "trl")
 KNOWN = ("gemm", "torch", "torch.compile", "ours", "cce", "cce_exact", "liger", "torch_lce", "trl")
 #: TRL 1.15-1.16's vocabulary chunk per projection in its fused head (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``).
 TRL_CHUNK_SIZE = 32768
@@ -251,7 +253,7 @@ def default_specs(device: torch.device) -> list[str]:
     quickly (torch.compile on CPU needs a C++ toolchain and a minute of compilation)."""
     if device.type == "cuda":
         return list(DEFAULT_METHODS)
-    return ["torch", "ours", "ours[mode=speed]"]
+    return ["torch", "ours", "ours[mode=memory]", "ours[mode=speed]"]
 
 
 def peer_versions() -> dict[str, str | None]:

@@ -63,6 +63,7 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
         "git_commit": _git_commit(),
         "cut-cross-entropy": _version("cut-cross-entropy"),
         "liger-kernel": _version("liger-kernel"),
+        "trl": _version("trl"),
     }
 
 
@@ -78,6 +79,7 @@ def header_lines(env: dict) -> list[str]:
         "git_commit",
         "cut-cross-entropy",
         "liger-kernel",
+        "trl",
     )
     parts = [f"{k} {env[k]}" for k in keys if env.get(k)]
     return [f"<!-- {', '.join(parts)} -->", f"`{env.get('command', '')}`", ""]

@@ -47,34 +47,31 @@ class SpeedModeFunction(torch.autograd.Function):
             loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
                 e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)
             loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
-        ctx.spec, ctx.needs, ctx.backend = spec, needs, backend
+        ctx.spec, ctx.needs, ctx.backend, ctx.weight = spec, needs, backend, weight
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db
             with autocast_off(e2d.device):
                 loss_rows, lse = backend.forward(e2d, c, bias, targets_flat, spec)
-            ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
-            ctx.weight, ctx.grads = weight, None
+            ctx.grads = None
             loss = loss_rows.sum() * weight
         else:
             ctx.grads = (de, dc, db)
+        # The inputs and the (N,) LSE cost nothing to keep: a second backward through this call
+        # (retain_graph=True) recomputes the gradients as memory mode does, instead of failing.
+        ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
             return None, None, None, None, None, None, None, None
-        if ctx.fallback:
+        if ctx.grads is None:  # out of range, or the precomputed gradients were handed out already
             e2d, c, bias, targets_flat, lse = ctx.saved_tensors
             with torch.no_grad(), autocast_off(e2d.device):
                 row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)  # (N,) fp32
                 grads = ctx.backend.backward(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
         else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy(mode='speed') hands out its precomputed gradients once; a second "
-                    "backward through the same call (retain_graph=True) needs mode='memory'"
-                )
             grads, ctx.grads = ctx.grads, None  # release them as soon as autograd takes them
             if float(grad) != 1.0:  # the common loss.backward() needs no extra pass over dC
                 with torch.no_grad():

@@ -65,7 +65,7 @@ nvidia-smi || echo "WARNING: nvidia-smi failed"
 import importlib, platform
 print("python", platform.python_version())
 for mod in ("torch", "triton", "transformers", "accelerate", "peft", "datasets", "pyarrow", "fsspec",
-            "cut_cross_entropy", "liger_kernel", "matplotlib", "cce_patch"):
+            "cut_cross_entropy", "liger_kernel", "trl", "deepspeed", "matplotlib", "cce_patch"):
     try:
         m = importlib.import_module(mod)
         print(f"{mod:18s} {getattr(m, '__version__', '?')}")
