@@ -1,0 +1,204 @@
+"""One CCE call of a patched model: the stock forward runs as written, with the head's final ``F.linear`` deferred.
+
+While :class:`Interception` is entered, the head module (``get_output_embeddings()`` or a registry row's head)
+runs its own forward under a ``TorchFunctionMode`` that answers the ``F.linear`` producing the vocabulary
+with a :class:`~cce_patch.models.deferred.DeferredLogits` instead of computing it. Only the head's forward is
+under the mode (a pre-hook enters it, an always-called hook leaves it), so the decoder runs at full speed; a
+head subclass with its own forward (a learned per-vocabulary scale, a prediction transform before the
+projection) runs that forward, with only the projection deferred. Everything the stock forward does with the
+logits afterwards goes through the deferred object: its loss (``self.loss_function``, ``CrossEntropyLoss``)
+reaches :meth:`Interception.cross_entropy`, which calls ``linear_cross_entropy``; MoE auxiliary losses,
+multimodal inputs and output classes run as the model's authors wrote them.
+
+After the forward, :meth:`Interception.finish` replaces every deferred object left in the output by None (or by
+the real logits with ``return_logits=True``), and refuses a call whose loss did not come through CCE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from transformers.utils import ModelOutput
+
+from ..config import CCEConfig
+from ..ops import linear_cross_entropy
+from .deferred import DeferredLogits
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_OBSERVED: contextvars.ContextVar[list[Interception] | None] = contextvars.ContextVar("cce_observed", default=None)
+
+
+@contextlib.contextmanager
+def observe() -> Iterator[list[Interception]]:
+    """Collect the interceptions of the patched calls made inside the block (tests and the census read what
+    each call did: ``captured``, ``losses``, ``seen``)."""
+    calls: list[Interception] = []
+    token = _OBSERVED.set(calls)
+    try:
+        yield calls
+    finally:
+        _OBSERVED.reset(token)
+
+
+class _DeferHeadLinear(TorchFunctionMode):
+    """Inside the head's forward: the ``F.linear`` whose weight has the head's output rows is deferred."""
+
+    def __init__(self, site: Interception) -> None:
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LINEAR:
+            x = args[0] if len(args) > 0 else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                    and weight.shape[0] == self.site.vocab):
+                deferred = self.site.capture(x, weight, bias)
+                if deferred is not None:
+                    return deferred
+        return func(*args, **kwargs)
+
+
+class Interception:
+    """The state of one patched call: where the head is, what the call may do, what it did."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, vocab: int, config: CCEConfig) -> None:
+        self.model, self.head, self.vocab, self.config = model, head, vocab, config
+        self.captured = 0  # head outputs deferred
+        self.losses = 0  # cross-entropies computed by linear_cross_entropy
+        self.seen: set[str] = set()  # the logit transforms folded (for the census's notes)
+        self._modes: list[_DeferHeadLinear] = []
+        self._handles: list[Any] = []
+
+    # ----- scope -----------------------------------------------------------------------------------------------
+    def __enter__(self) -> Interception:
+        observed = _OBSERVED.get()
+        if observed is not None:
+            observed.append(self)
+        self._handles = [
+            self.head.register_forward_pre_hook(self._enter_head),
+            self.head.register_forward_hook(self._leave_head, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        while self._modes:  # only if a hook could not run (never expected): leave no mode behind
+            self._modes.pop().__exit__(None, None, None)
+
+    def _enter_head(self, module: nn.Module, args: Any) -> None:
+        mode = _DeferHeadLinear(self)
+        mode.__enter__()
+        self._modes.append(mode)
+
+    def _leave_head(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._modes:
+            self._modes.pop().__exit__(None, None, None)
+
+    # ----- what the deferred logits call back ----------------------------------------------------------------
+    def capture(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> DeferredLogits | None:
+        """Defer ``F.linear(x, weight, bias)``, with the operands autocast would give it (None: let F.linear
+        run, e.g. to raise its own dtype error)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or x.dim() == 0:
+            return None
+        self.captured += 1
+        return DeferredLogits(x, weight, bias, x.dtype, self)
+
+    def _op_options(self, logits: DeferredLogits, reduction: str, label_smoothing: float) -> dict[str, Any]:
+        softcap = logits.softcap if logits.softcap is not None else (1.0 if logits.squashed else None)
+        own = self.config.label_smoothing
+        if label_smoothing and own and label_smoothing != own:
+            self.refuse("cross_entropy", f"label_smoothing={label_smoothing} where CCEConfig has {own}")
+        options = self.config.op_options(logits.hidden.dtype, softcap, reduction)
+        if label_smoothing:
+            options["label_smoothing"] = label_smoothing
+        return dict(options, softcap=softcap, bias=logits.bias)
+
+    def cross_entropy(self, logits: DeferredLogits, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                      reduction: str, label_smoothing: float) -> torch.Tensor:
+        """``F.cross_entropy(logits, targets, reduction=reduction)`` (``sum`` or ``none``) through the op."""
+        options = self._op_options(logits, reduction, label_smoothing)
+        with torch.autocast(rows.device.type, enabled=False):  # the operands are already what autocast gave F.linear
+            loss = linear_cross_entropy(rows, logits.weight, targets, ignore_index=ignore_index, reduction=reduction,
+                                        **options)
+        self.losses += 1
+        return loss
+
+    def logsumexp(self, logits: DeferredLogits) -> torch.Tensor:
+        """``torch.logsumexp(logits, dim=-1)`` through the op (e.g. a z-loss)."""
+        rows = logits.hidden.reshape(-1, logits.hidden.shape[-1])
+        options = self._op_options(logits, "none", 0.0)
+        options.update(mode="memory", label_smoothing=0.0)
+        options.pop("speed_chunk_bytes", None)
+        zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)  # any valid target: lse of all rows
+        with torch.autocast(rows.device.type, enabled=False):
+            _, lse = linear_cross_entropy(rows, logits.weight, zeros, reduction="none", return_lse=True, **options)
+        return lse.reshape(logits.hidden.shape[:-1])
+
+    def refuse(self, operation: str, detail: str = "") -> NoReturn:
+        raise NotImplementedError(
+            f"cce_patch cannot train model type {self.model_type!r} ({type(self.model).__name__}) exactly: its "
+            f"forward applies `{operation}` to the logits{': ' + detail if detail else ''}. CCE never builds the "
+            "logits, so it can only reproduce scales, soft caps, casts, token/vocabulary slicing and the "
+            "cross-entropy itself. Train this model without CCE (cce_patch.unpatch(model), or use_cce=False)."
+        )
+
+    @property
+    def model_type(self) -> str:
+        return getattr(getattr(self.model, "config", None), "model_type", None) or type(self.model).__name__
+
+    # ----- after the forward -------------------------------------------------------------------------------------
+    def finish(self, output: Any) -> Any:
+        """The stock output with deferred logits replaced; refuses a loss that did not come through CCE."""
+        if self.captured == 0:
+            raise NotImplementedError(
+                f"cce_patch cannot train model type {self.model_type!r} ({type(self.model).__name__}) with CCE: its "
+                f"head ({type(self.head).__name__}) did not produce the logits with one F.linear over the vocabulary "
+                f"({self.vocab} rows) during the forward, so the loss was computed from real logits. Train it without "
+                "CCE, or add a registry row naming the head (cce_patch/models/registry.py)."
+            )
+        if self.losses == 0:
+            raise NotImplementedError(
+                f"cce_patch cannot train model type {self.model_type!r} ({type(self.model).__name__}) with CCE: labels "
+                "were given but its forward computed no cross-entropy from the head's logits."
+            )
+        return _replace_deferred(output, self.config.return_logits)
+
+
+def _replace_deferred(value: Any, materialize: bool) -> Any:
+    if isinstance(value, DeferredLogits):
+        return value.materialize() if materialize else None
+    if isinstance(value, ModelOutput):
+        for key, item in list(value.items()):
+            new = _replace_deferred(item, materialize)
+            if new is item:
+                continue
+            if new is None:  # ModelOutput keeps no None entries (its to_tuple() skips them); stock never sets one
+                OrderedDict.__delitem__(value, key)
+                object.__setattr__(value, key, None)
+            else:
+                value[key] = new
+        return value
+    if type(value) is tuple:
+        return tuple(_replace_deferred(v, materialize) for v in value)
+    if type(value) is list:
+        return [_replace_deferred(v, materialize) for v in value]
+    if type(value) is dict:
+        return {k: _replace_deferred(v, materialize) for k, v in value.items()}
+    return value
