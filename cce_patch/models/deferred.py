@@ -52,12 +52,13 @@ class DeferredLogits:
     ``tanh``, or the soft cap ``cap * tanh(x / cap)`` (``softcap`` set). ``hidden`` has the token dimensions
     of the logits (``(*tokens, H)``); ``weight`` is ``(V, H)``."""
 
-    __slots__ = ("hidden", "weight", "bias", "squashed", "softcap", "dtype", "site")
+    __slots__ = ("hidden", "weight", "bias", "squashed", "softcap", "dtype", "site", "scale")
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 site: Interception, squashed: bool = False, softcap: float | None = None) -> None:
+                 site: Interception, squashed: bool = False, softcap: float | None = None, scale: float = 1.0) -> None:
         self.hidden, self.weight, self.bias, self.dtype, self.site = hidden, weight, bias, dtype, site
         self.squashed, self.softcap = squashed, softcap
+        self.scale = scale  # the scalar factor folded so far (NaN: a tensor one), for the census's notes only
 
     # ----- tensor-like queries -------------------------------------------------------------------------------
     @property
@@ -168,7 +169,7 @@ class DeferredLogits:
         return self._refused(name)
 
     def _replace(self, **changes: Any) -> DeferredLogits:
-        state = {k: getattr(self, k) for k in ("hidden", "weight", "bias", "dtype", "site", "squashed", "softcap")}
+        state = {k: getattr(self, k) for k in DeferredLogits.__slots__}
         state.update(changes)
         return DeferredLogits(**state)
 
@@ -208,13 +209,17 @@ class DeferredLogits:
             if cap == 0.0 or cap != cap or abs(cap) == float("inf"):
                 return self._refused("mul", f"a soft cap of {cap}")
             self.site.seen.add("soft cap")
+            scale = 1.0 if abs(self.scale * cap - 1.0) < 1e-6 else self.scale  # x / cap belongs to the cap
             return self._replace(hidden=_fold(self.hidden, cap, torch.mul), bias=_fold(self.bias, cap, torch.mul),
-                                 squashed=False, softcap=abs(cap), dtype=dtype)
+                                 squashed=False, softcap=abs(cap), dtype=dtype, scale=scale)
         if scalar:  # a scalar scales the hidden states (fewer elements than the weight)
             if isinstance(factor, torch.Tensor):
                 factor = factor.to(self.hidden.device)
-            self.site.seen.add("logit scale")
-            return self._replace(hidden=_fold(self.hidden, factor, op), bias=_fold(self.bias, factor, op), dtype=dtype)
+                scale = float("nan")
+            else:
+                scale = self.scale / factor if divide else self.scale * factor
+            return self._replace(hidden=_fold(self.hidden, factor, op), bias=_fold(self.bias, factor, op), dtype=dtype,
+                                 scale=scale)
         leading = factor.shape[:-1] if factor.dim() >= 1 else ()
         if factor.shape[-1] == 1:  # one factor per token row: (..., 1)
             if self.bias is not None:
@@ -335,6 +340,7 @@ class DeferredLogits:
             return self._refused("cross_entropy", f"on logits of shape {tuple(self.shape)} (class dimension not last)")
         if reduction not in ("mean", "sum", "none"):
             return self._refused("cross_entropy", f"with reduction={reduction!r}")
+        self._note_scale()
         loss = self.site.cross_entropy(self, rows, targets.to(rows.device), int(ignore_index),
                                        "none" if reduction == "none" else "sum", float(label_smoothing))
         if reduction == "mean":  # F.cross_entropy's mean: over non-ignored targets (NaN when there are none)
@@ -348,8 +354,13 @@ class DeferredLogits:
         if [d % self.ndim for d in dims] != [self.ndim - 1]:
             return self._refused("logsumexp", "over token dimensions")
         self.site.seen.add("logsumexp")
+        self._note_scale()
         lse = self.site.logsumexp(self)
         return (lse.unsqueeze(-1) if keepdim else lse).to(self.dtype)
+
+    def _note_scale(self) -> None:
+        if self.scale != 1.0:  # also NaN
+            self.site.seen.add("logit scale")
 
     def materialize(self) -> torch.Tensor:
         """The real logits (``return_logits=True``): the memory CCE otherwise saves."""

@@ -37,6 +37,11 @@ _ASSISTANT = FamilySpec(refuse=(
     "it is a speculative-decoding assistant: its forward takes the target model's shared_kv_states and computes no "
     "loss, so there is no training loss for CCE to compute."
 ))
+_NGRAM = FamilySpec(refuse=(
+    "its loss is ProphetNet's n-gram stream loss, computed from log_softmax of the logits of every predicting "
+    "stream (_compute_loss, with its own label smoothing); CCE computes a plain cross-entropy. Train it without "
+    "cce_patch."
+))
 _CODEBOOKS = FamilySpec(refuse=(
     "it has one head per audio codebook (lm_heads) and stacks their logits before its loss; CCE computes the loss "
     "of one head. Train it without cce_patch."
@@ -48,11 +53,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "gemma4_unified_assistant": _ASSISTANT,
     "musicgen_decoder": _CODEBOOKS,  # MusicgenForCausalLM's config is the decoder's
     "musicgen_melody_decoder": _CODEBOOKS,
-    "prophetnet": FamilySpec(refuse=(
-        "its loss is ProphetNet's n-gram stream loss, computed from log_softmax of the logits of every predicting "
-        "stream (ProphetNetForCausalLM._compute_loss, with its own label smoothing); CCE computes a plain "
-        "cross-entropy. Train it without cce_patch."
-    )),
+    "prophetnet": _NGRAM,
+    "xlm-prophetnet": _NGRAM,  # transformers < 5
 }
 
 _DEFAULT = FamilySpec()
