@@ -320,10 +320,10 @@ def test_serialized_patched_model_stays_patched(how):
     assert is_patched(loaded) and config_of(loaded).impl == "torch"
     ids, mask, labels = batch()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    assert loaded(**inputs).logits is None  # is_patched tells the truth
     with observe() as calls:
         _assert_same(_loss_and_grads(loaded, **inputs), _loss_and_grads(stock, **inputs))
     assert calls and calls[0].model is loaded  # the copy's forward drives the copy, not the original
-    assert loaded(**inputs).logits is None
     patch(loaded, impl="auto")
     assert config_of(loaded).impl == "auto" and config_of(patched).impl == "torch"
     unpatch(loaded)
