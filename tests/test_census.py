@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from cce_patch.models.census import PASS, REFUSED, UNBUILDABLE, WRONG, counts, markdown, run
@@ -83,3 +84,21 @@ def test_docs_table_is_current(census):
         regressed = [(t, by_class[(t, c)].reason) for t, c in claimed
                      if (t, c) in by_class and by_class[(t, c)].status in (REFUSED, WRONG)]
         assert not regressed
+
+
+def test_census_calls_a_dropped_transform_wrong(monkeypatch):
+    """The census can fail: with the per-vocabulary scale or the soft cap silently dropped, the entries are WRONG."""
+    from cce_patch.models.census import check_entry
+    from cce_patch.models.deferred import DeferredLogits
+
+    folded = DeferredLogits._scaled
+
+    def dropping(self, factor, divide):
+        if self.squashed or (torch.is_tensor(factor) and factor.dim() >= 1 and factor.shape[-1] > 1):
+            return self._replace(squashed=False)  # the cap or the per-vocab scale, lost
+        return folded(self, factor, divide)
+
+    monkeypatch.setattr(DeferredLogits, "_scaled", dropping)
+    for key in ("dory", "gemma2"):
+        result = check_entry(key)
+        assert result.status == WRONG, (key, result)
