@@ -48,10 +48,10 @@ def test_peft_patched_matches_stock(family, lora):
     stock = _peft(family, **lora)
     patched = copy.deepcopy(stock)
     assert patch(patched) is patched and is_patched(patched) and is_patched(patched.get_base_model())
-    outputs = []  # what the head returned: deferred logits under CCE, never a [tokens x vocab] tensor
+    outputs = []  # what the head module returned, if it ran: never a [tokens x vocab] tensor under CCE
     patched.get_base_model().lm_head.register_forward_hook(lambda m, i, o: outputs.append(o))
     got, ref = _step(patched), _step(stock)
-    assert got[0].logits is None and outputs and not any(torch.is_tensor(o) for o in outputs)
+    assert got[0].logits is None and not any(torch.is_tensor(o) for o in outputs)
     _assert_same(got, ref)
     assert all("lora_" in n or "modules_to_save" in n for n in got[1])  # only the adapters train
     if "modules_to_save" in lora:  # the trainable copy of the head is what got a gradient

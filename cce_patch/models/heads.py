@@ -45,6 +45,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def shadowed(head: object) -> object:
+    """The head module behind the stand-in that shadows it during a CCE call (``intercept.py``), or ``head``."""
+    return getattr(head, "cce_shadowed_head", head)
+
+
 def head_module(model: nn.Module, head_attr: str | None = None) -> nn.Module | None:
     """The module whose forward produces the logits: ``head_attr`` (a dotted path, from a registry row) or
     transformers' ``get_output_embeddings()``. None when the model has neither."""
@@ -52,10 +57,11 @@ def head_module(model: nn.Module, head_attr: str | None = None) -> nn.Module | N
         module: object = model
         for part in head_attr.split("."):
             module = getattr(module, part, None)
+        module = shadowed(module)
         return module if isinstance(module, nn.Module) else None
     getter = getattr(model, "get_output_embeddings", None)
     try:
-        head = getter() if callable(getter) else None
+        head = shadowed(getter()) if callable(getter) else None
     except (NotImplementedError, AttributeError):
         return None
     return head if isinstance(head, nn.Module) else None
@@ -68,6 +74,7 @@ def effective_head(head: nn.Module) -> nn.Linear:
     trainable tokens -> the wrapped Linear (its merged weight is what the final ``F.linear`` receives);
     a LoRA-adapted head -> NotImplementedError (its effective weight is not a single tensor).
     """
+    head = shadowed(head)
     if isinstance(head, nn.Linear) and not hasattr(head, "lora_A"):
         return head
     if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):

@@ -1,14 +1,19 @@
 """One CCE call of a patched model: the stock forward runs as written, with the head's final ``F.linear`` deferred.
 
-While :class:`Interception` is entered, the head module (``get_output_embeddings()`` or a registry row's head)
-runs its own forward under a ``TorchFunctionMode`` that answers the ``F.linear`` producing the vocabulary
-with a :class:`~cce_patch.models.deferred.DeferredLogits` instead of computing it. Only the head's forward is
-under the mode (a pre-hook enters it, an always-called hook leaves it), so the decoder runs at full speed; a
-head subclass with its own forward (a learned per-vocabulary scale, a prediction transform before the
-projection) runs that forward, with only the projection deferred. Everything the stock forward does with the
-logits afterwards goes through the deferred object: its loss (``self.loss_function``, ``CrossEntropyLoss``)
-reaches :meth:`Interception.cross_entropy`, which calls ``linear_cross_entropy``; MoE auxiliary losses,
-multimodal inputs and output classes run as the model's authors wrote them.
+While :class:`Interception` is entered, the head (``get_output_embeddings()`` or a registry row's head)
+answers with a :class:`~cce_patch.models.deferred.DeferredLogits` instead of computing the logits, in one of
+two ways. A plain projection (``nn.Linear``, or PEFT's ``modules_to_save`` copy of one) is shadowed at its
+attribute by a stand-in that defers ``F.linear(hidden, weight, bias)`` without running the module, so no hook
+that gathers or reshards a sharded weight around the head runs (as when the loss read ``lm_head.weight``
+itself). A head with its own forward (an ``nn.Linear`` subclass with a learned per-vocabulary scale, a
+prediction transform before the projection, PEFT's trainable tokens) runs that forward under a
+``TorchFunctionMode`` that answers the ``F.linear`` producing the vocabulary; only the head's forward is under
+the mode (a pre-hook enters it, an always-called hook leaves it), so the decoder runs at full speed.
+
+Everything the stock forward does with the logits afterwards goes through the deferred object: its loss
+(``self.loss_function``, ``CrossEntropyLoss``) reaches :meth:`Interception.cross_entropy`, which calls
+``linear_cross_entropy``; MoE auxiliary losses, multimodal inputs and output classes run as the model's
+authors wrote them.
 
 After the forward, :meth:`Interception.finish` replaces every deferred object left in the output by None (or by
 the real logits with ``return_logits=True``), and refuses a call whose loss did not come through CCE.
@@ -31,6 +36,7 @@ from transformers.utils import ModelOutput
 from ..config import CCEConfig
 from ..ops import linear_cross_entropy
 from .deferred import DeferredLogits
+from .heads import effective_head
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _OBSERVED: contextvars.ContextVar[list[Interception] | None] = contextvars.ContextVar("cce_observed", default=None)
@@ -69,6 +75,57 @@ class _DeferHeadLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _plain_projection(head: nn.Module) -> nn.Linear | None:
+    """The Linear a head amounts to when calling it is exactly ``F.linear(x, weight, bias)``: a plain Linear, or
+    PEFT's ``modules_to_save`` copy of one. None for heads with their own forward (they run, intercepted)."""
+    try:
+        linear = effective_head(head)
+    except NotImplementedError:
+        return None
+    is_wrapper = linear is not head and not (hasattr(head, "modules_to_save") and hasattr(head, "original_module"))
+    if is_wrapper or type(linear).forward is not nn.Linear.forward:
+        return None
+    return linear
+
+
+def _owner_of(model: nn.Module, head: nn.Module) -> tuple[nn.Module, str] | None:
+    """The (parent module, attribute name) under which the model holds its head."""
+    for parent in (model, *model.modules()):
+        for name, child in parent._modules.items():
+            if child is head:
+                return parent, name
+    return None
+
+
+class _DeferredProjection:
+    """Stands in for a plain projection head at its attribute for one CCE call (it shadows the submodule in the
+    parent's instance ``__dict__``): ``self.lm_head(hidden)`` returns deferred logits without running the
+    head module. Nothing that gathers a sharded weight around the head's own forward (FSDP2 groups, tensor-
+    parallel hooks) runs either: exactly as if the stock forward read ``lm_head.weight`` itself
+    (integrations/distributed.py says what each sharded layout needs). Attributes read through the stand-in
+    (``.weight``, ``.out_features``) are the head's."""
+
+    def __init__(self, site: Interception, head: nn.Module) -> None:
+        self._site, self._head = site, head
+
+    def __call__(self, hidden: Any, *args: Any, **kwargs: Any) -> Any:
+        linear = _plain_projection(self._head) if not args and not kwargs and torch.is_tensor(hidden) else None
+        if linear is not None:
+            weight = linear.weight
+            x = hidden if hidden.device == weight.device else hidden.to(weight.device)  # device_map: as its hook would
+            deferred = self._site.capture(x, weight, linear.bias)
+            if deferred is not None:
+                return deferred
+        return self._head(hidden, *args, **kwargs)
+
+    @property
+    def cce_shadowed_head(self) -> nn.Module:  # heads.shadowed() looks through the stand-in with it
+        return self._head
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._head, name)
+
+
 class Interception:
     """The state of one patched call: where the head is, what the call may do, what it did."""
 
@@ -79,12 +136,18 @@ class Interception:
         self.seen: set[str] = set()  # the logit transforms folded (for the census's notes)
         self._modes: list[_DeferHeadLinear] = []
         self._handles: list[Any] = []
+        self._shadowed: tuple[nn.Module, str] | None = None
 
     # ----- scope -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Interception:
         observed = _OBSERVED.get()
         if observed is not None:
             observed.append(self)
+        owner = _owner_of(self.model, self.head) if _plain_projection(self.head) is not None else None
+        if owner is not None and owner[1] not in owner[0].__dict__:
+            owner[0].__dict__[owner[1]] = _DeferredProjection(self, self.head)
+            self._shadowed = owner
+        # a head with its own forward (or reached by another name) runs, with its final F.linear deferred
         self._handles = [
             self.head.register_forward_pre_hook(self._enter_head),
             self.head.register_forward_hook(self._leave_head, always_call=True),
@@ -92,6 +155,10 @@ class Interception:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._shadowed is not None:
+            parent, name = self._shadowed
+            parent.__dict__.pop(name, None)
+            self._shadowed = None
         for handle in self._handles:
             handle.remove()
         while self._modes:  # only if a hook could not run (never expected): leave no mode behind
