@@ -89,8 +89,9 @@ def _plain_projection(head: nn.Module) -> nn.Linear | None:
 
 
 def _owner_of(model: nn.Module, head: nn.Module) -> tuple[nn.Module, str] | None:
-    """The (parent module, attribute name) under which the model holds its head."""
-    for parent in (model, *model.modules()):
+    """The (parent module, attribute name) under which the model holds its head (usually a direct child: the walk
+    stops there)."""
+    for parent in model.modules():
         for name, child in parent._modules.items():
             if child is head:
                 return parent, name
