@@ -99,6 +99,7 @@ def test_census_calls_a_dropped_transform_wrong(monkeypatch):
         return folded(self, factor, divide)
 
     monkeypatch.setattr(DeferredLogits, "_scaled", dropping)
-    for key in ("dory", "gemma2"):
+    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING
+    for key in [k for k in ("dory", "gemma2") if k in known]:
         result = check_entry(key)
         assert result.status == WRONG, (key, result)
