@@ -354,10 +354,20 @@ class _SoftmaxLoss(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def test_operations_cce_cannot_reproduce_are_refused():
-    model = patch(_SoftmaxLoss(tiny_config("llama")).train())
+class _AddedLogitBias(transformers.LlamaForCausalLM):
+    """A forward that adds a [vocab] tensor to the logits: not a scale, so not foldable."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state) + torch.ones(VOCAB)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1)) if labels is not None else None
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize(("cls", "op"), [(_SoftmaxLoss, "softmax"), (_AddedLogitBias, "__add__")])
+def test_operations_cce_cannot_reproduce_are_refused(cls, op):
+    model = patch(cls(tiny_config("llama")).train())
     ids, mask, labels = batch()
-    with pytest.raises(NotImplementedError, match=r"'llama'.*`softmax`"):
+    with pytest.raises(NotImplementedError, match=rf"'llama'.*`{op}`"):
         model(input_ids=ids, labels=labels)
     model.eval()  # stock where CCE does not apply
     assert model(input_ids=ids, labels=labels).loss is not None

@@ -122,6 +122,19 @@ class DeferredLogits:
     def __getitem__(self, key: Any) -> DeferredLogits:
         return self._apply("__getitem__", (self, key), {})
 
+    def _operator(name: str) -> Callable:  # noqa: N805 - builds methods in the class body
+        def method(self: DeferredLogits, *args: Any) -> Any:
+            return self._apply(name, (self, *args), {})
+
+        method.__name__ = name
+        return method
+
+    # operators with no exact counterpart: refused with the message, not Python's "unsupported operand"
+    for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__rtruediv__", "__matmul__", "__rmatmul__",
+                  "__pow__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__float__", "__int__", "__abs__"):
+        locals()[_name] = _operator(_name)
+    del _name, _operator
+
     def _refused(self, name: str, detail: str = "") -> Any:
         return self.site.refuse(name, detail)
 
