@@ -354,11 +354,11 @@ class DeferredLogits:
         if reduction not in ("mean", "sum", "none"):
             return self._refused("cross_entropy", f"with reduction={reduction!r}")
         self._note_scale()
-        loss = self.site.cross_entropy(self, rows, targets.to(rows.device), int(ignore_index),
-                                       "none" if reduction == "none" else "sum", float(label_smoothing))
-        if reduction == "mean":  # F.cross_entropy's mean: over non-ignored targets (NaN when there are none)
-            loss = loss / (targets != ignore_index).sum().to(loss.device)
-        elif reduction == "none" and self.ndim == 1:
+        # the op's reductions are F.cross_entropy's (mean: over non-ignored targets), except that a call whose
+        # targets are all ignored has mean 0 with zero gradients where F.cross_entropy gives NaN
+        loss = self.site.cross_entropy(self, rows, targets.to(rows.device), int(ignore_index), reduction,
+                                       float(label_smoothing))
+        if reduction == "none" and self.ndim == 1:
             loss = loss.reshape(())
         return loss.to(self.dtype)
 

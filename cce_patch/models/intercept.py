@@ -200,7 +200,7 @@ class Interception:
 
     def cross_entropy(self, logits: DeferredLogits, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       reduction: str, label_smoothing: float) -> torch.Tensor:
-        """``F.cross_entropy(logits, targets, reduction=reduction)`` (``sum`` or ``none``) through the op."""
+        """``F.cross_entropy(logits, targets, reduction=reduction)`` through the op."""
         options = self._op_options(logits, reduction, label_smoothing)
         with torch.autocast(rows.device.type, enabled=False):  # the operands are already what autocast gave F.linear
             loss = linear_cross_entropy(rows, logits.weight, targets, ignore_index=ignore_index, reduction=reduction,

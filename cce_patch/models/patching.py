@@ -95,7 +95,7 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
         set_instance_patch(model, InstancePatch(new_config, previous))
         model.__dict__["forward"] = PatchedForward(model, previous)
     else:
-        record.config = new_config
+        set_instance_patch(model, InstancePatch(new_config, record.previous))
     via = ", via PEFT" if is_peft_model(target) else ", inside torch.compile" if is_compiled(target) else ""
     logger.info("patched %s (model_type=%s%s) with impl=%s", type(model).__name__, model_type_of(model), via,
                 new_config.impl)
@@ -113,7 +113,7 @@ def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -
         set_class_patch(cls, ClassPatch(new_config, original, cls.__dict__.get("forward")))
         cls.forward = class_forward(cls, original)
     else:
-        record.config = new_config
+        set_class_patch(cls, ClassPatch(new_config, record.original, record.own))
     logger.info("patched class %s (model_type=%s) with impl=%s", cls.__name__, model_type_of(cls), new_config.impl)
     return cls
 

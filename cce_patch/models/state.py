@@ -1,9 +1,11 @@
 """Patch state: every ``_cce_*`` attribute a patch leaves on a model instance or a class, read and written here.
 
-An instance patch stores an :class:`InstancePatch` record in the instance's ``__dict__`` and replaces its
-``forward`` with a ``PatchedForward`` (``forward.py``). Both are ordinary picklable objects, so
+An instance patch stores its options (``_cce_config``) and the instance's own forward it wrapped
+(``_cce_original_forward``, None when that was the class's) in the instance's ``__dict__``, and replaces its
+``forward`` with a ``PatchedForward`` (``forward.py``). All three are ordinary picklable objects, so
 ``torch.save(model)`` / ``pickle`` / ``copy.deepcopy`` give a copy that is patched the same way (its forward
-object refers to the copy). A class patch stores a :class:`ClassPatch` record on the class itself.
+object refers to the copy). A class patch stores its options and what it replaced on the class itself; an
+instance of a patched class reads the class's options through ordinary attribute lookup.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from typing import Any
 
 from ..config import CCEConfig
 
-INSTANCE_ATTR = "_cce_patch"
-CLASS_ATTR = "_cce_class_patch"
+CONFIG_ATTR = "_cce_config"
+PREVIOUS_ATTR = "_cce_original_forward"  # an instance's own forward before the patch (None: the class's)
+CLASS_ORIGINAL_ATTR = "_cce_class_original_forward"  # cls.forward before the patch (the stock forward)
+CLASS_OWN_ATTR = "_cce_class_own_forward"  # the forward defined on the class itself before the patch, or None
 
 
 @dataclass
 class InstancePatch:
-    """``config``: the options; ``previous``: the instance's own ``forward`` before the patch (None: the
-    class's), restored by ``unpatch``."""
+    """What ``patch(instance)`` left on one instance."""
 
     config: CCEConfig
     previous: Any = None
@@ -29,8 +32,7 @@ class InstancePatch:
 
 @dataclass
 class ClassPatch:
-    """``config``: the options; ``original``: ``cls.forward`` before the patch; ``own``: the forward defined on
-    the class itself before the patch (None when it was inherited), restored by ``unpatch``."""
+    """What ``patch(cls)`` left on one class: ``original`` runs under the wrapper, ``own`` is restored."""
 
     config: CCEConfig
     original: Callable
@@ -38,31 +40,39 @@ class ClassPatch:
 
 
 def instance_patch(model: Any) -> InstancePatch | None:
-    return getattr(model, "__dict__", {}).get(INSTANCE_ATTR)
+    own = getattr(model, "__dict__", {})
+    if CONFIG_ATTR not in own:
+        return None
+    return InstancePatch(own[CONFIG_ATTR], own.get(PREVIOUS_ATTR))
 
 
 def set_instance_patch(model: Any, record: InstancePatch | None) -> None:
     if record is None:
-        model.__dict__.pop(INSTANCE_ATTR, None)
+        model.__dict__.pop(CONFIG_ATTR, None)
+        model.__dict__.pop(PREVIOUS_ATTR, None)
     else:
-        model.__dict__[INSTANCE_ATTR] = record
+        model.__dict__[CONFIG_ATTR] = record.config
+        model.__dict__[PREVIOUS_ATTR] = record.previous
 
 
 def class_patch(cls: type, inherited: bool = False) -> ClassPatch | None:
     """The record of ``cls`` itself, or (``inherited``) of the nearest patched class in its MRO."""
     for klass in cls.__mro__ if inherited else (cls,):
-        record = klass.__dict__.get(CLASS_ATTR)
-        if record is not None:
-            return record
+        if CLASS_ORIGINAL_ATTR in klass.__dict__:
+            return ClassPatch(klass.__dict__[CONFIG_ATTR], klass.__dict__[CLASS_ORIGINAL_ATTR],
+                              klass.__dict__.get(CLASS_OWN_ATTR))
     return None
 
 
 def set_class_patch(cls: type, record: ClassPatch | None) -> None:
     if record is None:
-        if CLASS_ATTR in cls.__dict__:
-            delattr(cls, CLASS_ATTR)
+        for name in (CONFIG_ATTR, CLASS_ORIGINAL_ATTR, CLASS_OWN_ATTR):
+            if name in cls.__dict__:
+                delattr(cls, name)
     else:
-        setattr(cls, CLASS_ATTR, record)
+        setattr(cls, CONFIG_ATTR, record.config)
+        setattr(cls, CLASS_ORIGINAL_ATTR, record.original)
+        setattr(cls, CLASS_OWN_ATTR, record.own)
 
 
 def config_of(model: Any) -> CCEConfig:
@@ -79,6 +89,7 @@ def original_forward(cls: type) -> Callable:
     patch's wrapper, the stock forward the wrapper runs."""
     for klass in cls.__mro__:
         if "forward" in klass.__dict__:
-            record = klass.__dict__.get(CLASS_ATTR)
-            return record.original if record is not None else klass.__dict__["forward"]
+            if CLASS_ORIGINAL_ATTR in klass.__dict__:
+                return klass.__dict__[CLASS_ORIGINAL_ATTR]
+            return klass.__dict__["forward"]
     return cls.forward
