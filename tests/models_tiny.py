@@ -29,9 +29,8 @@ FAMILY_CONFIGS = {
                                        "bos_token_id": 1, "eos_token_id": 2,
                                        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
 }
-REGISTRY_FAMILIES = ["llama", "qwen2", "phi3", "mistral", "gemma2", "gemma3_text", "cohere", "cohere2", "granite"]
-#: standard forwards with no registry row; gpt2's decoder lives at `.transformer`, read from its forward.
-GENERIC_FAMILIES = ["qwen3", "olmo2", "gpt2"]
+#: every family above: soft caps (gemma2/3), logit scales (cohere, granite), gpt2's decoder at `.transformer`
+FAMILIES = list(FAMILY_CONFIGS)
 
 
 def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
+import logging
+import pickle
 
 import pytest
 import torch
 import transformers
-from models_tiny import GENERIC_FAMILIES, REGISTRY_FAMILIES, batch, tiny_config, tiny_model
+from models_tiny import FAMILIES, VOCAB, batch, tiny_config, tiny_model
 
 from cce_patch import is_patched, linear_cross_entropy, patch, unpatch
-from cce_patch.models import spec_for
-
-ALL = REGISTRY_FAMILIES + GENERIC_FAMILIES
+from cce_patch.models import config_of, spec_for
+from cce_patch.models.intercept import observe
 
 
 def _loss_and_grads(model, *args, **inputs):
@@ -36,28 +38,35 @@ def _pair(family, **overrides):
     """A stock model with a sharpened head (logits of order 1, so soft caps and scales matter) and a patched copy."""
     stock = tiny_model(family, **overrides).train()
     with torch.no_grad():
-        getattr(stock, spec_for(stock).head_attr).weight.mul_(10.0)
+        stock.get_output_embeddings().weight.mul_(10.0)
     return stock, patch(copy.deepcopy(stock))
 
 
-@pytest.mark.parametrize("family", ALL)
+def _head_outputs(model):
+    """What the head module returns, call by call (deferred logits under CCE, tensors otherwise)."""
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o))
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patched_matches_stock_train_and_eval(family):
     stock, patched = _pair(family)
-    head = getattr(patched, spec_for(patched).head_attr)
-    calls = []
-    head.register_forward_hook(lambda *a: calls.append(1))  # the [tokens x vocab] logits would come from here
+    seen = _head_outputs(patched)
     ids, mask, labels = batch()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
-    assert patched(**inputs).logits is None and calls == []
+    with observe() as calls:
+        _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    assert [c.losses for c in calls] == [1]  # the loss came through linear_cross_entropy
+    assert patched(**inputs).logits is None and not any(torch.is_tensor(o) for o in seen)
 
     stock.eval(), patched.eval()
     with torch.no_grad():
         ref = stock(**inputs)
         assert torch.equal(patched(**inputs).logits, ref.logits)  # train_only: eval is the stock forward
-        calls.clear()
+        seen.clear()
         got = patch(patched, train_only=False)(**inputs)  # eval through CCE
-        assert got.logits is None and calls == []
+        assert got.logits is None and not any(torch.is_tensor(o) for o in seen)
         torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -71,9 +80,28 @@ def test_num_items_in_batch_and_shift_labels(family):
                   {"shift_labels": shifted, "num_items_in_batch": n}):
         inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
         _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
-    # shift_labels alone (no labels) also trains with CCE; stock needs `labels` to compute any loss
-    alone = _loss_and_grads(patched, input_ids=ids, attention_mask=mask, shift_labels=shifted)
-    _assert_same(alone, _loss_and_grads(stock, input_ids=ids, attention_mask=mask, labels=labels))
+
+
+def test_shift_labels_without_labels_is_stock():
+    """Stock computes a loss only when `labels` is given; `shift_labels` alone gives none, patched or not."""
+    stock, patched = _pair("llama")
+    ids, mask, labels = batch()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    got, ref = patched(input_ids=ids, shift_labels=shifted), stock(input_ids=ids, shift_labels=shifted)
+    assert got.loss is None and ref.loss is None
+    torch.testing.assert_close(got.logits, ref.logits)
+
+
+def test_label_the_shift_never_scores_is_accepted():
+    """Position 0 is never a target after the causal shift: stock accepts any value there, so does CCE."""
+    stock, patched = _pair("llama")
+    ids, mask, labels = batch()
+    labels[:, 0] = VOCAB + 7  # out of range, but dropped by the shift
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    labels[0, 3] = VOCAB + 7  # a scored position: refused (stock's F.cross_entropy raises too)
+    with pytest.raises((ValueError, IndexError)):
+        patched(**inputs)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +157,18 @@ def test_bf16_matches_stock_within_bf16_tolerance():
         assert err < 3e-2, (name, float(err))
 
 
+def test_cpu_autocast_gives_the_head_what_autocast_gives_f_linear():
+    """Under bf16 autocast stock's head runs in bf16; the deferred head takes the same bf16 operands."""
+    stock, patched = _pair("llama")
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16), observe() as calls:
+        got, ref = patched(**inputs).loss, stock(**inputs).loss
+    assert got.dtype == ref.dtype == torch.float32
+    assert calls[0].losses == 1
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
 def test_eval_return_logits_and_skip_logits():
     stock = tiny_model("qwen2").eval()
     patched = patch(copy.deepcopy(stock))
@@ -148,19 +188,33 @@ def test_eval_return_logits_and_skip_logits():
     torch.testing.assert_close(kept.logits, ref.logits)
 
 
-def test_tuple_output_positional_arguments_and_signature():
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_tuple_output_keeps_stock_positions(family):
+    """return_dict=False: out[1] is the logits slot (None where CCE built none), the rest where stock has it."""
+    stock, patched = _pair(family)
+    ids, mask, labels = batch()
+    ref = stock(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+    got = patched(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+    assert isinstance(got, tuple) and len(got) == len(ref) and got[1] is None
+    torch.testing.assert_close(got[0], ref[0])
+    assert type(got[2]) is type(ref[2])  # the cache, where stock put it
+    patch(patched, return_logits=True)
+    got = patched(input_ids=ids, labels=labels, return_dict=False)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_positional_arguments_and_signature():
     stock, patched = _pair("mistral")
     ids, mask, labels = batch()
     assert inspect.signature(patched.forward) == inspect.signature(stock.forward)  # the Trainer reads it
-    out = patched(input_ids=ids, labels=labels.int(), return_dict=False)
-    assert isinstance(out, tuple) and out[0].dim() == 0
     hidden = patched(input_ids=ids, labels=labels, output_hidden_states=True).hidden_states  # carried through
     assert len(hidden) == patched.config.num_hidden_layers + 1
-    positional = _loss_and_grads(patched, ids, mask, None, None, None, labels)  # llama-style parameter order
-    _assert_same(positional, _loss_and_grads(stock, input_ids=ids, attention_mask=mask, labels=labels))
-    stock, patched = _pair("gpt2")  # gpt2's order differs: (input_ids, past_key_values, attention_mask, ...)
-    _assert_same(_loss_and_grads(patched, ids, None, mask, labels=labels),
-                 _loss_and_grads(stock, ids, None, mask, labels=labels))
+    for family in ("mistral", "gpt2"):  # gpt2's order differs: (input_ids, past_key_values, attention_mask, ...)
+        stock, patched = _pair(family)
+        names = list(inspect.signature(stock.forward).parameters)
+        values = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        args = [values.get(name) for name in names[: names.index("labels") + 1]]  # labels by position too
+        _assert_same(_loss_and_grads(patched, *args), _loss_and_grads(stock, **values))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -183,18 +237,18 @@ def test_unpatch_idempotence_and_isolation():
     original = a.forward
     patch(a)
     patch(a, impl="torch")  # twice: options updated, still one patch
-    assert is_patched(a) and not is_patched(b) and a._cce_config.impl == "torch"
+    assert is_patched(a) and not is_patched(b) and config_of(a).impl == "torch"
     assert type(b).forward is transformers.LlamaForCausalLM.forward and "forward" not in b.__dict__
     unpatch(a)
-    assert not is_patched(a) and a.forward == original and "_cce_config" not in a.__dict__
-    assert "forward" not in a.__dict__
+    assert not is_patched(a) and a.forward == original and config_of(a).impl == "auto"
+    assert "forward" not in a.__dict__ and not any(k.startswith("_cce") for k in a.__dict__)
     unpatch(a)  # no-op
 
 
 def test_two_models_keep_their_own_options():
     a = patch(tiny_model("llama"), impl="torch", return_logits=True)
     b = patch(tiny_model("llama"), impl="auto")
-    assert a._cce_config.return_logits and not b._cce_config.return_logits
+    assert config_of(a).return_logits and not config_of(b).return_logits
 
 
 @pytest.mark.parametrize("target", ["llama", transformers.LlamaForCausalLM])
@@ -207,7 +261,7 @@ def test_class_patch(target):
         model = transformers.LlamaForCausalLM(tiny_config("llama")).train()  # made after the patch
         stock = copy.deepcopy(model)
         out = model(input_ids=ids, labels=labels)
-        assert out.logits is None and model._cce_config.impl == "torch"
+        assert out.logits is None and config_of(model).impl == "torch" and not is_patched(model)
         patch(model, impl="auto")  # an instance patch over a class patch, then undone
         unpatch(model)
         assert model(input_ids=ids, labels=labels).logits is None
@@ -219,27 +273,114 @@ def test_class_patch(target):
         unpatch(transformers.LlamaForCausalLM)
 
 
-def _bart():
-    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                     decoder_ffn_dim=32, max_position_embeddings=32)
-    return transformers.BartForCausalLM(config)  # has .model and .lm_head, but scores labels unshifted
+class _DoubledLoss(transformers.LlamaForCausalLM):
+    """A user's subclass of a supported family that overrides forward."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if out.loss is not None:
+            out.loss = 2.0 * out.loss + 0.1 * out.loss.detach()
+        return out
 
 
-def _mixtral():
-    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
-    return transformers.MixtralForCausalLM(config)  # adds a router auxiliary loss
+def test_subclass_overriding_forward_is_not_bypassed(caplog):
+    """The subclass's own forward runs, patched as an instance; a class patch of the parent leaves it stock."""
+    stock = _DoubledLoss(tiny_config("llama")).train()
+    patched = patch(copy.deepcopy(stock))
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    with observe() as calls:
+        _assert_same(_loss_and_grads(patched, **inputs), _loss_and_grads(stock, **inputs))
+    assert calls and calls[0].losses == 1 and patched(**inputs).logits is None
+    try:
+        patch("llama")
+        other = copy.deepcopy(stock)
+        with caplog.at_level("WARNING", logger="cce_patch"):
+            out = other(**inputs)
+        assert out.logits is not None  # not patched, and said so
+        assert any("overrides forward" in r.message for r in caplog.records)
+        torch.testing.assert_close(out.loss, stock(**inputs).loss)
+    finally:
+        unpatch("llama")
 
 
-@pytest.mark.parametrize(("make", "model_type"), [(_bart, "bart"), (_mixtral, "mixtral")])
-def test_non_standard_architectures_are_refused(make, model_type):
-    model = make()
-    with pytest.raises(NotImplementedError, match=model_type):
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
+def test_serialized_patched_model_stays_patched(how):
+    stock, patched = _pair("llama")
+    patch(patched, impl="torch")
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(patched, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    elif how == "pickle":
+        loaded = pickle.loads(pickle.dumps(patched))
+    else:
+        loaded = copy.deepcopy(patched)
+    assert is_patched(loaded) and config_of(loaded).impl == "torch"
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    assert loaded(**inputs).logits is None  # is_patched tells the truth
+    with observe() as calls:
+        _assert_same(_loss_and_grads(loaded, **inputs), _loss_and_grads(stock, **inputs))
+    assert calls and calls[0].model is loaded  # the copy's forward drives the copy, not the original
+    patch(loaded, impl="auto")
+    assert config_of(loaded).impl == "auto" and config_of(patched).impl == "torch"
+    unpatch(loaded)
+    assert not is_patched(loaded) and loaded(**inputs).logits is not None
+
+
+def test_patch_through_torch_compile():
+    stock, _ = _pair("llama")
+    compiled = torch.compile(copy.deepcopy(stock), backend="aot_eager")
+    assert patch(compiled, impl="torch") is compiled
+    assert is_patched(compiled) and is_patched(compiled._orig_mod)
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    loss, grads = _loss_and_grads(compiled, **inputs)
+    grads = {name.removeprefix("_orig_mod."): g for name, g in grads.items()}
+    _assert_same((loss, grads), _loss_and_grads(stock, **inputs))
+    assert compiled(**inputs).logits is None
+    unpatch(compiled)
+    assert not is_patched(compiled._orig_mod)
+
+
+class _SoftmaxLoss(transformers.LlamaForCausalLM):
+    """A forward whose loss CCE cannot reproduce: it needs the probabilities themselves."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        loss = -logits.softmax(-1)[..., 0].mean() if labels is not None else None
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _AddedLogitBias(transformers.LlamaForCausalLM):
+    """A forward that adds a [vocab] tensor to the logits: not a scale, so not foldable."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state) + torch.ones(VOCAB)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1)) if labels is not None else None
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize(("cls", "op"), [(_SoftmaxLoss, "softmax"), (_AddedLogitBias, "__add__")])
+def test_operations_cce_cannot_reproduce_are_refused(cls, op):
+    model = patch(cls(tiny_config("llama")).train())
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match=rf"'llama'.*`{op}`"):
+        model(input_ids=ids, labels=labels)
+    model.eval()  # stock where CCE does not apply
+    assert model(input_ids=ids, labels=labels).loss is not None
+
+
+def test_families_without_a_usable_head_are_refused():
+    with pytest.raises(NotImplementedError, match="prophetnet.*n-gram"):
+        patch("prophetnet")
+    model = tiny_model("llama")
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, VOCAB))
+    with pytest.raises(NotImplementedError, match="unsupported head module Sequential"):
         patch(model)
-    with pytest.raises(NotImplementedError, match=model_type):
-        patch(model_type)
-    assert not is_patched(model) and not is_patched(type(model))
+    assert not is_patched(model)
 
 
 def test_unknown_model_type_and_bad_targets():
@@ -249,6 +390,11 @@ def test_unknown_model_type_and_bad_targets():
         patch(42)
     with pytest.raises(TypeError, match="patch expects"):
         patch(int)
+
+
+def test_spec_for_names_the_head():
+    assert spec_for(tiny_model("llama")).head_attr == "lm_head"
+    assert spec_for(tiny_model("gpt2")).head_attr == "lm_head"
 
 
 def test_config_errors():
@@ -343,7 +489,7 @@ def test_version_gate(monkeypatch):
 
 
 def test_logs_one_line(caplog):
-    with caplog.at_level("INFO", logger="cce_patch"):
+    with caplog.at_level(logging.INFO, logger="cce_patch"):
         patch(tiny_model("phi3"))
     lines = [r.message for r in caplog.records if r.name == "cce_patch"]
     assert len(lines) == 1 and "phi3" in lines[0] and "impl=auto" in lines[0]

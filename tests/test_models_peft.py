@@ -48,10 +48,10 @@ def test_peft_patched_matches_stock(family, lora):
     stock = _peft(family, **lora)
     patched = copy.deepcopy(stock)
     assert patch(patched) is patched and is_patched(patched) and is_patched(patched.get_base_model())
-    calls = []
-    patched.get_base_model().lm_head.register_forward_hook(lambda *a: calls.append(1))
+    outputs = []  # what the head module returned, if it ran: never a [tokens x vocab] tensor under CCE
+    patched.get_base_model().lm_head.register_forward_hook(lambda m, i, o: outputs.append(o))
     got, ref = _step(patched), _step(stock)
-    assert got[0].logits is None and calls == []
+    assert got[0].logits is None and not any(torch.is_tensor(o) for o in outputs)
     _assert_same(got, ref)
     assert all("lora_" in n or "modules_to_save" in n for n in got[1])  # only the adapters train
     if "modules_to_save" in lora:  # the trainable copy of the head is what got a gradient
@@ -84,7 +84,10 @@ def test_lora_on_lm_head_added_after_patch_is_refused_at_forward():
         _step(model)
 
 
-def test_trainable_tokens_on_head_is_refused():
-    model = _peft("llama", target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 4]})
-    with pytest.raises(NotImplementedError, match="unsupported head module"):
-        patch(model)
+def test_trainable_tokens_on_head_match_stock():
+    """PEFT's trainable tokens merge their rows into the head weight for one F.linear: CCE uses that weight."""
+    stock = _peft("llama", target_modules=["q_proj"], trainable_token_indices={"lm_head": [3, 4]})
+    patched = patch(copy.deepcopy(stock))
+    got, ref = _step(patched), _step(stock)
+    _assert_same(got, ref)
+    assert got[0].logits is None and any("trainable_tokens_delta" in n for n in got[1])

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..models.heads import effective_head, unwrap_peft
 from ..ops.vocab_parallel import has_dtensor
-from .peft import effective_head, unwrap_peft
 
 logger = logging.getLogger("cce_patch")
 

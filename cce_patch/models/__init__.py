@@ -1,6 +1,7 @@
-"""Model families: one generic patched forward + a declarative registry of family quirks."""
+"""Model families: the stock forward wrapped and its head intercepted, plus a declarative table of family rows."""
 
 from .patching import is_patched, patch, unpatch
 from .registry import FAMILIES, FamilySpec, spec_for
+from .state import config_of
 
-__all__ = ["patch", "unpatch", "is_patched", "FAMILIES", "FamilySpec", "spec_for"]
+__all__ = ["patch", "unpatch", "is_patched", "config_of", "FAMILIES", "FamilySpec", "spec_for"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .state import class_patch, instance_patch
+
 #: Top-level package of a forward's module -> what its loss is.
 KNOWN_LOSS_LIBRARIES = {
     "liger_kernel": "Liger-Kernel's fused linear cross-entropy",
@@ -72,7 +74,8 @@ def foreign_loss_forward(target: Any) -> ForeignLoss | None:
         return ForeignLoss(*found, where="the instance", runs=True)
     if ours is None:
         return None  # the instance has its own forward (a user's, a wrapper) that reaches no foreign loss
-    replaced = model.__dict__.get("_cce_original_forward")  # the instance's own forward that patch replaced
+    record = instance_patch(model)
+    replaced = record.previous if record is not None else None  # the instance's own forward that patch wrapped
     found = _scan(replaced)[0] if replaced is not None else None
     if found is not None:
         return ForeignLoss(*found, where="the instance", runs=False)
@@ -100,7 +103,8 @@ def _class_forward(cls: type, runs: bool) -> ForeignLoss | None:
         if ours is None:
             return None
         # A class patch: what it replaced is remembered on the class, and is also what our forward wraps.
-        replaced = klass.__dict__.get("_cce_class_original_forward", getattr(ours, "__wrapped__", None))
+        record = class_patch(klass)
+        replaced = record.original if record is not None else getattr(ours, "__wrapped__", None)
         found = _scan(replaced)[0] if replaced is not None else None
         return ForeignLoss(*found, where=f"class {klass.__name__}", runs=False) if found is not None else None
     return None
@@ -122,9 +126,11 @@ def _scan(fn: Any) -> tuple[tuple[str, str, str] | None, Callable | None]:
 
 
 def _is_ours(fn: Any) -> bool:
-    """cce_patch's patched forward: it carries the original's name and module (``functools.update_wrapper``),
-    so it is recognised by its marker or by where its code lives."""
-    if getattr(fn, "_cce_patched", False):
+    """cce_patch's patched forward: an instance's ``PatchedForward``, or a class patch's wrapper, which carries the
+    original's name and module (``functools.update_wrapper``) and is recognised by where its code lives."""
+    from .forward import PatchedForward  # imported here: forward.py's imports reach far into this room
+
+    if isinstance(fn, PatchedForward):
         return True
     code = getattr(fn, "__code__", None)
     return code is not None and Path(code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)

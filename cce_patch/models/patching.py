@@ -1,15 +1,14 @@
-"""patch / unpatch: swap ``forward`` of a ``*ForCausalLM`` instance or class for the generic CCE forward.
+"""patch / unpatch / is_patched for model instances (also inside PeftModel or torch.compile) and classes.
 
-Instance patches bind the new forward on that instance only (other instances and the class are untouched);
-class patches (``patch("llama")`` / ``patch(LlamaForCausalLM)``) affect every instance, including ones made
-later by ``from_pretrained``. The replaced forward is remembered so ``unpatch`` restores it exactly, and a
-second ``patch`` only updates the stored options.
+Instance patches put a ``PatchedForward`` on that instance only (other instances and the class are untouched);
+class patches (``patch("llama")`` / ``patch(LlamaForCausalLM)``) wrap the class's forward, so every instance,
+including ones made later by ``from_pretrained``, is patched. What the patch replaced is remembered
+(``state.py``) so ``unpatch`` restores it exactly, and a second ``patch`` only updates the stored options.
 """
 
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch.nn as nn
@@ -17,15 +16,23 @@ import transformers
 from packaging.version import Version
 
 from ..config import CCEConfig
-from ..integrations.peft import effective_head, is_peft_model, unwrap_peft
-from .forward import make_patched_forward
-from .registry import FAMILIES, original_forward, spec_for
-from .structure import NonStandardForward, forward_shape
+from .forward import PatchedForward, class_forward
+from .heads import effective_head, is_compiled, is_peft_model, unwrap
+from .registry import model_type_of, resolve_head, spec_for
+from .state import (
+    ClassPatch,
+    InstancePatch,
+    class_patch,
+    instance_patch,
+    original_forward,
+    set_class_patch,
+    set_instance_patch,
+)
 
 logger = logging.getLogger("cce_patch")
 
-#: Transformers versions whose causal-LM forward contract (``last_hidden_state``, ``loss_function`` kwargs,
-#: ``logits_to_keep``) the generic forward follows; declared in pyproject as well.
+#: Transformers versions whose causal-LM contract (``get_output_embeddings``, ``loss_function``, output
+#: classes) the mechanism follows and the census has checked; declared in pyproject as well.
 SUPPORTED_TRANSFORMERS = (Version("4.57"), Version("6"))
 
 
@@ -53,22 +60,23 @@ def _causal_lm_class(model_type: str) -> type:
 
 
 def is_patched(target: Any) -> bool:
-    """Whether ``target`` itself carries a patch: an instance (or PeftModel) patched by ``patch(instance)``, or a
-    class / model type patched by ``patch(cls)``. An unpatched instance of a patched class answers False; its
-    class answers True."""
+    """Whether ``target`` itself carries a patch: an instance (or a PeftModel / compiled model around one) patched
+    by ``patch(instance)``, or a class / model type patched by ``patch(cls)``. An unpatched instance of a patched
+    class answers False; its class answers True."""
     if isinstance(target, str):
         target = _causal_lm_class(target)
     if isinstance(target, type):
-        return "_cce_class_original_forward" in target.__dict__
-    return "_cce_original_forward" in unwrap_peft(target).__dict__
+        return class_patch(target) is not None
+    return instance_patch(unwrap(target)) is not None
 
 
 def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
     """Make ``target`` compute its training loss with CCE. Returns ``target``.
 
     Args:
-        target: a ``*ForCausalLM`` instance, a ``PeftModel`` wrapping one, a ``*ForCausalLM`` class, or a
-            model type string (``"llama"``, ``"gemma2"``, ...) naming the class.
+        target: a model instance (``*ForCausalLM``, a multimodal ``*ForConditionalGeneration``, ...), a
+            ``PeftModel`` or ``torch.compile`` wrapper around one, a model class, or a model type string
+            (``"llama"``, ``"gemma3"``, ...) naming the causal-LM class.
         config: a CCEConfig; ``**options`` override its fields (``impl="torch"``, ``train_only=False``, ...).
     """
     check_transformers_version()
@@ -76,42 +84,37 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
         return patch(_causal_lm_class(target), config, **options)
     if isinstance(target, type):
         return _patch_class(target, config, options)
-    model = unwrap_peft(target)
-    if not isinstance(model, nn.Module):
+    if not isinstance(target, nn.Module):
         raise TypeError(f"patch expects a model, a model class or a model type string, got {type(target).__name__}")
-    spec = spec_for(model)  # NotImplementedError for unsupported architectures
-    effective_head(getattr(model, spec.head_attr))  # refuse a LoRA-adapted head before training starts
-    new_config = _config_from(config, options, model.__dict__.get("_cce_config"))
-    if not is_patched(model):
-        model.__dict__["_cce_original_forward"] = model.__dict__.get("forward")
-        model.forward = types.MethodType(make_patched_forward(original_forward(type(model))), model)
-    model._cce_config = new_config
-    logger.info(
-        "patched %s (model_type=%s%s) with impl=%s",
-        type(model).__name__, model.config.model_type, ", via PEFT" if is_peft_model(target) else "", new_config.impl,
-    )
+    model = unwrap(target)
+    effective_head(resolve_head(model))  # NotImplementedError for refused families and heads CCE cannot reproduce
+    record = instance_patch(model)
+    new_config = _config_from(config, options, record.config if record is not None else None)
+    if record is None:
+        previous = model.__dict__.get("forward")
+        set_instance_patch(model, InstancePatch(new_config, previous))
+        model.__dict__["forward"] = PatchedForward(model, previous)
+    else:
+        set_instance_patch(model, InstancePatch(new_config, record.previous))
+    via = ", via PEFT" if is_peft_model(target) else ", inside torch.compile" if is_compiled(target) else ""
+    logger.info("patched %s (model_type=%s%s) with impl=%s", type(model).__name__, model_type_of(model), via,
+                new_config.impl)
     return target
 
 
 def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -> type:
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "forward")):
-        raise TypeError(f"patch expects a *ForCausalLM class, got {cls!r}")
-    model_type = getattr(getattr(cls, "config_class", None), "model_type", None) or cls.__name__
-    if model_type not in FAMILIES:  # refuse a non-standard class now, not at the first training step
-        try:
-            forward_shape(original_forward(cls))
-        except NonStandardForward as exc:
-            raise NotImplementedError(
-                f"model type {model_type!r} ({cls.__name__}) is not supported by cce_patch: its forward does not "
-                f"have the standard causal-LM shape (at: {str(exc)[:200]})."
-            ) from None
-    if not is_patched(cls):
-        cls._cce_class_original_forward = cls.forward
-        cls._cce_class_had_own_forward = "forward" in cls.__dict__
-        cls._cce_class_own_forward = cls.__dict__.get("forward")
-        cls.forward = make_patched_forward(cls.forward)
-    cls._cce_config = _config_from(config, options, cls.__dict__.get("_cce_config"))
-    logger.info("patched class %s (model_type=%s) with impl=%s", cls.__name__, model_type, cls._cce_config.impl)
+    if not (issubclass(cls, nn.Module) and hasattr(cls, "forward")):
+        raise TypeError(f"patch expects a model class, got {cls!r}")
+    spec_for(cls)  # refuse a refused family now, not at the first training step
+    record = class_patch(cls)
+    new_config = _config_from(config, options, record.config if record is not None else None)
+    if record is None:
+        original = original_forward(cls)
+        set_class_patch(cls, ClassPatch(new_config, original, cls.__dict__.get("forward")))
+        cls.forward = class_forward(cls, original)
+    else:
+        set_class_patch(cls, ClassPatch(new_config, record.original, record.own))
+    logger.info("patched class %s (model_type=%s) with impl=%s", cls.__name__, model_type_of(cls), new_config.impl)
     return cls
 
 
@@ -120,21 +123,20 @@ def unpatch(target: Any) -> Any:
     if isinstance(target, str):
         return unpatch(_causal_lm_class(target))
     if isinstance(target, type):
-        if is_patched(target):
-            if target._cce_class_had_own_forward:
-                target.forward = target._cce_class_own_forward
-            else:
+        record = class_patch(target)
+        if record is not None:
+            if record.own is None:
                 del target.forward
-            for name in ("_cce_class_original_forward", "_cce_class_had_own_forward", "_cce_class_own_forward",
-                         "_cce_config"):
-                delattr(target, name)
+            else:
+                target.forward = record.own
+            set_class_patch(target, None)
         return target
-    model = unwrap_peft(target)
-    if is_patched(model):
-        original = model.__dict__.pop("_cce_original_forward")
-        if original is None:
-            del model.__dict__["forward"]
+    model = unwrap(target)
+    record = instance_patch(model)
+    if record is not None:
+        if record.previous is None:
+            model.__dict__.pop("forward", None)
         else:
-            model.__dict__["forward"] = original
-        model.__dict__.pop("_cce_config", None)
+            model.__dict__["forward"] = record.previous
+        set_instance_patch(model, None)
     return target

@@ -1,20 +1,23 @@
-"""Declarative table of model-family quirks. Adding a family is one row here plus one test entry.
+"""Declarative table of what the generic mechanism cannot find out by itself. Adding a family is a row, or nothing.
 
-The generic forward (``forward.py``) needs four facts about a ``*ForCausalLM``: where the decoder is, where the
-head is, whether the logits are soft-capped, and whether they are scaled. Rows state them for the families we
-test. A model type without a row is patched only if its forward's source has the standard shape
-(``structure.py``), from which the same four facts are read; anything else is refused with
-``NotImplementedError`` rather than trained on a silently different loss.
+The mechanism (``forward.py``, ``intercept.py``, ``deferred.py``) needs one fact about a model: which module is
+its head. transformers says it (``get_output_embeddings()``) for nearly every causal LM; a row names it where
+it does not. Everything else (soft caps, logit scales, MoE auxiliary losses, unshifted labels, multimodal
+inputs) is read from the stock forward as it runs. A row can also refuse a family up front, with the reason,
+where its loss cannot be computed from one head's logits; families that are not listed and do something CCE
+cannot reproduce are refused at their first training call, with the operation named.
+
+The census (``python -m cce_patch.models.census``) checks every causal-LM type of the installed transformers
+against stock, loss and every gradient; docs/models.md is its table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn as nn
 
-from .structure import NonStandardForward, forward_shape
+from .heads import head_module
 
 
 @dataclass(frozen=True)
@@ -22,81 +25,76 @@ class FamilySpec:
     """What differs between causal-LM families, as data.
 
     Attributes:
-        base_attr: attribute holding the decoder (returns ``last_hidden_state``).
-        head_attr: attribute holding the output projection (an ``nn.Linear``; tied or not, its weight is used).
-        softcap_attr: config attribute with the final-logit soft cap (``cap * tanh(logits / cap)``), if any.
-        logit_scale_attr: config attribute with a logit multiplier, if any (``logits * scale``, Cohere).
-        logit_divisor_attr: config attribute with a logit divisor, if any (``logits / divisor``, Granite).
+        head_attr: dotted path of the head module, where ``get_output_embeddings()`` does not return it.
+        refuse: why the family cannot be trained exactly through CCE; ``patch`` raises NotImplementedError with it.
     """
 
-    base_attr: str = "model"
-    head_attr: str = "lm_head"
-    softcap_attr: str | None = None
-    logit_scale_attr: str | None = None
-    logit_divisor_attr: str | None = None
-
-    def softcap(self, config: Any) -> float | None:
-        value = getattr(config, self.softcap_attr, None) if self.softcap_attr else None
-        return float(value) if value else None
-
-    def logit_multiplier(self, config: Any) -> float | None:
-        """The factor applied to the logits (before any soft cap), or None when they are not scaled."""
-        if self.logit_scale_attr and getattr(config, self.logit_scale_attr, None) is not None:
-            return float(getattr(config, self.logit_scale_attr))
-        if self.logit_divisor_attr and getattr(config, self.logit_divisor_attr, None) is not None:
-            return 1.0 / float(getattr(config, self.logit_divisor_attr))
-        return None
+    head_attr: str | None = None
+    refuse: str | None = None
 
 
-_STANDARD = FamilySpec()
-_SOFTCAPPED = FamilySpec(softcap_attr="final_logit_softcapping")
+_ASSISTANT = FamilySpec(refuse=(
+    "it is a speculative-decoding assistant: its forward takes the target model's shared_kv_states and computes no "
+    "loss, so there is no training loss for CCE to compute."
+))
+_NGRAM = FamilySpec(refuse=(
+    "its loss is ProphetNet's n-gram stream loss, computed from log_softmax of the logits of every predicting "
+    "stream (_compute_loss, with its own label smoothing); CCE computes a plain cross-entropy. Train it without "
+    "cce_patch."
+))
+_CODEBOOKS = FamilySpec(refuse=(
+    "it has one head per audio codebook (lm_heads) and stacks their logits before its loss; CCE computes the loss "
+    "of one head. Train it without cce_patch."
+))
 
-#: model_type -> quirks. Each row is exercised against stock transformers in tests/test_models_patch.py.
-#: Standard families need no row; the five target families are listed so the table documents what is tested.
+#: model_type -> row. Types without a row use the defaults (head from get_output_embeddings()).
 FAMILIES: dict[str, FamilySpec] = {
-    "llama": _STANDARD,
-    "qwen2": _STANDARD,
-    "phi3": _STANDARD,
-    "mistral": _STANDARD,
-    "gemma2": _SOFTCAPPED,  # logits = 30 * tanh(logits / 30)
-    "gemma3_text": _SOFTCAPPED,  # same code; the cap is None in released configs
-    "cohere": FamilySpec(logit_scale_attr="logit_scale"),  # logits = logits * logit_scale
-    "cohere2": FamilySpec(logit_scale_attr="logit_scale"),
-    "granite": FamilySpec(logit_divisor_attr="logits_scaling"),  # logits = logits / logits_scaling
+    "gemma4_assistant": _ASSISTANT,
+    "gemma4_unified_assistant": _ASSISTANT,
+    "musicgen_decoder": _CODEBOOKS,  # MusicgenForCausalLM's config is the decoder's
+    "musicgen_melody_decoder": _CODEBOOKS,
+    "prophetnet": _NGRAM,
+    "xlm-prophetnet": _NGRAM,  # transformers < 5
 }
 
-
-def original_forward(cls: type) -> Any:
-    """The class's own forward, looking through a class patch."""
-    for klass in cls.__mro__:
-        if "_cce_class_original_forward" in klass.__dict__:
-            return klass.__dict__["_cce_class_original_forward"]
-    return cls.forward
+_DEFAULT = FamilySpec()
 
 
-def spec_for(model: nn.Module) -> FamilySpec:
-    """The FamilySpec of a ``*ForCausalLM`` instance, or NotImplementedError naming its model type."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None) or type(model).__name__
-    spec = FAMILIES.get(model_type)
-    if spec is None:
-        try:
-            shape = forward_shape(original_forward(type(model)))
-        except NonStandardForward as exc:
-            raise NotImplementedError(
-                f"model type {model_type!r} ({type(model).__name__}) is not supported by cce_patch: its forward "
-                f"does not have the standard causal-LM shape (at: {str(exc)[:200]}). If it only differs by a "
-                "known quirk, add a FamilySpec row to cce_patch/models/registry.py."
-            ) from None
-        spec = FamilySpec(base_attr=shape.base_attr, head_attr=shape.head_attr, softcap_attr=shape.softcap_attr)
-    problems = []
-    if not isinstance(getattr(model, spec.base_attr, None), nn.Module):
-        problems.append(f"no decoder at `.{spec.base_attr}`")
-    if not isinstance(getattr(model, spec.head_attr, None), nn.Module):  # PEFT may wrap it: see effective_head
-        problems.append(f"no head module at `.{spec.head_attr}`")
-    if problems:
+def model_type_of(model: nn.Module | type) -> str:
+    config = getattr(model, "config", None) if not isinstance(model, type) else getattr(model, "config_class", None)
+    return getattr(config, "model_type", None) or (model.__name__ if isinstance(model, type) else type(model).__name__)
+
+
+def _row(model: nn.Module | type) -> FamilySpec:
+    spec = FAMILIES.get(model_type_of(model), _DEFAULT)
+    if spec.refuse is not None:
+        name = model.__name__ if isinstance(model, type) else type(model).__name__
         raise NotImplementedError(
-            f"model type {model_type!r} ({type(model).__name__}) does not have the standard causal-LM structure "
-            f"({'; '.join(problems)}), so cce_patch cannot patch it."
+            f"model type {model_type_of(model)!r} ({name}) is not supported by cce_patch: {spec.refuse}"
         )
     return spec
+
+
+def spec_for(model: nn.Module | type) -> FamilySpec:
+    """The row of a model (instance or class), NotImplementedError with the row's reason for refused ones. For an
+    instance, ``head_attr`` is filled in with the head's path (``"lm_head"``, ``"cls.predictions.decoder"``)."""
+    spec = _row(model)
+    if isinstance(model, type) or spec.head_attr is not None:
+        return spec
+    head = resolve_head(model)
+    path = next((name for name, module in model.named_modules() if module is head), None)
+    return FamilySpec(head_attr=path, refuse=None)
+
+
+def resolve_head(model: nn.Module) -> nn.Module:
+    """The head module of ``model`` (a ``*ForCausalLM`` or wrapper model), or NotImplementedError."""
+    spec = _row(model)
+    head = head_module(model, spec.head_attr)
+    if head is None:
+        where = f"`.{spec.head_attr}`" if spec.head_attr else "get_output_embeddings()"
+        raise NotImplementedError(
+            f"model type {model_type_of(model)!r} ({type(model).__name__}) has no head module at {where}, so cce_patch "
+            "cannot find the projection to the vocabulary. Add a FamilySpec row with its head_attr to "
+            "cce_patch/models/registry.py."
+        )
+    return head
