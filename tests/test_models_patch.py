@@ -478,12 +478,14 @@ def test_label_smoothing_option():
 
 
 def test_version_gate(monkeypatch):
+    from cce_patch.models import patching
     from cce_patch.models.patching import check_transformers_version
 
     check_transformers_version()
     with pytest.raises(RuntimeError, match="supports transformers"):
         check_transformers_version("4.40.0")
-    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    # the module object patching.py reads (some imports, e.g. Liger's, rebind sys.modules["transformers"])
+    monkeypatch.setattr(patching.transformers, "__version__", "6.0.0")
     with pytest.raises(RuntimeError, match="found 6.0.0"):
         patch(tiny_model("llama"))
 

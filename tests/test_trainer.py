@@ -128,9 +128,11 @@ def test_callback_respects_use_cce_false(tmp_path):
 
 
 def test_model_that_cannot_be_patched_is_refused_at_init(tmp_path):
-    # Mixtral adds the router's auxiliary loss to the LM loss: cce_patch refuses it rather than drop that term
-    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
-    model = transformers.MixtralForCausalLM(config)
-    with pytest.raises(NotImplementedError, match="use_cce: cannot patch MixtralForCausalLM"):
+    # ProphetNet's loss is an n-gram loss built on log_softmax of the logits: cce_patch refuses it (with the reason)
+    # rather than train a different loss
+    config = transformers.ProphetNetConfig(vocab_size=VOCAB, hidden_size=32, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                           num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+                                           num_decoder_attention_heads=2)
+    model = transformers.ProphetNetForCausalLM(config)
+    with pytest.raises(NotImplementedError, match="use_cce: cannot patch ProphetNetForCausalLM"):
         CCETrainer(model=model, args=_args(tmp_path, True), train_dataset=_data())
