@@ -112,6 +112,7 @@ def test_working_set_grows_with_the_chunk_budget_and_counts_triton_accumulators(
 @pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
 def test_small_calls_on_triton_take_memory_mode(free_memory, monkeypatch):
     """Below SPEED_MIN_WORK multiply-adds the GEMM speed mode saves is worth less than its extra launches."""
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 32)
     e, c, t = inputs(n=16, d=32, v=300)
     loss = linear_cross_entropy(e, c, t, impl="triton")
     assert not ran_speed(loss)
@@ -123,6 +124,22 @@ def test_small_calls_on_triton_take_memory_mode(free_memory, monkeypatch):
     g, g_ref = torch.autograd.grad(loss, (e, c)), torch.autograd.grad(ref, (e, c))
     assert torch.allclose(loss, ref, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, g_ref, strict=True))
+
+
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_small_hidden_sizes_on_triton_take_memory_mode(free_memory, monkeypatch):
+    """Below SPEED_MIN_HIDDEN speed mode's per-logit work costs more than the GEMM it saves (measured at
+    Qwen2.5-0.5B's D=896: 1.8x memory mode's time), whatever N is; the rule is inclusive."""
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 0)
+    e, c, t = inputs(n=16, d=32, v=300)
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 33)
+    assert not ran_speed(linear_cross_entropy(e, c, t, impl="triton"))
+    mode_choice.clear_choices()
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 32)
+    assert ran_speed(linear_cross_entropy(e, c, t, impl="triton"))
+    assert mode_choice.SPEED_MIN_HIDDEN == 32 and mode_choice.choose_mode(
+        e.reshape(-1, 32), c, "torch", wants_grad=True, reduction="mean", return_lse=False, softcap=None,
+        label_smoothing=0.0, speed_chunk_bytes=None) == "speed"  # the torch path has no such rule
 
 
 @pytest.mark.parametrize(
@@ -260,6 +277,12 @@ def test_under_torch_compile_the_rule_is_traced_once_without_a_graph_break(free_
     need = mode_choice.speed_working_set_bytes(hi, 16, 200, torch.float32, get_backend("torch"), 2 * 1024**3)
     assert lo == 1 and need <= mode_choice.AUTO_MEMORY_FRACTION * 10**12
     assert mode_choice._speed_rows("cpu", None, "triton", 16, 200, torch.float32, "mean", False, None, 0.0,
-                                   None)[0] == math.ceil(mode_choice.SPEED_MIN_WORK / (16 * 200))
+                                   None)[0] >= 2**31  # D=16 < SPEED_MIN_HIDDEN: memory mode at every N
+    mode_choice.SPEED_MIN_HIDDEN, saved = 16, mode_choice.SPEED_MIN_HIDDEN
+    try:
+        assert mode_choice._speed_rows("cpu", None, "triton", 16, 200, torch.float32, "mean", False, None, 0.0,
+                                       None)[0] == math.ceil(mode_choice.SPEED_MIN_WORK / (16 * 200))
+    finally:
+        mode_choice.SPEED_MIN_HIDDEN = saved
     assert mode_choice._speed_rows("cpu", None, "torch", 16, 200, torch.float16, "mean", False, None, 0.0,
                                    None) == (1, 0)

@@ -9,10 +9,10 @@ Both modes give the same loss and gradients; they differ in time and memory (``s
 
 So auto takes speed mode when (1) it can compute the call at all (``options.speed_mode_problem``: fp16,
 ``reduction="none"``, ``return_lse``, softcap with label smoothing take memory mode, silently: the user did
-not ask for speed), (2) the GEMM it saves is worth more than its extra per-call host work (``SPEED_MIN_WORK``,
-for the Triton backend: the chunked torch path has no such fixed cost, and on a CPU its speed mode was as fast
-or faster at every shape tried, 3.5x at N=1024, D=896, V=151936, where memory mode's 64 MiB chunks make many
-small products and as many passes over the fp32 dC), and (3) its working set (``speed_working_set_bytes``) is
+not ask for speed), (2) the GEMM it saves is worth more than its extra per-call host work and its per-logit
+work (``SPEED_MIN_WORK`` and ``SPEED_MIN_HIDDEN``, for the Triton backend: the chunked torch path has no such
+fixed cost, and on a CPU its speed mode was as fast or faster at every shape tried, 3.5x at N=1024, D=896,
+V=151936, where memory mode's 64 MiB chunks make many small products and as many passes over the fp32 dC), and (3) its working set (``speed_working_set_bytes``) is
 at most ``AUTO_MEMORY_FRACTION`` of the memory free when the shape is first seen (``free_memory_bytes``). The
 answer is cached per shape (device, backend, N, D, V, dtype, chunk budget): reading free memory is a driver
 call, and one shape should not flip between modes from step to step. If speed mode still runs out of memory
@@ -47,7 +47,15 @@ logger = logging.getLogger("cce_patch")
 #: below ~0.4 ms; the threshold sits at twice that break-even. ``tests/gpu/auto_mode.py`` measures both modes
 #: from N=512 up, per head, and prints the smallest work at which speed mode won every larger point: set this
 #: constant from that line.
-SPEED_MIN_WORK = 3e11
+SPEED_MIN_WORK = 1e11
+#: Below this hidden size auto takes memory mode on the Triton backend. Why: speed mode saves one GEMM, worth
+#: 2 N D V flops, but pays per logit (it stores q = exp(z - anchor) and cuBLAS reads it twice), so its gain
+#: shrinks with D. Measured on an H200 (tests/gpu/auto_mode.py, 2026-12-01): at D=896 (Qwen2.5-0.5B's head,
+#: the Trainer's shifted and prompt-masked 16 x 128..512 tokens) speed mode took 1.7-1.9x memory mode's time
+#: (16 x 512: 27.2 vs 15.3 ms); at D >= 2304 (Gemma 2, Qwen2.5-7B, Phi 3.5, Mistral NeMo, Llama 3.1) it won at
+#: every measured N (Gemma 2's head: from N=256). A line through the two per-logit differences crosses zero near
+#: D ~ 1750; 2048 keeps Llama-3.2-1B's head (D=2048) on the faster side of that estimate.
+SPEED_MIN_HIDDEN = 2048
 #: Speed mode is taken only if its working set is at most this fraction of the free memory: the rest of the
 #: step (the backward of the layers, fragmentation, optimizer states appearing after the first step) needs
 #: room too, and running out of memory must never be the price of the faster default.
@@ -202,6 +210,8 @@ def _speed_rows(device_type: str, device_index: int | None, backend: str, d: int
         _log(ModeChoice("memory", reason + " (torch.compile: every N)", "compiled"), key, detail=True)
         return 1, 0
     lo = math.ceil(SPEED_MIN_WORK / (d * v)) if backend == "triton" else 1
+    if backend == "triton" and d < SPEED_MIN_HIDDEN:
+        lo = 2**31  # an empty range: memory mode at every N
     handle, budget, limit = get_backend(backend), speed_chunk_budget(speed_chunk_bytes), AUTO_MEMORY_FRACTION * free
     hi, top = 0, 2**31
     while hi < top:
@@ -223,6 +233,9 @@ _speed_rows._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, backend, budget: int) -> ModeChoice:
     work = n * d * v
+    if backend.name == "triton" and d < SPEED_MIN_HIDDEN:
+        return ModeChoice("memory", f"D = {d} < SPEED_MIN_HIDDEN = {SPEED_MIN_HIDDEN}: at small hidden sizes speed "
+                          "mode's per-logit work costs more than the GEMM it saves", "small")
     if backend.name == "triton" and work < SPEED_MIN_WORK:
         return ModeChoice("memory", f"N*D*V = {work:.2g} < SPEED_MIN_WORK = {SPEED_MIN_WORK:.2g}: the GEMM speed "
                           "mode saves costs less than its extra launches", "small")

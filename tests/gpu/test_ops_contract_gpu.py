@@ -74,7 +74,9 @@ CASES = {"plain": {}, "shift-softcap-bias": {"shift": True, "softcap": 30.0, "bi
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_compiled_triton_matches_eager(mode, case):
     """inductor, fullgraph=True, bf16, impl="triton": the compiled loss and gradients are eager's (the same
-    kernels run inside the custom ops), with no graph break."""
+    kernels run inside the custom ops), with no graph break. Speed mode's gradients may differ by one bf16
+    rounding (H200: 2 of 16.4M elements): eager scales its stored bf16 gradients by the upstream 0.37 in place,
+    the compiled graph where inductor puts the multiply."""
     torch._dynamo.reset()
     kw = dict(CASES[case])
     e, c, t, b = make_inputs((2, 1024), 512, 32000, torch.bfloat16, bias=kw.pop("bias", False), device="cuda")
@@ -82,15 +84,17 @@ def test_cuda_compiled_triton_matches_eager(mode, case):
     def fn(e, c, t, b):
         return linear_cross_entropy(e, c, t, bias=b, impl="triton", mode=mode, **kw)
 
-    assert torch._dynamo.explain(fn)(e, c, t, b).graph_break_count == 0
+    explained = torch._dynamo.explain(fn)(e, c, t, b)
+    assert explained.graph_break_count == 0, [str(r.reason)[:400] for r in explained.break_reasons]
     results = []
     for run in (fn, torch.compile(fn, fullgraph=True)):
         leaves = _leaves(e, c, b)
         loss = run(leaves[0], leaves[1], t, leaves[2])
         (loss * 0.37).backward()
         results.append([loss.detach(), *(x.grad.float() for x in leaves if x is not None)])
-    for got, want in zip(*reversed(results), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for k, (got, want) in enumerate(zip(*reversed(results), strict=True)):
+        one_rounding = mode == "speed" and k > 0
+        torch.testing.assert_close(got, want, rtol=2**-7 if one_rounding else 1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["memory", "speed"])
@@ -117,7 +121,8 @@ def test_cuda_compiled_training_step_under_autocast(mode):
     step = torch.compile(compiled, fullgraph=True)
     ids = torch.randint(0, 32000, (4, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert torch._dynamo.explain(compiled)(ids).graph_break_count == 0
+        explained = torch._dynamo.explain(compiled)(ids)
+    assert explained.graph_break_count == 0, [str(r.reason)[:400] for r in explained.break_reasons]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled)]
     losses = []
     for _ in range(3):
