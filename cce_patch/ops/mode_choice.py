@@ -8,16 +8,17 @@ Both modes give the same loss and gradients; they differ in time and memory (``s
 - memory mode stays within ~1.2x the gradients' memory.
 
 So auto takes speed mode when (1) it can compute the call at all (``options.speed_mode_problem``: fp16,
-``reduction="none"``, ``return_lse``, softcap with label smoothing take memory mode, silently: the user did
-not ask for speed), (2) the GEMM it saves is worth more than its extra per-call host work and its per-logit
-work (``SPEED_MIN_WORK`` and ``SPEED_MIN_HIDDEN``, for the Triton backend: the chunked torch path has no such
-fixed cost, and on a CPU its speed mode was as fast or faster at every shape tried, 3.5x at N=1024, D=896,
-V=151936, where memory mode's 64 MiB chunks make many small products and as many passes over the fp32 dC), and (3) its working set (``speed_working_set_bytes``) is
-at most ``AUTO_MEMORY_FRACTION`` of the memory free when the shape is first seen (``free_memory_bytes``). The
-answer is cached per shape (device, backend, N, D, V, dtype, chunk budget): reading free memory is a driver
-call, and one shape should not flip between modes from step to step. If speed mode still runs out of memory
-(free memory shrinks after the first step: optimizer states are allocated at the first ``optimizer.step()``),
-the op reruns that call in memory mode and the shape stays there (``note_speed_oom``).
+``reduction="none"``, ``return_lse``, softcap with label smoothing take memory mode, silently: the user did not
+ask for speed), (2) the GEMM it saves is worth more than its extra per-call host work and its per-logit work
+(``SPEED_MIN_WORK`` and ``SPEED_MIN_HIDDEN``, for the Triton backend: the chunked torch path has no such fixed
+cost, and on a CPU its speed mode was as fast or faster at every shape tried, 3.5x at N=1024, D=896, V=151936,
+where memory mode's 64 MiB chunks make many small products and as many passes over the fp32 dC), and (3) its
+working set (``speed_working_set_bytes``) is at most ``AUTO_MEMORY_FRACTION`` of the memory free when the shape is
+first seen (``free_memory_bytes``). The answer is cached per shape (device, backend, N, D, V, dtype, chunk
+budget): reading free memory is a driver call, and one shape should not flip between modes from step to step. If
+speed mode still runs out of memory (free memory shrinks after the first step: optimizer states are allocated at
+the first ``optimizer.step()``), the op reruns that call in memory mode and the shape stays there
+(``note_speed_oom``).
 
 Each choice is logged once (logger ``cce_patch``, INFO) per head shape, dtype, device and outcome; every further
 token count that reaches the same outcome is logged at DEBUG only, so a padded-to-longest dataset, whose N
