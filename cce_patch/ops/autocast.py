@@ -31,7 +31,13 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts lower-precision ops to on ``device_type``, or None where it is off."""
+    """The dtype autocast casts lower-precision ops to on ``device_type``, or None where it is off.
+
+    While torch.compile traces, only ``torch.is_autocast_enabled`` / ``get_autocast_dtype`` are asked: on the
+    GPU image's torch 2.11, Dynamo graph-broke twice on a compiled training step under CUDA autocast at a
+    ``torch._C`` builtin it does not trace (the two availability shortcuts below; torch 2.13 traces them)."""
+    if torch.compiler.is_compiling():
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     if not _any_autocast():
         return None
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -50,7 +56,7 @@ def _cast(x: object, dtype: torch.dtype) -> object:
 def autocast_inputs(e: object, c: object, bias: object) -> tuple[object, object, object]:
     """``(e, c, bias)`` as the op computes with them: cast to the autocast dtype of ``e``'s device when
     autocast is on there, unchanged otherwise."""
-    if not _any_autocast() or not isinstance(e, torch.Tensor):
+    if not isinstance(e, torch.Tensor) or (not torch.compiler.is_compiling() and not _any_autocast()):
         return e, c, bias
     dtype = _autocast_dtype(e.device.type)
     if dtype is None:
@@ -69,6 +75,6 @@ def compute_dtype(e: torch.Tensor, c: torch.Tensor) -> torch.dtype:
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context in which autocast leaves the op's own arithmetic alone on ``device`` (a no-op context when
     autocast is off there, the common case, so eager calls pay nothing for it)."""
-    if not _any_autocast() or _autocast_dtype(device.type) is None:
+    if _autocast_dtype(device.type) is None:
         return _NO_CONTEXT
     return torch.autocast(device.type, enabled=False)
