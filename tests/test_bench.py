@@ -352,6 +352,14 @@ def test_max_tokens_search_brackets_the_limit():
     probe, calls = make(10**6, seconds_per_seq=1.0)
     lo, _, bound, _ = largest_fitting(probe, cap=10**6, budget_s=20, clock=lambda: float(sum(calls)))
     assert bound == "time" and sum(calls) <= 20 and lo == max(calls)
+    one_time = []  # the first probe pays a one-time cost (kernel compilation at a new shape): not extrapolated
+
+    def compiling_probe(b: int) -> Probe:
+        one_time.append(b)
+        return Probe(b, b <= 60, 10_000 + 1_000 * b if b <= 60 else None, 0.01 * b + (5.0 if len(one_time) == 1 else 0))
+
+    lo, _, bound, _ = largest_fitting(compiling_probe, cap=1000, budget_s=8, limit_bytes=10_000 + 1_000 * 60)
+    assert (lo, bound) == (60, "exact")
 
 
 def test_liger_kernels_are_applied_and_undone():

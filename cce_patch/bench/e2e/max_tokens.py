@@ -77,9 +77,12 @@ def largest_fitting(
         else:
             b = (lo + hi) // 2
         fitting = [p for p in probes if p.fits]
-        if fitting:  # a step's time is about linear in the batch: skip a probe that would overrun the budget
-            largest = max(fitting, key=lambda p: p.batch)
-            if largest.seconds * b / largest.batch > budget_s - (clock() - start):
+        if len(fitting) >= 2:  # a step's time is about linear in the batch: skip a probe that would overrun the
+            # budget. Batches 1 and 2 always run (the smallest steps); then the cheapest seconds per sequence seen
+            # is extrapolated: small probes carry one-time costs (the first call at a new shape compiles kernels,
+            # the allocator grows) that would otherwise be charged to the large ones.
+            per_seq = min(p.seconds / p.batch for p in fitting)
+            if per_seq * b > budget_s - (clock() - start):
                 return lo, hi, "time", probes
         p = probe(b)
         probes.append(p)
@@ -130,11 +133,12 @@ def search_max_tokens(model: torch.nn.Module, seq: int, device: torch.device, cf
             if not is_oom(exc):
                 raise
             fits = False
+        seconds = time.perf_counter() - t0  # the step alone: freeing the cache below is not the step's cost
         peak = torch.cuda.max_memory_allocated(device) if fits and device.type == "cuda" else None
         del ids, labels
         model.zero_grad(set_to_none=True)
         free_cached(device)
-        return Probe(batch, fits, peak, time.perf_counter() - t0)
+        return Probe(batch, fits, peak, seconds)
 
     t0 = time.perf_counter()
     lo, hi, bound, probes = largest_fitting(probe, cap, cfg.budget_s, cfg.rel_tol, limit)
