@@ -54,6 +54,7 @@ def largest_fitting(
     lo, hi, probes = 0, cap + 1, []
     start = clock()
     creep = 0  # consecutive fits above a prediction that was too low: the step doubles each time
+    last_was_jump = False  # the last probe was the predicted limit
     while True:
         if lo >= cap:
             return lo, hi, "cap", probes
@@ -61,19 +62,22 @@ def largest_fitting(
         if hi - lo <= tol:
             return lo, hi, "exact" if lo else "none", probes
         predicted = _predict(probes, limit_bytes)
-        creeping = False
+        creeping, jumped = False, False
         if lo == 0:
             b = 1
         elif hi > cap:  # no failure yet: jump to the predicted limit; without a prediction, double
             if predicted is not None and predicted > lo:
-                b = predicted
+                b, jumped = predicted, True
             elif predicted is not None:
                 b, creeping = lo + tol * 2**creep, True
             else:
                 b = 2 * lo
             b = min(cap, b)
-        elif not probes[-1].fits and predicted is not None and lo < int(hi * (1 - 2 * rel_tol)) < hi:
-            b = int(hi * (1 - 2 * rel_tol))  # a prediction that overshot is usually close: just below it
+        elif last_was_jump and not probes[-1].fits and lo < int(hi * (1 - 2 * rel_tol)) < hi:
+            # A predicted limit that overshot is usually close: once, just below it. Not again: where the peak is
+            # not linear in the batch (stock Llama-3.1-8B: the gradients set the peak at small batches, the
+            # logits at large ones) the prediction is far off, and creeping down from it costs a probe per step.
+            b = int(hi * (1 - 2 * rel_tol))
         else:
             b = (lo + hi) // 2
         fitting = [p for p in probes if p.fits]
@@ -92,6 +96,7 @@ def largest_fitting(
         else:
             hi = min(hi, b)
         creep = creep + 1 if creeping and p.fits else 0
+        last_was_jump = jumped
 
 
 def _predict(probes: list[Probe], limit: int | None) -> int | None:
