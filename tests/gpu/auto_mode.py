@@ -9,6 +9,7 @@ rounds, so the spread between a mode's two rounds is the noise; peak MB above th
 speed mode's working set as ``mode_choice.speed_working_set_bytes`` estimates it, next to its measured peak):
 
 - ``ns``: the Gemma 2 head (D=2304, V=256000) at N = 256 ... 65536;
+- ``ns-families`` (opt-in): the five family heads at N = 512, 2048, 32768, 65536;
 - ``families``: the five family heads of ``cce-patch bench --preset families`` at N=8192;
 - ``trainer``: the call the patched forward makes under the Trainer (shifted (16, L) targets, a masked prompt,
   ``reduction="sum"`` divided by the number of items) for Qwen2.5-0.5B's head (D=896, V=151936), L = 128..512:
@@ -153,6 +154,15 @@ def section_ns(s: Sweep) -> None:
         s.measure("ns", f"gemma2 head N={n}", n, d, v)
 
 
+def section_ns_families(s: Sweep) -> None:
+    """The five family heads at N below and above ``families``' 8192 (at N=512 Phi 3.5's head is under
+    ``SPEED_MIN_WORK``: auto takes memory mode there)."""
+    heads = {"tiny": (64, 4000)} if s.tiny else FAMILY_HEADS
+    for name, (d, v) in heads.items():
+        for n in ([64] if s.tiny else [512, 2048, 32768, 65536]):
+            s.measure("ns-families", f"{name} N={n}", n, d, v)
+
+
 def section_families(s: Sweep) -> None:
     heads = {"tiny": (64, 4000)} if s.tiny else FAMILY_HEADS
     for name, (d, v) in heads.items():
@@ -258,7 +268,7 @@ def section_cold(s: Sweep) -> None:
 
 
 SECTIONS = {"ns": section_ns, "families": section_families, "trainer": section_trainer,
-            "pressure": section_pressure, "phi": section_phi, "cold": section_cold}
+            "ns-families": section_ns_families, "pressure": section_pressure, "phi": section_phi, "cold": section_cold}
 DEFAULT_SECTIONS = "ns,families,trainer,pressure,phi"
 
 

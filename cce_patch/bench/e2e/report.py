@@ -66,8 +66,8 @@ def plot(records: list[E2ERecord], env: dict, path: Path) -> bool:
         log.warning("matplotlib not installed: no plot written (pip install 'cce_patch[bench]')")
         return False
     models = list(dict.fromkeys(r.model for r in records))
-    panels = [("step ms", lambda r: r.step_ms, "%.0f"), ("peak GiB", lambda r: r.peak_gib, "%.1f"),
-              ("max tokens / step", lambda r: r.max_tokens["tokens"] if r.max_tokens else None, "%d")]
+    panels = [("step ms", lambda r: r.step_ms, "{:.0f}".format), ("peak GiB", lambda r: r.peak_gib, "{:.1f}".format),
+              ("max tokens / step", lambda r: r.max_tokens["tokens"] if r.max_tokens else None, None)]
     panels = [p for p in panels if any(p[1](r) is not None for r in records)]
     variants = [v for v in dict.fromkeys(r.variant for r in records)
                 if any(get(r) is not None for r in records if r.variant == v for _, get, _ in panels)]
@@ -78,15 +78,16 @@ def plot(records: list[E2ERecord], env: dict, path: Path) -> bool:
     colors = plt.get_cmap("tab10").colors
     for ax, (title, get, fmt) in zip(axes[0], panels, strict=True):
         for k, variant in enumerate(variants):
-            xs, ys = [], []
+            xs, ys, labels = [], [], []
             for i, model in enumerate(models):
                 rec = next((r for r in records if r.model == model and r.variant == variant), None)
                 value = get(rec) if rec is not None else None
                 if value is not None:
                     xs.append(i + (k - (len(variants) - 1) / 2) * width)
                     ys.append(value)
+                    labels.append(fmt(value) if fmt else _tokens_label(rec.max_tokens))
             bars = ax.bar(xs, ys, width, label=variant, color=colors[k % len(colors)])
-            ax.bar_label(bars, fmt=fmt, fontsize=7)
+            ax.bar_label(bars, labels=labels, fontsize=7)
         ax.set_xticks(range(len(models)), models, fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0][0].legend(fontsize=8)
@@ -97,3 +98,9 @@ def plot(records: list[E2ERecord], env: dict, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _tokens_label(search: dict) -> str:
+    """``32k``, or ``≥128k`` where the search stopped at its cap or its time budget (a lower bound)."""
+    k = f"{search['tokens'] / 1024:.0f}k"
+    return f"≥{k}" if search["bound"] in ("cap", "time") else k
