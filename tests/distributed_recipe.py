@@ -6,7 +6,8 @@ The recipe runs as ``__main__`` (``runpy``) with its own command line. ``Trainer
 process only, to record the world size, accelerate's distributed type, the type of the model the Trainer
 trained (``model_wrapped``: DDP, an FSDP2 module, a DeepSpeed engine) and whether it was patched, so the test
 can assert the layout it believes it tests: accelerate on CPU quietly falls back to one process or to plain DDP.
-Rank 0 writes OUT.json with those facts, the logged losses, the training time and every rank's peak CUDA memory.
+Rank 0 writes OUT.json with those facts, the logged losses, the training time, every step's wall time and every
+rank's peak CUDA memory.
 ``accelerate launch [--config_file ...] tests/distributed_recipe.py OUT.json ...`` works the same way (the GPU run,
 tests/gpu/multi_gpu.sh).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -37,8 +39,29 @@ def _peak_memory_gib() -> list[float | None]:
     return every
 
 
+class _StepTimer(transformers.TrainerCallback):
+    """Wall seconds of every optimizer step, so a table can tell the first step (which compiles kernels: Triton's
+    on a fresh machine, torch.compile's) from the steady state that the run's total time mixes in."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
 def _record(train):
     def wrapped(self, *args, **kwargs):
+        timer = _StepTimer()
+        self.add_callback(timer)
         result = train(self, *args, **kwargs)
         from cce_patch import is_patched
 
@@ -53,6 +76,7 @@ def _record(train):
             patched=is_patched(self.model),
             use_cce=bool(getattr(self.args, "use_cce", False)),
             losses=[h["loss"] for h in self.state.log_history if "loss" in h],
+            step_seconds=[round(t, 5) for t in timer.seconds],
             global_step=self.state.global_step,
         )
         return result

@@ -75,15 +75,21 @@ def test_docs_table_is_current(census):
     version no type the docs claim to pass is refused or wrong (the tiny builder may not build it there)."""
     documented = read_table(str(DOCS))
     if transformers.__version__ == _docs_version():
-        assert documented == markdown(list(census.values()), transformers.__version__), (
-            "docs/models.md is stale: python -m cce_patch.models.census --write docs/models.md"
-        )
+        # An UNBUILDABLE row's reason names what this environment lacks (Gemma 3n: PIL, or timm once PIL is
+        # there): the status is the claim, the reason text may differ between environments.
+        assert _unbuildable_reasons_dropped(documented) == _unbuildable_reasons_dropped(
+            markdown(list(census.values()), transformers.__version__)
+        ), "docs/models.md is stale: python -m cce_patch.models.census --write docs/models.md"
     else:
         claimed = re.findall(r"^\| `([^`]+)` \| `([^`]+)` \| PASS \|", documented, flags=re.M)
         by_class = {(k.split(":")[0], r.model_class): r for k, r in census.items()}
         regressed = [(t, by_class[(t, c)].reason) for t, c in claimed
                      if (t, c) in by_class and by_class[(t, c)].status in (REFUSED, WRONG)]
         assert not regressed
+
+
+def _unbuildable_reasons_dropped(table: str) -> str:
+    return re.sub(r"^(\| `[^`]+` \| `[^`]+` \| UNBUILDABLE \|).*$", r"\1", table, flags=re.M)
 
 
 def test_census_calls_a_dropped_transform_wrong(monkeypatch):

@@ -211,6 +211,7 @@ def test_recipe_under_torchrun_use_cce_on_and_off(tmp_path):
         assert fact["distributed_type"] == "DistributedType.MULTI_CPU", fact
         assert fact["model_wrapped"] == "DistributedDataParallel", fact
         assert fact["patched"] is (use_cce == "true") and fact["global_step"] == 3, fact
+        assert len(fact["step_seconds"]) == 3 and all(t > 0 for t in fact["step_seconds"]), fact
     on, off = facts["true"]["losses"], facts["false"]["losses"]
     assert len(on) == len(off) == 3
     assert on == pytest.approx(off, rel=1e-5), (on, off)

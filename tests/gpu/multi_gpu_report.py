@@ -43,10 +43,20 @@ def _diff(a: list[float], b: list[float]) -> tuple[float, float] | None:
     return max(d), sum(d) / n
 
 
+def _first_and_median(seconds: list[float]) -> str:
+    """``first s | median ms of the rest``: the first step pays kernel compilation, the rest is the steady state."""
+    if not seconds:
+        return "- | -"
+    rest = sorted(seconds[1:])
+    median = rest[len(rest) // 2] * 1e3 if rest else None
+    return f"{seconds[0]:.2f} | {'-' if median is None else f'{median:.1f}'}"
+
+
 def recipe_table(runs: dict[str, dict]) -> str:
     lines = ["| model | layout | use_cce | ranks | wrapper | steps | final loss | vs single-GPU stock: max / mean "
-             "| vs same layout, other use_cce: max / mean | peak memory per GPU (GiB) | train time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs same layout, other use_cce: max / mean | peak memory per GPU (GiB) | train time (s) "
+             "| first step (s) | median later step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---:|---:|"]
     for name in sorted(runs):
         run = runs[name]
         model, layout, cce = _split(name)
@@ -58,7 +68,8 @@ def recipe_table(runs: dict[str, dict]) -> str:
         lines.append(
             f"| {model} | {layout} | {cce} | {run['world_size']} | {run['model_wrapped']} | {run['global_step']} "
             f"| {run['losses'][-1]:.4f} | {fmt(vs_ref)} | {fmt(vs_other)} "
-            f"| {' / '.join(f'{p:.1f}' for p in peaks) or '-'} | {run.get('train_runtime_s') or '-'} |"
+            f"| {' / '.join(f'{p:.1f}' for p in peaks) or '-'} | {run.get('train_runtime_s') or '-'} "
+            f"| {_first_and_median(run.get('step_seconds') or [])} |"
         )
     return "\n".join(lines)
 
