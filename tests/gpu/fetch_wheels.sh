@@ -2,7 +2,8 @@
 # Fetch, on a machine WITH network, the wheels the GPU image lacks, into .whl/ (git-ignored), and copy the
 # shared benchmark/fine-tune data into .gpu_data/ (git-ignored). Both travel to the device with `carry`.
 #
-#   bash tests/gpu/fetch_wheels.sh            # datasets (+ dill, multiprocess), cut-cross-entropy, liger-kernel, trl
+#   bash tests/gpu/fetch_wheels.sh            # datasets (+ dill, multiprocess), cut-cross-entropy, liger-kernel, trl;
+#                                             # deepspeed for the 2-GPU run in .whl-deepspeed/ (WITH_DEEPSPEED=0: not)
 #   WITH_PYARROW=1 bash tests/gpu/fetch_wheels.sh   # also carry pyarrow 24 (47 MiB!), only the qwen2.5 tokenizer
 #
 # datasets 5.2 declares pyarrow>=24; the image's pyarrow version is not recorded in KINDS.md. run_all.sh prints
@@ -42,7 +43,7 @@ mkdir -p "$WHL"
 download() {
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL" "$@"
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "${WHL_DIR:-$WHL}" "$@"
 }
 download "datasets==$DATASETS_VER" "dill==$DILL_VER" "multiprocess==$MULTIPROCESS_VER"
 download "cut-cross-entropy==$CCE_VER"
@@ -50,6 +51,22 @@ download "liger-kernel==$LIGER_VER"
 download "trl==$TRL_VER"
 if [[ "${WITH_PYARROW:-0}" == 1 ]]; then
   download "pyarrow==$PYARROW_VER"
+fi
+# DeepSpeed for the ZeRO runs of tests/gpu/multi_gpu.sh, in its own folder (run_all.sh does not install it). PyPI
+# has only its sdist: built here without its CUDA ops (DS_BUILD_OPS=0; the ZeRO configs use torch's optimizer, so
+# nothing is compiled on the device). The image has einops, msgpack, ninja, nvidia-ml-py, psutil and py-cpuinfo
+# (/work/.library/device/KINDS.md), not hjson or pydantic.
+DS_WHL=.whl-deepspeed
+rm -rf "$DS_WHL"
+if [[ "${WITH_DEEPSPEED:-1}" == 1 ]]; then
+  mkdir -p "$DS_WHL"
+  DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps "deepspeed==${DEEPSPEED_VER:-0.19.8}" -w "$DS_WHL"
+  WHL_DIR=$DS_WHL download hjson
+  # pydantic pins pydantic-core exactly: resolved together (with annotated-types, typing-inspection and
+  # typing-extensions), not each at its newest
+  "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$DS_WHL" "pydantic>=2,<3"
 fi
 
 echo "== Requires-Dist of the carried wheels (check each against the image's package list) =="
@@ -81,10 +98,10 @@ else
 fi
 
 echo "== sizes =="
-du -sh "$WHL" "$DATA" 2>/dev/null || true
+du -sh "$WHL" "$DS_WHL" "$DATA" 2>/dev/null || true
 ls -la "$WHL"
 tree_kb=$(git ls-files -co --exclude-standard -z | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-carry_kb=$(du -sk "$WHL" "$DATA" 2>/dev/null | awk '{s+=$1} END {print s}')
+carry_kb=$(du -sk "$WHL" "$DS_WHL" "$DATA" 2>/dev/null | awk '{s+=$1} END {print s}')
 total_mb=$(( (tree_kb + carry_kb) / 1024 ))
 echo "working tree ${tree_kb} KiB + carried ${carry_kb} KiB = ~${total_mb} MiB (limit 64 MiB per device call)"
 if (( total_mb >= 64 )); then

@@ -24,9 +24,10 @@
 # Every call also rewrites tables.md (markdown for BENCHMARKS.md from whatever JSON $OUT holds) and appends to
 # multi_gpu.log: at most 7 files under $OUT.
 #
-# Carry: .gpu_data/ (alpaca_5000.json, tokenizers/qwen2.5, tokenizers/llama3.1: tests/gpu/fetch_wheels.sh) and, for
-# ZeRO, a deepspeed wheel in .whl/ (the image has none), built where there is network with
-#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8 hjson py-cpuinfo msgpack ninja nvidia-ml-py -w .whl
+# Carry: .gpu_data/ (alpaca_5000.json, tokenizers/qwen2.5, tokenizers/llama3.1), .whl/ (datasets) and, for ZeRO,
+# .whl-deepspeed/ (deepspeed built with DS_BUILD_OPS=0 and the dependencies the image lacks: hjson, pydantic); all
+# three made by tests/gpu/fetch_wheels.sh. run_all.sh does not install .whl-deepspeed/, so the single-GPU runs keep
+# the environment their tables were measured in.
 # Sections needing deepspeed skip with a message when it does not import. NVLink multicast stays off (the
 # device's rule): NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are exported.
 set -uo pipefail
@@ -61,9 +62,11 @@ run_section() {  # name timeout_s command...
 
 hr "environment (sections: $STEPS)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+WHEELS=()
+for w in .whl/*.whl .whl-deepspeed/*.whl; do [[ -f $w ]] && WHEELS+=("$w"); done
+if (( ${#WHEELS[@]} )); then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS[@]}" \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed carried wheels: ${WHEELS[*]##*/}"
 fi
 nvidia-smi -L || echo "WARNING: nvidia-smi failed"
 "$PY" - <<'EOF'
