@@ -77,14 +77,16 @@ class ScriptArguments:
 OFFLINE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "offline-tiny.yaml"
 
 
-def _yaml_defaults(path: Path) -> dict:
-    """A YAML file's keys as parser defaults, with a clear error for a missing file or unknown keys."""
+def yaml_defaults(path: Path, argument_classes: tuple[type, ...] | None = None) -> dict:
+    """A YAML file's keys as parser defaults, with a clear error for a missing file or for keys that none of
+    ``argument_classes`` (default: this recipe's) has. The TRL recipe uses it with its own classes."""
     if not path.is_file():
         raise SystemExit(f"error: config file {path} does not exist")
     defaults = yaml.safe_load(path.read_text()) or {}
     if not isinstance(defaults, dict):
         raise SystemExit(f"error: {path} must hold a mapping of argument names to values")
-    known = {f.name for dc in (ScriptArguments, CCETrainingArguments) for f in dataclasses.fields(dc)}
+    classes = argument_classes or (ScriptArguments, CCETrainingArguments)
+    known = {f.name for dc in classes for f in dataclasses.fields(dc)}
     unknown = sorted(set(defaults) - known)
     if unknown:
         raise SystemExit(f"error: unknown key(s) {unknown} in {path}; run with --help for the valid fields")
@@ -100,9 +102,9 @@ def parse_args(argv: list[str]) -> tuple[ScriptArguments, CCETrainingArguments]:
     parser = HfArgumentParser((ScriptArguments, CCETrainingArguments))
     defaults: dict = {}
     if argv and argv[0].endswith((".yaml", ".yml")):
-        defaults, argv = _yaml_defaults(Path(argv[0])), argv[1:]
+        defaults, argv = yaml_defaults(Path(argv[0])), argv[1:]
     elif not any(a.split("=")[0] in ("--model_name_or_path", "--model_config") for a in argv):
-        defaults = _yaml_defaults(OFFLINE_CONFIG)
+        defaults = yaml_defaults(OFFLINE_CONFIG)
     defaults.setdefault("output_dir", "outputs/finetune")
     defaults.setdefault("use_cce", True)  # the point of this recipe; `--use_cce false` runs the stock loss to compare
     parser.set_defaults(**defaults)

@@ -20,19 +20,24 @@ the offline default's, ``configs/offline-tiny.yaml``, so it runs anywhere withou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_prompts import format_prompt  # noqa: E402
-from finetune_alpaca import OFFLINE_CONFIG, add_lora, dataset_name, load_model_and_tokenizer, load_rows  # noqa: E402
+from finetune_alpaca import (  # noqa: E402
+    OFFLINE_CONFIG,
+    add_lora,
+    dataset_name,
+    load_model_and_tokenizer,
+    load_rows,
+    yaml_defaults,
+)
 from offline_default import sample_answers  # noqa: E402
 
 from cce_patch.integrations.trl import CCESFTConfig  # noqa: E402
@@ -65,28 +70,16 @@ class ScriptArguments:
     sample_answers: int = field(default=0, metadata={"help": "After training, greedy-answer N fresh generated tasks."})
 
 
-def _yaml_defaults(path: Path) -> dict:
-    if not path.is_file():
-        raise SystemExit(f"error: config file {path} does not exist")
-    defaults = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(defaults, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of argument names to values")
-    known = {f.name for dc in (ScriptArguments, CCESFTConfig) for f in dataclasses.fields(dc)}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        raise SystemExit(f"error: unknown key(s) {unknown} in {path}; run with --help for the valid fields")
-    return defaults
-
-
 def parse_args(argv: list[str]) -> tuple[ScriptArguments, CCESFTConfig]:
     """YAML file (optional first argument) + CLI overrides; with neither a model nor a YAML file, the offline
     default's schedule (``configs/offline-tiny.yaml``) in fp32 (SFTConfig's bf16 default is for GPUs)."""
-    parser = HfArgumentParser((ScriptArguments, CCESFTConfig))
+    classes = (ScriptArguments, CCESFTConfig)
+    parser = HfArgumentParser(classes)
     defaults: dict = {}
     if argv and argv[0].endswith((".yaml", ".yml")):
-        defaults, argv = _yaml_defaults(Path(argv[0])), argv[1:]
+        defaults, argv = yaml_defaults(Path(argv[0]), classes), argv[1:]
     elif not any(a.split("=")[0] in ("--model_name_or_path", "--model_config") for a in argv):
-        defaults = {**_yaml_defaults(OFFLINE_CONFIG), "output_dir": "outputs/finetune-trl-offline", "bf16": False}
+        defaults = {**yaml_defaults(OFFLINE_CONFIG, classes), "output_dir": "outputs/finetune-trl-offline", "bf16": False}
     defaults.setdefault("output_dir", "outputs/finetune-trl")
     defaults.setdefault("use_cce", True)  # the point of this recipe; `--use_cce false` trains on TRL's own head
     parser.set_defaults(**defaults)
