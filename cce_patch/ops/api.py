@@ -17,7 +17,7 @@ from .autocast import autocast_inputs
 from .backends import get_backend, resolve_impl
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
-from .spec import LossSpec, valid_rows
+from .spec import LossSpec, flat_operands, valid_rows
 from .speed_mode import SpeedModeFunction, speed_chunk_budget
 from .validation import validate_inputs
 from .vocab_parallel import dtensor_linear_cross_entropy, has_dtensor
@@ -119,15 +119,7 @@ def linear_cross_entropy(
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
     )
     backend_name = resolve_impl(impl, e.device, e.dtype)
-    d = e.shape[-1]
-    e2d = e.reshape(-1, d)
-    if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
-        e2d = e2d.contiguous()
-    targets_flat = targets.reshape(-1)
-    if not targets_flat.is_contiguous():
-        targets_flat = targets_flat.contiguous()
-    c_in = c if c.is_contiguous() else c.contiguous()
-    bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     spec = LossSpec(
         ignore_index=int(ignore_index),
         softcap=float(softcap) if softcap is not None else None,

@@ -65,3 +65,18 @@ def loss_weight(valid: torch.Tensor, mean: bool) -> torch.Tensor:
     nothing counts, so an all-ignored batch gives 0, not NaN) or 1."""
     ones = torch.ones((), dtype=torch.float32, device=valid.device)
     return ones / valid.sum().clamp_min(1) if mean else ones
+
+
+def flat_operands(
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(e as N x D rows, c, targets as one row of N, bias)`` in the dense row-major layout every backend
+    indexes (the Triton kernels take a row stride of D and unit column strides). Views where the inputs already
+    are laid out so; a copy only of an input that is not (a transposed head, a hidden state sliced along D)."""
+    d = e.shape[-1]
+    e2d = e.reshape(-1, d)
+    if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
+        e2d = e2d.contiguous()
+    c = c if c.is_contiguous() else c.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    return e2d, c, targets.reshape(-1).contiguous(), bias

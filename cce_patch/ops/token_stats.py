@@ -21,7 +21,7 @@ from .autocast import autocast_inputs, autocast_off
 from .backends import Backend, get_backend, resolve_impl
 from .options import check_softcap
 from .second_order import guard_second_order
-from .spec import LossSpec, valid_rows
+from .spec import LossSpec, flat_operands, valid_rows
 from .stats import OUTPUTS, StatsSpec
 from .validation import validate_inputs
 
@@ -169,15 +169,7 @@ def linear_log_probs(
         label_smoothing=0.0, impl=impl, check_targets=check_targets,
     )
     backend = get_backend(resolve_impl(impl, e.device, e.dtype))
-    d = e.shape[-1]
-    e2d = e.reshape(-1, d)
-    if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
-        e2d = e2d.contiguous()
-    targets_flat = targets.reshape(-1)
-    if not targets_flat.is_contiguous():
-        targets_flat = targets_flat.contiguous()
-    c_in = c if c.is_contiguous() else c.contiguous()
-    bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     # stats.py: softcap_k(y) / tau == softcap_{k / tau}(y / tau), so the temperature folds into the cap and alpha
     spec = LossSpec(
         ignore_index=int(ignore_index),

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from .autocast import autocast_inputs, autocast_off
 from .backends import Backend, get_backend, resolve_impl
 from .second_order import guard_second_order
-from .spec import LossSpec, effective_targets, valid_rows
+from .spec import LossSpec, effective_targets, flat_operands, valid_rows
 from .validation import check_scored_targets, validate_inputs
 
 #: Printed in errors: what a vocab-parallel call expects of its inputs.
@@ -339,13 +339,7 @@ def _vocab_parallel(
             "vocab-parallel linear_cross_entropy does not combine softcap with label_smoothing (the smoothing "
             "term's gradient is then no longer rank one); use one of them"
         )
-    d = e.shape[-1]
-    e2d = e.reshape(-1, d)
-    if e2d.stride(-1) != 1 or (e2d.shape[0] > 1 and e2d.stride(0) != d):
-        e2d = e2d.contiguous()
-    targets_flat = targets.reshape(-1).contiguous()
-    c_in = c if c.is_contiguous() else c.contiguous()
-    bias_in = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     if check_targets:
         shard = _check_group(e2d, targets_flat, shard, ignore_index, targets.shape[-1] if shift else 0)
     spec = LossSpec(
