@@ -20,6 +20,7 @@ from cce_patch import CCEConfig, linear_cross_entropy
 from cce_patch.ops import api, mode_choice
 from cce_patch.ops.backends import get_backend
 from cce_patch.ops.options import MODES
+from cce_patch.ops.speed_plan import plan_triton
 
 DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
 HAS_TRITON_PATH = INTERPRETING or HAS_CUDA
@@ -97,27 +98,29 @@ def test_working_set_grows_with_the_chunk_budget_and_counts_triton_accumulators(
     small = mode_choice.speed_working_set_bytes(8192, 2304, 256000, torch.bfloat16, torch_backend, 2**26)
     large = mode_choice.speed_working_set_bytes(8192, 2304, 256000, torch.bfloat16, torch_backend, 2**31)
     assert large > small > (8192 + 256000) * 2304 * 2  # above the gradients themselves
-    # A stand-in for the Triton backend's chunking at the paper shape: 2 chunks of 4096 rows at the 2 GiB
-    # default, 8 of 1024 at 512 MiB.
-    triton_like = SimpleNamespace(name="triton", speed_chunk_rows=lambda n, v, dtype, budget: budget // 2**19)
-    two_chunks = mode_choice.speed_working_set_bytes(8192, 2304, 256000, torch.bfloat16, triton_like, 2 * 1024**3)
+    # The Triton backend's plan at the paper shape with the GPU's 128-row blocks: 2 chunks of 4096 rows at a
+    # 2 GiB budget, 8 of 1024 at 512 MiB.
+    two = plan_triton(8192, 2304, 256000, torch.bfloat16, 2 * 1024**3, 128)
+    assert (two.rows, two.chunks, two.fp32_dc) == (4096, 2, False)
     grads = (8192 + 256000) * 2304 * 2
-    assert grads + 4096 * 256000 * 2 < two_chunks < grads + 4096 * 256000 * 2 + 4096 * 2304 * 4 * 4
+    assert grads + 4096 * 256000 * 2 < two.working_set < grads + 4096 * 256000 * 2 + 4096 * 2304 * 4 * 4
     # Speed mode's measured peak above the inputs there: 3,438 MB (H200, BENCHMARKS.md, paper table).
-    assert abs(two_chunks / 1e6 - 3438) < 0.03 * 3438
-    eight_chunks = mode_choice.speed_working_set_bytes(8192, 2304, 256000, torch.bfloat16, triton_like, 2**29)
-    assert eight_chunks > grads + 256000 * 2304 * 4  # beyond 2 chunks dC is accumulated in fp32
+    assert abs(two.working_set / 1e6 - 3438) < 0.03 * 3438
+    eight = plan_triton(8192, 2304, 256000, torch.bfloat16, 2**29, 128)
+    assert (eight.rows, eight.chunks, eight.fp32_dc) == (1024, 8, True)
+    assert eight.working_set > grads + 256000 * 2304 * 4  # beyond 2 chunks dC is accumulated in fp32
 
 
 @pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
 def test_small_calls_on_triton_take_memory_mode(free_memory, monkeypatch):
-    """Below SPEED_MIN_WORK multiply-adds the GEMM speed mode saves is worth less than its extra launches."""
+    """Below SPEED_MIN_WORK multiply-adds the GEMM speed mode saves is worth less than its extra launches. (64
+    rows: two of the interpreter's 32-row blocks, so that speed mode's plan is within torch.compile's memory.)"""
     monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 32)
-    e, c, t = inputs(n=16, d=32, v=300)
+    e, c, t = inputs(n=64, d=32, v=300)
     loss = linear_cross_entropy(e, c, t, impl="triton")
     assert not ran_speed(loss)
     mode_choice.clear_choices()
-    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 16 * 32 * 300)  # the threshold is inclusive
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 64 * 32 * 300)  # the threshold is inclusive
     loss = linear_cross_entropy(e, c, t, impl="triton")
     assert ran_speed(loss)
     ref = linear_cross_entropy(e, c, t, impl="triton", mode="memory")
@@ -131,7 +134,7 @@ def test_small_hidden_sizes_on_triton_take_memory_mode(free_memory, monkeypatch)
     """Below SPEED_MIN_HIDDEN speed mode's per-logit work costs more than the GEMM it saves (measured at
     Qwen2.5-0.5B's D=896: 1.8x memory mode's time), whatever N is; the rule is inclusive."""
     monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 0)
-    e, c, t = inputs(n=16, d=32, v=300)
+    e, c, t = inputs(n=64, d=32, v=300)
     monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 33)
     assert not ran_speed(linear_cross_entropy(e, c, t, impl="triton"))
     mode_choice.clear_choices()
@@ -286,3 +289,42 @@ def test_under_torch_compile_the_rule_is_traced_once_without_a_graph_break(free_
         mode_choice.SPEED_MIN_HIDDEN = saved
     assert mode_choice._speed_rows("cpu", None, "torch", 16, 200, torch.float16, "mean", False, None, 0.0,
                                    None) == (1, 0)
+
+
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_auto_takes_memory_mode_where_speed_mode_would_hold_more_than_torch_compile(free_memory, monkeypatch):
+    """A head with D > V: speed mode's fp32 N x D buffer alone is more than torch.compile's fp32 N x V logits, so
+    no plan is within torch.compile's memory and auto takes memory mode (with plenty of free memory); forced
+    speed mode still runs, and both give the same loss and gradients."""
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 0)
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 0)
+    e, c, t = inputs(n=16, d=64, v=40)
+    plan = get_backend("triton").speed_plan(16, 64, 40, torch.float32, None)
+    assert not plan.within_compile and plan.working_set > plan.compile_bytes
+    auto = linear_cross_entropy(e, c, t, impl="triton")
+    assert not ran_speed(auto)
+    speed = linear_cross_entropy(e, c, t, impl="triton", mode="speed")
+    assert ran_speed(speed)
+    g_auto, g_speed = torch.autograd.grad(auto, (e, c)), torch.autograd.grad(speed, (e, c))
+    assert torch.allclose(auto, speed, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_auto, g_speed, strict=True))
+    mode_choice.clear_choices()
+    e, c, t = inputs(n=64, d=32, v=300)  # V >> D: within torch.compile's memory, speed mode
+    assert get_backend("triton").speed_plan(64, 32, 300, torch.float32, None).within_compile
+    assert ran_speed(linear_cross_entropy(e, c, t, impl="triton"))
+
+
+def test_a_decided_call_signature_costs_one_lookup(free_memory, monkeypatch):
+    """Once a shape is decided, auto neither reads free memory nor runs the rule again for it."""
+    e, c, t = inputs()
+    first = linear_cross_entropy(e, c, t, impl="torch")
+    reads = free_memory.reads
+
+    def rule_must_not_run(*args, **kwargs):
+        raise AssertionError("the rule ran again for a decided shape")
+
+    monkeypatch.setattr(mode_choice, "_choose", rule_must_not_run)
+    again = linear_cross_entropy(e, c, t, impl="torch")
+    assert free_memory.reads == reads and ran_speed(first) == ran_speed(again)
+    with pytest.raises(AssertionError, match="ran again"):  # a new shape does run it
+        linear_cross_entropy(*inputs(n=25), impl="torch")

@@ -18,7 +18,7 @@ from .backends import get_backend, resolve_impl
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, flat_operands, valid_rows
-from .speed_mode import SpeedModeFunction, speed_chunk_budget
+from .speed_mode import SpeedModeFunction
 from .validation import validate_inputs
 from .vocab_parallel import dtensor_linear_cross_entropy, has_dtensor
 
@@ -137,13 +137,13 @@ def linear_cross_entropy(
     if compiling:  # one custom op node per direction (compiled.py); the target check runs inside it
         if speed:
             return compiled.speed_loss(e2d, c_in, bias_in, targets_flat, spec, backend_name, reduction,
-                                       speed_chunk_budget(speed_chunk_bytes), check_targets)
+                                       speed_chunk_bytes, check_targets)
         loss_rows, lse_rows = compiled.memory_rows(e2d, c_in, bias_in, targets_flat, spec, backend_name,
                                                    check_targets, return_lse)
     elif speed:
         try:
             return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name),
-                                           reduction, speed_chunk_budget(speed_chunk_bytes))
+                                           reduction, speed_chunk_bytes)
         except torch.OutOfMemoryError:
             if not auto:
                 raise

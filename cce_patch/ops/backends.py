@@ -9,7 +9,8 @@ of ``linear_log_probs`` (``stats.py``) a fifth:
 - ``forward_with_grads(e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows) -> (loss_rows, lse_rows,
   dE, dC, dbias, in_range, weight)``, speed mode: the gradients of ``weight * sum of counted rows`` formed in
   the forward pass; ``in_range`` is None or a 0-dim bool tensor, False when the result must not be used;
-- ``speed_chunk_rows(n, vocab, dtype, chunk_bytes) -> rows``, the rows of one speed-mode chunk;
+- ``speed_plan(n, d, vocab, dtype, chunk_bytes) -> SpeedPlan``, speed mode's row chunks and their memory
+  (``speed_plan.py``; ``chunk_bytes`` None for the default plan);
 - ``stats_forward(e2d, c, bias, targets_flat, spec, stats) -> (log_probs, lse, entropy, log_sum_sq_probs,
   mean_logits, is_top1)``, per row, the fields ``stats`` does not ask for None. Their gradients are
   ``backward``'s, with two keyword arguments the loss path never passes: ``grad_plogp`` (the entropy's
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .precision import is_ieee_fp32
+from .speed_plan import SpeedPlan, plan_torch, speed_chunk_budget
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Backend:
     forward: Callable
     backward: Callable
     forward_with_grads: Callable
-    speed_chunk_rows: Callable[[int, int, torch.dtype, int], int]
+    speed_plan: Callable[[int, int, int, torch.dtype, int | None], SpeedPlan]
     stats_forward: Callable
 
 
@@ -48,13 +50,16 @@ def get_backend(name: str) -> Backend:
     if name == "torch":
         from . import chunked_torch as path
 
-        return Backend("torch", path.forward, path.backward, path.forward_with_grads, path.speed_chunk_rows,
-                       path.stats_forward)
+        def torch_plan(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | None) -> SpeedPlan:
+            rows = path.speed_chunk_rows(n, v, dtype, speed_chunk_budget(chunk_bytes))
+            return plan_torch(n, d, v, dtype, chunk_bytes, rows)
+
+        return Backend("torch", path.forward, path.backward, path.forward_with_grads, torch_plan, path.stats_forward)
     if name == "triton":
         from .fused import memory_mode, speed_mode
 
         return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
-                       speed_mode.speed_chunk_rows, memory_mode.stats_forward)
+                       speed_mode.speed_plan, memory_mode.stats_forward)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 

@@ -140,7 +140,7 @@ memory_forward.register_autograd(_memory_autograd, setup_context=_memory_setup_c
 def speed_forward(
     e2d: Tensor, c: Tensor, bias: Tensor | None, targets_flat: Tensor, ignore_index: int, softcap: float | None,
     label_smoothing: float, shift_period: int, backend: str, mean: bool, need_e: bool, need_c: bool,
-    need_bias: bool, chunk_bytes: int, check_targets: bool,
+    need_bias: bool, chunk_bytes: int | None, check_targets: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(scalar fp32 loss, dE, dC, dbias) of the weighted sum of the counted rows (``mean``: 1/n_valid)."""
     if check_targets:
@@ -148,7 +148,7 @@ def speed_forward(
     be = get_backend(backend)
     spec = _spec(ignore_index, softcap, label_smoothing, shift_period)
     needs = (need_e, need_c, need_bias and bias is not None)
-    chunk_rows = be.speed_chunk_rows(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
+    chunk_rows = be.speed_plan(e2d.shape[0], e2d.shape[1], c.shape[0], e2d.dtype, chunk_bytes).rows
     with torch.no_grad(), autocast_off(e2d.device):
         loss_rows, lse, de, dc, db, in_range, weight = be.forward_with_grads(
             e2d, c, bias, targets_flat, spec, mean, needs, chunk_rows)
@@ -198,7 +198,7 @@ def memory_rows(e2d: Tensor, c: Tensor, bias: Tensor | None, targets_flat: Tenso
 
 
 def speed_loss(e2d: Tensor, c: Tensor, bias: Tensor | None, targets_flat: Tensor, spec: LossSpec, backend: str,
-               reduction: str, chunk_bytes: int, check_targets: bool) -> Tensor:
+               reduction: str, chunk_bytes: int | None, check_targets: bool) -> Tensor:
     """The scalar loss through ``speed_forward``: the compiled counterpart of SpeedModeFunction."""
     loss, *_ = speed_forward(
         e2d, c, bias, targets_flat, spec.ignore_index, spec.softcap, spec.label_smoothing, spec.shift_period,

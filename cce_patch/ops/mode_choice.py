@@ -3,8 +3,8 @@
 Both modes give the same loss and gradients; they differ in time and memory (``speed_mode.py``):
 
 - speed mode skips the backward's recompute of the logits (3 GEMMs of N x D x V instead of 4: at the paper
-  shape on an H200 44-48 ms instead of 58-61 ms), but holds one chunk of unnormalised probabilities
-  (``speed_chunk_bytes``, 2 GiB by default) plus fp32 row temporaries during the forward;
+  shape on an H200 44-48 ms instead of 58-61 ms), but holds one chunk of unnormalised probabilities plus fp32
+  row temporaries during the forward (the chunks are planned in ``speed_plan.py``);
 - memory mode stays within ~1.2x the gradients' memory.
 
 So auto takes speed mode when (1) it can compute the call at all (``options.speed_mode_problem``: fp16,
@@ -12,10 +12,13 @@ So auto takes speed mode when (1) it can compute the call at all (``options.spee
 ask for speed), (2) the GEMM it saves is worth more than its extra per-call host work and its per-logit work
 (``SPEED_MIN_WORK`` and ``SPEED_MIN_HIDDEN``, for the Triton backend: the chunked torch path has no such fixed
 cost, and on a CPU its speed mode was as fast or faster at every shape tried, 3.5x at N=1024, D=896, V=151936,
-where memory mode's 64 MiB chunks make many small products and as many passes over the fp32 dC), and (3) its
-working set (``speed_working_set_bytes``) is at most ``AUTO_MEMORY_FRACTION`` of the memory free when the shape is
-first seen (``free_memory_bytes``). The answer is cached per shape (device, backend, N, D, V, dtype, chunk
-budget): reading free memory is a driver call, and one shape should not flip between modes from step to step. If
+where memory mode's 64 MiB chunks make many small products and as many passes over the fp32 dC), (3) on the
+Triton backend, its planned working set is at most what ``torch.compile`` of the plain loss would hold for the
+same call (``speed_plan.SpeedPlan.within_compile``: a user who compares the default with a one-line
+torch.compile must never find it holding more), and (4) its working set (``speed_working_set_bytes``) is at most
+``AUTO_MEMORY_FRACTION`` of the memory free when the shape is first seen (``free_memory_bytes``). The answer is
+cached per shape (device, backend, N, D, V, dtype, chunk budget): reading free memory is a driver call, and one
+shape should not flip between modes from step to step; a decided call signature costs one dict lookup. If
 speed mode still runs out of memory (free memory shrinks after the first step: optimizer states are allocated at
 the first ``optimizer.step()``), the op reruns that call in memory mode and the shape stays there
 (``note_speed_oom``).
@@ -37,7 +40,7 @@ import torch
 
 from .backends import get_backend
 from .options import speed_mode_problem
-from .speed_mode import speed_chunk_budget
+from .speed_plan import speed_chunk_budget
 
 logger = logging.getLogger("cce_patch")
 
@@ -71,17 +74,22 @@ class ModeChoice:
 
     mode: str
     reason: str
-    outcome: str  # "speed", "small", "memory-pressure", "no-free-memory-info", "oom": the log's dedup key
+    outcome: str  # "speed", "small", "over-compile", "memory-pressure", "no-free-memory-info", "oom": the log's key
 
 
 _choices: OrderedDict[tuple, ModeChoice] = OrderedDict()
 _logged: set[tuple] = set()
+#: The answer per call signature (shape, dtype, device, backend and the options the rule reads), filled after the
+#: first call of each: later calls of a decided shape cost one tuple and one dict lookup (no device query, no
+#: rule). Emptied by ``clear_choices`` and ``note_speed_oom``.
+_decided: dict[tuple, str] = {}
 
 
 def clear_choices() -> None:
     """Forget every cached decision and what was logged (tests; or after freeing a lot of memory)."""
     _choices.clear()
     _logged.clear()
+    _decided.clear()
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -114,26 +122,11 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def speed_working_set_bytes(n: int, d: int, v: int, dtype: torch.dtype, backend, chunk_bytes: int) -> int:
+def speed_working_set_bytes(n: int, d: int, v: int, dtype: torch.dtype, backend, chunk_bytes: int | None) -> int:
     """Bytes speed mode allocates during its forward, above the inputs, for N x D hidden states and a V x D
-    classifier: the gradients it returns (dE, dC) and, at its peak, one chunk's working set.
-
-    The Triton backend (``fused/speed_mode.py``) holds q (rows x V, input dtype), ~3 fp32 rows x D temporaries
-    per chunk and, beyond ``MAX_ROUNDED_DC_CHUNKS`` chunks, an fp32 dC accumulator; at the end it sums the target
-    rows in an fp32 N x D buffer (after q is freed). The torch backend (``chunked_torch.py``) keeps ~4 fp32
-    rows x V chunk temporaries (logits, probabilities, their gradient), an fp32 copy of C and an fp32 dC."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = max(1, min(n, backend.speed_chunk_rows(n, v, dtype, chunk_bytes)))
-    grads = (n * d + v * d) * itemsize
-    if backend.name == "triton":
-        from .fused.speed_mode import MAX_ROUNDED_DC_CHUNKS
-
-        chunks = math.ceil(n / rows)
-        dc_acc = (v + 1) * d * 4 if chunks > MAX_ROUNDED_DC_CHUNKS and dtype != torch.float32 else 0
-        peak_chunk = rows * (math.ceil(v / 8) * 8) * itemsize + 3 * rows * d * 4
-        return grads + dc_acc + max(peak_chunk, n * d * 4)
-    c32 = v * d * 4 if dtype != torch.float32 else 0
-    return grads + c32 + v * d * 4 + 4 * rows * v * 4 + rows * d * 4
+    classifier: the gradients it returns (dE, dC) and, at its peak, one chunk's working set (``speed_plan.py``
+    says what each backend holds; ``chunk_bytes`` None is the default plan)."""
+    return backend.speed_plan(n, d, v, dtype, chunk_bytes).working_set
 
 
 def choose_mode(
@@ -162,9 +155,17 @@ def choose_mode(
     if torch.compiler.is_compiling():
         lo, hi = _speed_rows(e2d.device.type, e2d.device.index, backend, e2d.shape[1], c.shape[0], e2d.dtype, *options)
         return "speed" if lo <= n <= hi else "memory"
+    signature = (e2d.device, backend, n, e2d.shape[1], c.shape[0], e2d.dtype, *options)
+    mode = _decided.get(signature)
+    if mode is not None:
+        return mode
     if n == 0:
         return "memory"
-    return _choose(e2d.device.type, e2d.device.index, backend, n, e2d.shape[1], c.shape[0], e2d.dtype, *options)
+    mode = _choose(e2d.device.type, e2d.device.index, backend, n, e2d.shape[1], c.shape[0], e2d.dtype, *options)
+    if len(_decided) >= MAX_CACHED_CHOICES:
+        _decided.clear()
+    _decided[signature] = mode
+    return mode
 
 
 def note_speed_oom(e2d: torch.Tensor, c: torch.Tensor, backend: str, speed_chunk_bytes: int | None) -> None:
@@ -172,6 +173,7 @@ def note_speed_oom(e2d: torch.Tensor, c: torch.Tensor, backend: str, speed_chunk
     key = _key(e2d.device, backend, e2d.shape[0], e2d.shape[1], c.shape[0], e2d.dtype, speed_chunk_bytes)
     choice = ModeChoice("memory", "speed mode ran out of memory; this call and later ones of this shape use "
                         "memory mode", "oom")
+    _decided.clear()  # rare: the next call of every shape reads _choices again
     _remember(key, choice)
     _log(choice, key)
 
@@ -188,7 +190,7 @@ def _choose(device_type: str, device_index: int | None, backend: str, n: int, d:
         return choice.mode
     choice = _choices.get(key)
     if choice is None:
-        choice = _decide(n, d, v, dtype, device, get_backend(backend), speed_chunk_budget(speed_chunk_bytes))
+        choice = _decide(n, d, v, dtype, device, get_backend(backend), speed_chunk_bytes)
         _remember(key, choice)
         _log(choice, key)
     else:
@@ -213,11 +215,12 @@ def _speed_rows(device_type: str, device_index: int | None, backend: str, d: int
     lo = math.ceil(SPEED_MIN_WORK / (d * v)) if backend == "triton" else 1
     if backend == "triton" and d < SPEED_MIN_HIDDEN:
         lo = 2**31  # an empty range: memory mode at every N
-    handle, budget, limit = get_backend(backend), speed_chunk_budget(speed_chunk_bytes), AUTO_MEMORY_FRACTION * free
+    handle, limit = get_backend(backend), AUTO_MEMORY_FRACTION * free
     hi, top = 0, 2**31
     while hi < top:
         mid = (hi + top + 1) // 2
-        if speed_working_set_bytes(mid, d, v, dtype, handle, budget) <= limit:
+        plan = handle.speed_plan(mid, d, v, dtype, speed_chunk_bytes)
+        if plan.within_compile and plan.working_set <= limit:
             hi = mid
         else:
             top = mid - 1
@@ -232,7 +235,8 @@ def _speed_rows(device_type: str, device_index: int | None, backend: str, d: int
 _speed_rows._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, backend, budget: int) -> ModeChoice:
+def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, backend,
+            chunk_bytes: int | None) -> ModeChoice:
     work = n * d * v
     if backend.name == "triton" and d < SPEED_MIN_HIDDEN:
         return ModeChoice("memory", f"D = {d} < SPEED_MIN_HIDDEN = {SPEED_MIN_HIDDEN}: at small hidden sizes speed "
@@ -240,7 +244,11 @@ def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, ba
     if backend.name == "triton" and work < SPEED_MIN_WORK:
         return ModeChoice("memory", f"N*D*V = {work:.2g} < SPEED_MIN_WORK = {SPEED_MIN_WORK:.2g}: the GEMM speed "
                           "mode saves costs less than its extra launches", "small")
-    need = speed_working_set_bytes(n, d, v, dtype, backend, budget)
+    plan = backend.speed_plan(n, d, v, dtype, chunk_bytes)
+    need = plan.working_set
+    if not plan.within_compile:
+        return ModeChoice("memory", f"speed mode would hold {need / 1e9:.2f} GB, more than the "
+                          f"{plan.compile_bytes / 1e9:.2f} GB torch.compile of the plain loss holds", "over-compile")
     free = free_memory_bytes(device)
     if free is None:
         return ModeChoice("memory", f"free memory on {device} is unknown", "no-free-memory-info")

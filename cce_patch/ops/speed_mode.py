@@ -23,26 +23,16 @@ from .backends import Backend
 from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
 
-#: Default byte budget for one chunk of the unnormalised probabilities q (rows x V, input dtype). 2 GiB
-#: lets the paper shape (N=8192, V=256000, bf16) run in 2 chunks of 4096 rows: large GEMMs, and peak
-#: memory ~3.4 GB above the inputs (torch.compile of the plain loss: ~5.4 GB).
-SPEED_CHUNK_BYTES = 2 * 1024**3
-
-
-def speed_chunk_budget(speed_chunk_bytes: int | None) -> int:
-    """The chunk budget of a call: the user's ``speed_chunk_bytes``, or the default."""
-    return SPEED_CHUNK_BYTES if speed_chunk_bytes is None else int(speed_chunk_bytes)
-
 
 class SpeedModeFunction(torch.autograd.Function):
     """Scalar loss (``reduction`` "mean" or "sum") whose gradients are computed during forward."""
 
     @staticmethod
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend, reduction: str,
-                chunk_bytes: int):
+                chunk_bytes: int | None):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
-        chunk_rows = backend.speed_chunk_rows(e2d.shape[0], c.shape[0], e2d.dtype, chunk_bytes)
+        chunk_rows = backend.speed_plan(e2d.shape[0], e2d.shape[1], c.shape[0], e2d.dtype, chunk_bytes).rows
         with autocast_off(e2d.device):
             loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
                 e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)

@@ -35,6 +35,7 @@ import torch
 import triton
 
 from ..spec import LossSpec, loss_weight
+from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward
@@ -47,10 +48,6 @@ ANCHOR_MARGIN = 40.0
 #: Largest lse - anchor a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
 #: scale a = exp(anchor - lse) above e^-64. Together with the margin: losses up to 104 nats.
 SPEED_RANGE = 64.0
-#: With more row chunks than this, dC is accumulated in an fp32 buffer (2x dC's bytes more memory, and an
-#: fp32 read+write of it per chunk) instead of in place in the input dtype, which would round every chunk's
-#: partial sum (measured at N=32768, 8 chunks, bf16: dC error 1.9x the memory mode's).
-MAX_ROUNDED_DC_CHUNKS = 2
 
 
 def new_q_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -190,12 +187,6 @@ def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tens
         dc_acc[rows] = (dc_acc[rows].float() + acc[i:i + rows_per_step]).to(dc_acc.dtype)
 
 
-def speed_chunk_rows(n: int, v: int, dtype: torch.dtype, chunk_bytes: int) -> int:
-    """Rows per chunk so that q (rows x V) fits ``chunk_bytes``; chunks are balanced and rounded up to whole
-    row blocks, and never fewer than one block."""
-    block = tiles.tile_config(dtype, "store").block_m
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    cap = max(block, chunk_bytes // (triton.cdiv(v, 8) * 8 * itemsize))
-    chunks = triton.cdiv(n, cap)
-    return max(block, triton.cdiv(triton.cdiv(n, chunks), block) * block)
-
+def speed_plan(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | None) -> SpeedPlan:
+    """This backend's row chunks for a call (``ops/speed_plan.py``), in whole row blocks of the storing kernel."""
+    return plan_triton(n, d, v, dtype, chunk_bytes, tiles.tile_config(dtype, "store").block_m)
