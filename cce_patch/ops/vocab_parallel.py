@@ -273,10 +273,11 @@ def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShar
     if any(row[5:] != table[0][5:] for row in table):
         raise ValueError(
             "vocab-parallel linear_cross_entropy: the hidden states or targets differ across the ranks of the group "
-            f"that holds the classifier's shards; {_LAYOUT_HINT}. Data-parallel ranks with a vocab-sharded weight "
-            "are what an FSDP-sharded lm_head looks like when the loss reads its weight outside the module's own "
-            "forward: call cce_patch.integrations.distributed.prepare_sharded_training(model) (apply_cce and the "
-            "use_cce Trainer flag do), or keep lm_head in the FSDP root unit"
+            f"that holds the classifier's shards; {_LAYOUT_HINT}. Here the ranks are data-parallel (each has its own "
+            "batch) yet each holds only a block of the classifier's rows: a data-parallel shard, such as an FSDP2 "
+            "parameter read outside its module's forward, where FSDP has not gathered it. Gather it before the "
+            "loss (FSDPModule.unshard() on the fully_shard group that holds it, as a patched model does for its "
+            "head), or put that module in the root's group"
         )
     sizes = [row[2] for row in table]
     if shard.start < 0:
