@@ -446,19 +446,21 @@ def single_process(build: Callable[[], torch.nn.Module], key: tuple, data_parall
 
 
 def layout_case(model_key: str, apply_layout: Callable, *, data_parallel: bool = True,
-                build: Callable | None = None, micro_batches: int = 1) -> Callable[[], dict]:
+                build: Callable | None = None, micro_batches: int = 1, patch_first: bool = True) -> Callable[[], dict]:
     """Stock and patched training under ``apply_layout`` vs one process. ``apply_layout(model)`` wraps the model
     and returns (forward, facts): facts are the wrapper types and head layout it asserted. The patched model gets
-    ``cce_patch.patch(model)`` and nothing else, before the layout is applied (as a user patches, then shards)."""
+    ``cce_patch.patch(model)`` and nothing else, before the layout is applied (``patch_first``) or after it."""
     build = build or MODELS[model_key]
 
     def run() -> dict:
         traces, facts = {}, {}
         for patched in (False, True):
             model = build().to(DEVICE)
-            if patched:
+            if patched and patch_first:
                 cce_patch.patch(model)
             forward, facts = apply_layout(model)
+            if patched and not patch_first:
+                cce_patch.patch(model)
             assert world() == 2 or os.environ.get("CCE_DIST_ANY_WORLD"), world()
             traces[patched] = train(model, forward, data_parallel, micro_batches=micro_batches)
         single = single_process(MODELS[model_key], (model_key, data_parallel), data_parallel)
@@ -575,6 +577,8 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
         "fsdp2 root only | llama (untied)": layout_case(untied, fsdp2(per_layer=False)),
         "fsdp2 torchtitan: per layer, lm_head alone, root | llama (untied)": layout_case(
             untied, fsdp2(groups=(("lm_head",),))),
+        "fsdp2 torchtitan, fully_shard before patch(): per layer, lm_head alone, root | llama (untied)": layout_case(
+            untied, fsdp2(groups=(("lm_head",),)), patch_first=False),
         "fsdp2 lm_head alone, reshard_after_forward=False | llama (untied)": layout_case(
             untied, fsdp2(groups=(("lm_head",),), reshard=False)),
         "fsdp2 [norm, lm_head] grouped | llama (untied)": layout_case(untied, fsdp2(groups=(("model.norm", "lm_head"),))),

@@ -133,12 +133,12 @@ def test_layouts_patched_equals_stock_and_one_process(results):
 
 def test_torchtitan_fsdp2_layout_trains_with_patch_alone(results):
     """torchtitan's FSDP2 layout (fully_shard on each decoder layer, then on the head's group, then on the root):
-    untied with ``lm_head`` in a group of its own, tied with the head grouped with the embedding. After
-    ``cce_patch.patch(model)`` and nothing else, the loss, every gradient and every parameter equal stock's
-    under the same layout and one process's on the whole batch. The groups are checked to be the ones named:
-    the head's weight is not in the root's group, so no forward that runs gathers it."""
+    untied with ``lm_head`` in a group of its own (patched before and after the fully_shard calls), tied with the
+    head grouped with the embedding. After ``cce_patch.patch(model)`` and nothing else, the loss, every gradient
+    and every parameter equal stock's under the same layout and one process's on the whole batch. The groups are
+    checked to be the ones named: the head's weight is not in the root's group."""
     cases = {c["name"]: c for c in results["layouts"]["cases"] if "torchtitan" in c["name"]}
-    assert len(cases) == 2, list(cases)
+    assert len(cases) == 3 and sum("before patch()" in name for name in cases) == 1, list(cases)
     assert not (problems := _failures(list(cases.values()), _layout_problems)), "\n".join(problems)
     for name, case in cases.items():
         layers = [f"model.layers.{i}" for i in range(case["decoder_layers"])]
