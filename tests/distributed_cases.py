@@ -38,7 +38,6 @@ from oracle import dense_reference, rel_err  # noqa: E402
 
 import cce_patch  # noqa: E402
 from cce_patch import linear_cross_entropy  # noqa: E402
-from cce_patch.integrations.distributed import prepare_sharded_training  # noqa: E402
 from cce_patch.ops.vocab_parallel import vocab_parallel_linear_cross_entropy  # noqa: E402
 
 STEPS = 2
@@ -340,7 +339,7 @@ def op_cases() -> dict[str, Callable[[], dict]]:
             "hidden dimension", "Shard(dim=1)"),
         "refuse: data-parallel e with a vocab-sharded weight": refusal_case(
             lambda: vocab_parallel_linear_cross_entropy(rank_e, c_rows, t), "differ across the ranks",
-            "prepare_sharded_training"),
+            "FSDPModule.unshard()"),
         "refuse: data-parallel e with a Shard(0) DTensor weight (FSDP shard)": refusal_case(
             lambda: linear_cross_entropy(rank_e, _dtensor(c, [Shard(0)]), t), "differ across the ranks"),
         "refuse: target outside the whole vocabulary": refusal_case(
@@ -447,20 +446,21 @@ def single_process(build: Callable[[], torch.nn.Module], key: tuple, data_parall
 
 
 def layout_case(model_key: str, apply_layout: Callable, *, data_parallel: bool = True,
-                build: Callable | None = None, prepare: bool = True, micro_batches: int = 1) -> Callable[[], dict]:
+                build: Callable | None = None, micro_batches: int = 1, patch_first: bool = True) -> Callable[[], dict]:
     """Stock and patched training under ``apply_layout`` vs one process. ``apply_layout(model)`` wraps the model
-    and returns (forward, facts): facts are the wrapper types and head layout it asserted."""
+    and returns (forward, facts): facts are the wrapper types and head layout it asserted. The patched model gets
+    ``cce_patch.patch(model)`` and nothing else, before the layout is applied (``patch_first``) or after it."""
     build = build or MODELS[model_key]
 
     def run() -> dict:
         traces, facts = {}, {}
         for patched in (False, True):
             model = build().to(DEVICE)
-            if patched:
+            if patched and patch_first:
                 cce_patch.patch(model)
-                if prepare:
-                    prepare_sharded_training(model)
             forward, facts = apply_layout(model)
+            if patched and not patch_first:
+                cce_patch.patch(model)
             assert world() == 2 or os.environ.get("CCE_DIST_ANY_WORLD"), world()
             traces[patched] = train(model, forward, data_parallel, micro_batches=micro_batches)
         single = single_process(MODELS[model_key], (model_key, data_parallel), data_parallel)
@@ -524,7 +524,9 @@ def fsdp2(per_layer: bool = True, groups: tuple[tuple[str, ...], ...] = (), resh
             assert all(isinstance(model.get_submodule(n), FSDPModule) for n in names), names
         facts = _head_facts(model)
         assert facts["head_weight"] == "DTensor" and "Shard(dim=0)" in facts["head_layout"], facts  # sharded at rest
-        return model, {"wrapper": type(model).__name__, "head_module": type(model.lm_head).__name__, **facts}
+        fsdp_modules = [name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+        return model, {"wrapper": type(model).__name__, "head_module": type(model.lm_head).__name__,
+                       "fsdp_modules": fsdp_modules, "decoder_layers": len(model.model.layers), **facts}
 
     return apply
 
@@ -565,20 +567,6 @@ def hf_tp(model):
     return model, {"wrapper": f"from_pretrained(tp_plan='auto'), mesh {tuple(mesh.shape)}", **facts}
 
 
-def fsdp_without_prepare() -> dict:
-    """lm_head in its own fully_shard group, patched but without prepare_sharded_training: the op sees each
-    rank's weight shard with different hidden states and refuses it (naming the fix) instead of a wrong loss."""
-    model = MODELS["llama (untied)"]().to(DEVICE)
-    cce_patch.patch(model)
-    forward, _ = fsdp2(groups=(("lm_head",),))(model)
-    ids, mask, labels = rank_batch(0, True)
-    try:
-        forward(input_ids=ids, attention_mask=mask, labels=labels)
-    except ValueError as exc:
-        return {"raised": True, "names_layout": "prepare_sharded_training" in str(exc), "message": str(exc)[:300]}
-    return {"raised": False, "names_layout": False}
-
-
 def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
     untied, tied = "llama (untied)", "qwen2 (tied)"
     return {
@@ -587,7 +575,10 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
         "fsdp2 per layer + root | llama (untied)": layout_case(untied, fsdp2()),
         "fsdp2 per layer + root, reshard_after_forward=False | llama (untied)": layout_case(untied, fsdp2(reshard=False)),
         "fsdp2 root only | llama (untied)": layout_case(untied, fsdp2(per_layer=False)),
-        "fsdp2 lm_head alone + per layer + root | llama (untied)": layout_case(untied, fsdp2(groups=(("lm_head",),))),
+        "fsdp2 torchtitan: per layer, lm_head alone, root | llama (untied)": layout_case(
+            untied, fsdp2(groups=(("lm_head",),))),
+        "fsdp2 torchtitan, fully_shard before patch(): per layer, lm_head alone, root | llama (untied)": layout_case(
+            untied, fsdp2(groups=(("lm_head",),)), patch_first=False),
         "fsdp2 lm_head alone, reshard_after_forward=False | llama (untied)": layout_case(
             untied, fsdp2(groups=(("lm_head",),), reshard=False)),
         "fsdp2 [norm, lm_head] grouped | llama (untied)": layout_case(untied, fsdp2(groups=(("model.norm", "lm_head"),))),
@@ -595,7 +586,7 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
             untied, fsdp2(groups=(("model.embed_tokens", "lm_head"),))),
         "fsdp2 per layer + root | qwen2 (tied)": layout_case(tied, fsdp2()),
         "fsdp2 root only, reshard_after_forward=False | qwen2 (tied)": layout_case(tied, fsdp2(per_layer=False, reshard=False)),
-        "fsdp2 [embed_tokens, lm_head] grouped (tied) | qwen2 (tied)": layout_case(
+        "fsdp2 torchtitan (tied): per layer, [embed_tokens, lm_head] grouped, root | qwen2 (tied)": layout_case(
             tied, fsdp2(groups=(("model.embed_tokens", "lm_head"),))),
         "fsdp2 [embed_tokens, lm_head] grouped (tied), reshard_after_forward=False | qwen2 (tied)": layout_case(
             tied, fsdp2(groups=(("model.embed_tokens", "lm_head"),), reshard=False)),
@@ -604,7 +595,6 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
             untied, fsdp2(groups=(("lm_head",),), bf16=True)),
         "fsdp2 lm_head alone, 2 accumulated micro-batches (no reduce on the first) | llama (untied)": layout_case(
             untied, fsdp2(groups=(("lm_head",),)), micro_batches=2),
-        "fsdp2 lm_head alone without prepare_sharded_training: refused": fsdp_without_prepare,
         "tp parallelize_module(lm_head) | llama (untied)": layout_case(untied, tp_head, data_parallel=False),
         "tp from_pretrained(tp_plan='auto') | llama (untied)": layout_case(
             untied, hf_tp, data_parallel=False, build=hf_tp_build(untied, tmp_dir)),
@@ -618,11 +608,13 @@ def layout_cases(tmp_dir: Path) -> dict[str, Callable[[], dict]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def deepspeed_case(model_key: str, stage: int, *, zero_init: bool = False, through_module: bool = False):
+def deepspeed_case(model_key: str, stage: int, *, zero_init: bool = False, through_module: bool = False,
+                   plain_patch: bool = False):
     """ZeRO-``stage`` via ``deepspeed.initialize`` (SGD as the client optimizer), stock vs patched with
-    ``apply_cce`` (what the use_cce flag runs) vs one process. ``zero_init``: built under ``deepspeed.zero.Init``
-    (the Trainer's zero3_init_flag), weights copied from the normal build; ``through_module``: forward through
-    ``engine.module`` instead of the engine (outside DeepSpeed's own forward)."""
+    ``apply_cce`` (what the use_cce flag runs; ``plain_patch``: ``cce_patch.patch(model)``, as a user's own loop
+    does) vs one process. ``zero_init``: built under ``deepspeed.zero.Init`` (the Trainer's zero3_init_flag),
+    weights copied from the normal build; ``through_module``: forward through ``engine.module`` instead of the
+    engine (outside DeepSpeed's own forward)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -644,7 +636,9 @@ def deepspeed_case(model_key: str, stage: int, *, zero_init: bool = False, throu
                         p.copy_(q)
         else:
             model = reference
-        if patched:
+        if patched and plain_patch:
+            cce_patch.patch(model)
+        elif patched:
             apply_cce(model, config=CCEConfig())
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
                                           config=config)
@@ -675,6 +669,7 @@ def deepspeed_case(model_key: str, stage: int, *, zero_init: bool = False, throu
         loss_p1, grad_p1, param_p1, _ = compare(traces[True], single)
         loss_s1, grad_s1, param_s1, _ = compare(traces[False], single)
         return {"world_size": world(), "deepspeed": deepspeed.__version__, **facts,
+                "patched_with": "cce_patch.patch" if plain_patch else "apply_cce",
                 "patched_logits_none": traces[True].logits_none, "loss_step1": traces[True].losses[0],
                 "loss_patched_vs_stock": loss_ps, "loss_patched_vs_single": loss_p1, "loss_stock_vs_single": loss_s1,
                 "grad_patched_vs_stock": grad_ps, "grad_patched_vs_single": grad_p1, "grad_stock_vs_single": grad_s1,
@@ -698,7 +693,7 @@ def deepspeed_cases() -> dict[str, Callable[[], dict]]:
     untied, tied = "llama (untied)", "qwen2 (tied)"
     return {
         "zero-2 | llama (untied)": deepspeed_case(untied, 2),
-        "zero-3 | llama (untied)": deepspeed_case(untied, 3),
+        "zero-3, plain patch() | llama (untied)": deepspeed_case(untied, 3, plain_patch=True),
         "zero-3 built under zero.Init | llama (untied)": deepspeed_case(untied, 3, zero_init=True),
         "zero-3 built under zero.Init, forward through engine.module | llama (untied)": deepspeed_case(
             untied, 3, zero_init=True, through_module=True),

@@ -116,35 +116,45 @@ def _wrapper_problems(case: dict) -> list[str]:
 
 def test_layouts_patched_equals_stock_and_one_process(results):
     """DDP, FSDP2 (per layer + root, root only, lm_head alone, grouped with the norm or the embedding; tied and
-    untied; reshard_after_forward on/off; bf16 mixed precision; gradient accumulation) and tensor parallelism (parallelize_module,
-    tp_plan="auto"): two SGD steps give the same losses, gradients and parameters patched, stock and in one
-    process (fp32: to rounding; bf16: as close to the fp32 process as stock is)."""
+    untied; reshard_after_forward on/off; bf16 mixed precision; gradient accumulation) and tensor parallelism
+    (parallelize_module, tp_plan="auto"), each after a plain ``cce_patch.patch(model)``: two SGD steps give the
+    same losses, gradients and parameters patched, stock and in one process (fp32: to rounding; bf16: as close to
+    the fp32 process as stock is)."""
     cases = [c for c in results["layouts"]["cases"] if "loss_patched_vs_stock" in c or "error" in c]
     names = " ".join(c["name"] for c in cases)
-    for layout in ("ddp | llama", "ddp | qwen2 (tied)", "fsdp2 per layer + root", "root only", "lm_head alone +",
+    for layout in ("ddp | llama", "ddp | qwen2 (tied)", "fsdp2 per layer + root", "root only", "lm_head alone, root",
                    "lm_head alone, reshard_after_forward=False", "[norm, lm_head]", "[embed_tokens, lm_head] grouped |",
-                   "[embed_tokens, lm_head] grouped (tied)", "fsdp2 per layer + root | qwen2 (tied)",
+                   "[embed_tokens, lm_head] grouped, root | qwen2 (tied)", "fsdp2 per layer + root | qwen2 (tied)",
                    "parallelize_module(lm_head)", "tp_plan='auto') | llama", "tp_plan='auto') | qwen2 (tied)",
                    "per layer + root, bf16", "lm_head alone, bf16", "accumulated micro-batches"):
         assert layout in names, f"layout {layout!r} missing from the suite"
     assert not (problems := _failures(cases, _layout_problems)), "\n".join(problems)
 
 
-def test_fsdp_head_alone_without_prepare_is_refused(results):
-    """lm_head in its own fully_shard group, patched but without prepare_sharded_training: the op receives each
-    rank's weight shard with different hidden states and says what to do, instead of training a wrong loss."""
-    (case,) = [c for c in results["layouts"]["cases"] if "without prepare_sharded_training" in c["name"]]
-    assert "error" not in case, case
-    assert case["raised"] and case["names_layout"], case
+def test_torchtitan_fsdp2_layout_trains_with_patch_alone(results):
+    """torchtitan's FSDP2 layout (fully_shard on each decoder layer, then on the head's group, then on the root):
+    untied with ``lm_head`` in a group of its own (patched before and after the fully_shard calls), tied with the
+    head grouped with the embedding. After ``cce_patch.patch(model)`` and nothing else, the loss, every gradient
+    and every parameter equal stock's under the same layout and one process's on the whole batch. The groups are
+    checked to be the ones named: the head's weight is not in the root's group."""
+    cases = {c["name"]: c for c in results["layouts"]["cases"] if "torchtitan" in c["name"]}
+    assert len(cases) == 3 and sum("before patch()" in name for name in cases) == 1, list(cases)
+    assert not (problems := _failures(list(cases.values()), _layout_problems)), "\n".join(problems)
+    for name, case in cases.items():
+        layers = [f"model.layers.{i}" for i in range(case["decoder_layers"])]
+        head_group = ["model.embed_tokens", "lm_head"] if case["tied"] else ["lm_head"]
+        assert sorted(case["fsdp_modules"]) == sorted(["<root>", *layers, *head_group]), (name, case["fsdp_modules"])
+        assert case["world_size"] == 2 and case["tied"] == ("(tied)" in name), case
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_deepspeed_zero_patched_equals_stock_and_one_process(results):
     """ZeRO-2 and ZeRO-3 (head partitioned; built normally or under zero.Init; forward through the engine or
-    engine.module; tied and untied), patched with apply_cce as the use_cce flag does: no explicit registration of
-    the head is needed, and nothing imports deepspeed.zero."""
+    engine.module; tied and untied), patched with apply_cce as the use_cce flag does, or (one ZeRO-3 case) with a
+    plain patch(): no explicit registration of the head is needed, and nothing imports deepspeed.zero."""
     cases = results["deepspeed"]["cases"]
-    assert {c["name"].split(" |")[0].split(" built")[0] for c in cases} == {"zero-2", "zero-3"}
+    assert {c["name"].split(" |")[0].split(" built")[0].split(",")[0] for c in cases} == {"zero-2", "zero-3"}
+    assert {c.get("patched_with") for c in cases if c["name"].startswith("zero-3")} == {"apply_cce", "cce_patch.patch"}
     assert any("engine.module" in c["name"] for c in cases) and any("qwen2 (tied)" in c["name"] for c in cases)
     assert not (problems := _failures(cases, _layout_problems)), "\n".join(problems)
 
@@ -245,25 +255,58 @@ def test_apply_cce_with_deepspeed_imported(monkeypatch):
                                stock(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-def test_prepare_sharded_training_is_idempotent_and_inert_unsharded():
-    """One hook however often it is called; without sharding it changes nothing; it can be removed."""
+def _module_state(model: torch.nn.Module) -> dict[str, tuple]:
+    """Per module: its hooks of every kind (the hook objects themselves) and the names in its ``__dict__``."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+             "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    return {name: (tuple(tuple(getattr(m, kind).values()) for kind in kinds), tuple(sorted(vars(m))))
+            for name, m in model.named_modules()}
+
+
+def test_patch_and_unpatch_leave_no_hook_behind():
+    """patch() gathers an FSDP2-sharded head at the head's call (models/sharding.py), so it installs no hook: the
+    modules' hooks and attributes are the same after patch() and a training step, apart from the patch's own
+    record on the model, and exactly the same after unpatch(); no global module hook appears either."""
+    from models_tiny import batch, tiny_model
+    from torch.nn.modules import module as module_globals
+
+    import cce_patch
+
+    model = tiny_model("llama")
+    before = _module_state(model)
+    global_hooks = (dict(module_globals._global_forward_hooks), dict(module_globals._global_forward_pre_hooks))
+    cce_patch.patch(model)
+    ids, mask, labels = batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    during = _module_state(model)
+    own = {"forward", "_cce_config", "_cce_original_forward"}  # the patch record (models/state.py)
+    assert during[""][0] == before[""][0] and set(during[""][1]) - set(before[""][1]) == own, during[""]
+    assert {k: v for k, v in during.items() if k} == {k: v for k, v in before.items() if k}
+    cce_patch.unpatch(model)
+    assert _module_state(model) == before
+    assert (dict(module_globals._global_forward_hooks), dict(module_globals._global_forward_pre_hooks)) == global_hooks
+
+
+def test_prepare_sharded_training_is_a_harmless_name():
+    """The names once needed for an FSDP2 head group of its own still run, on a patched and an unpatched model,
+    return what they returned, install nothing and change no loss."""
     from models_tiny import batch, tiny_model
 
     import cce_patch
     from cce_patch.integrations.distributed import prepare_sharded_training, release_sharded_training
 
-    model = tiny_model("llama")
-    stock = tiny_model("llama")
+    model, stock = tiny_model("llama"), tiny_model("llama")
     cce_patch.patch(model)
-    before = len(model.model._forward_hooks)
-    prepare_sharded_training(model)
-    prepare_sharded_training(model)
-    assert len(model.model._forward_hooks) == before + 1
+    for target in (model, stock):
+        before = _module_state(target)
+        assert prepare_sharded_training(target) is target
+        assert prepare_sharded_training(target) is target
+        assert _module_state(target) == before
+        release_sharded_training(target)
+        assert _module_state(target) == before
     ids, mask, labels = batch()
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=labels).loss,
                                stock(input_ids=ids, attention_mask=mask, labels=labels).loss)
-    release_sharded_training(model)
-    assert len(model.model._forward_hooks) == before
 
 
 def test_vocab_parallel_needs_a_process_group():

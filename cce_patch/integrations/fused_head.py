@@ -33,6 +33,7 @@ import torch.nn as nn
 from packaging.version import Version
 from transformers.utils import ModelOutput
 
+from ..models.sharding import gather_for_loss
 from ..ops import linear_log_probs
 from ..ops.stats import OUTPUTS
 
@@ -70,7 +71,7 @@ class FusedHeadOptions:
 
 # ----- what cce_patch knows about a model ---------------------------------------------------------------------
 # The models room is being restructured (its accessors move between modules); these four functions are the only
-# places this file reads it, and each accepts both layouts.
+# places this file reads it, and each accepts both layouts (besides models/sharding.py's gather_for_loss, new).
 def _peft_helpers():
     try:
         from .peft import effective_head, unwrap_peft
@@ -216,9 +217,6 @@ def install_fused_head(
     cce_fused_forward._cce_fused_head = options
     model.forward = types.MethodType(cce_fused_forward, model)
     if is_cce_patched(model):
-        from .distributed import prepare_sharded_training
-
-        prepare_sharded_training(model)  # an FSDP2 group that does not gather the head for us (distributed.py)
         watch_for_bypass(model)
     logger.info("fused LM head on %s (outputs=%s, temperature=%g%s)", type(model).__name__,
                 ",".join(outputs), temperature, ", lm_head in fp32" if cast_lm_head_to_fp32 else "")
@@ -228,6 +226,7 @@ def score(model, hidden, labels, shift_labels, options: FusedHeadOptions, softca
     """The per-token fields and ``label_mask``, (batch, seq - 1) for ``labels`` (the last position predicts
     nothing) or (batch, seq) for pre-shifted ``shift_labels``."""
     head = head_linear(model)
+    gather_for_loss(base_model(model), head)  # an FSDP2 group of the head's own: unsharded, as its forward would
     weight, bias = head.weight, head.bias
     if type(weight).__name__ == "DTensor":  # still sharded (a tensor-parallel head): gather it, as TRL does
         weight = weight.full_tensor()

@@ -34,7 +34,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
 from ..models.patching import is_patched, patch
-from .distributed import prepare_sharded_training
 from .fused_head import base_model, fused_head_options, install_fused_head
 
 logger = logging.getLogger("cce_patch")
@@ -92,7 +91,6 @@ def apply_cce(model: nn.Module, args: Any = None, config: CCEConfig | None = Non
         patch(model, config)
     except NotImplementedError as exc:
         raise NotImplementedError(f"use_cce: cannot patch {type(model).__name__}: {exc}") from exc
-    prepare_sharded_training(model)  # FSDP2 groups that do not gather the head by themselves (distributed.py)
     return model
 
 

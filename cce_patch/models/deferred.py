@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Reduction
-
-if TYPE_CHECKING:
-    from .intercept import Interception
 
 #: Operation names (``func.__name__`` as ``__torch_function__`` sees them) grouped by what they mean here.
 _MUL = {"mul", "multiply", "__mul__", "__rmul__", "mul_", "__imul__"}
@@ -47,6 +44,20 @@ _IDENTITY = {"contiguous", "clone", "__copy__"}
 _IN_PLACE = {"mul_", "div_", "tanh_", "neg_"}
 
 
+class LossSite(Protocol):
+    """What deferred logits call back: the patched call that made them (``intercept.Interception``). Declared
+    here, by its user, so that this module needs nothing from the one that creates its objects."""
+
+    seen: set[str]  # the logit transforms folded, for the census's notes
+
+    def cross_entropy(self, logits: DeferredLogits, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                      reduction: str, label_smoothing: float) -> torch.Tensor: ...
+
+    def logsumexp(self, logits: DeferredLogits) -> torch.Tensor: ...
+
+    def refuse(self, operation: str, detail: str = "") -> NoReturn: ...
+
+
 class DeferredLogits:
     """The logits ``squash(hidden @ weight.T + bias)`` cast to ``dtype``, with ``squash`` one of: none,
     ``tanh``, or the soft cap ``cap * tanh(x / cap)`` (``softcap`` set). ``hidden`` has the token dimensions
@@ -55,7 +66,7 @@ class DeferredLogits:
     __slots__ = ("hidden", "weight", "bias", "squashed", "softcap", "dtype", "site", "scale")
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                 site: Interception, squashed: bool = False, softcap: float | None = None, scale: float = 1.0) -> None:
+                 site: LossSite, squashed: bool = False, softcap: float | None = None, scale: float = 1.0) -> None:
         self.hidden, self.weight, self.bias, self.dtype, self.site = hidden, weight, bias, dtype, site
         self.squashed, self.softcap = squashed, softcap
         self.scale = scale  # the scalar factor folded so far (NaN: a tensor one), for the census's notes only

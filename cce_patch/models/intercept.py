@@ -37,6 +37,7 @@ from ..config import CCEConfig
 from ..ops import linear_cross_entropy
 from .deferred import DeferredLogits
 from .heads import effective_head
+from .sharding import gather_for_loss
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _OBSERVED: contextvars.ContextVar[list[Interception] | None] = contextvars.ContextVar("cce_observed", default=None)
@@ -102,9 +103,9 @@ class _DeferredProjection:
     """Stands in for a plain projection head at its attribute for one CCE call (it shadows the submodule in the
     parent's instance ``__dict__``): ``self.lm_head(hidden)`` returns deferred logits without running the
     head module. Nothing that gathers a sharded weight around the head's own forward (FSDP2 groups, tensor-
-    parallel hooks) runs either: exactly as if the stock forward read ``lm_head.weight`` itself
-    (integrations/distributed.py says what each sharded layout needs). Attributes read through the stand-in
-    (``.weight``, ``.out_features``) are the head's."""
+    parallel hooks) runs either: exactly as if the stock forward read ``lm_head.weight`` itself, except that an
+    FSDP2 group of the head's own is unsharded here (``sharding.py`` says what each sharded layout needs).
+    Attributes read through the stand-in (``.weight``, ``.out_features``) are the head's."""
 
     def __init__(self, site: Interception, head: nn.Module) -> None:
         self._site, self._head = site, head
@@ -112,6 +113,7 @@ class _DeferredProjection:
     def __call__(self, hidden: Any, *args: Any, **kwargs: Any) -> Any:
         linear = _plain_projection(self._head) if not args and not kwargs and torch.is_tensor(hidden) else None
         if linear is not None:
+            gather_for_loss(self._site.model, linear)  # an FSDP2 shard that no running forward gathered
             weight = linear.weight
             x = hidden if hidden.device == weight.device else hidden.to(weight.device)  # device_map: as its hook would
             deferred = self._site.capture(x, weight, linear.bias)

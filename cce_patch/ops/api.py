@@ -20,7 +20,7 @@ from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, flat_operands, valid_rows
 from .speed_mode import SpeedModeFunction
 from .validation import validate_inputs
-from .vocab_parallel import dtensor_linear_cross_entropy, has_dtensor
+from .vocab_parallel import dtensor_vocab_parallel, has_dtensor, replicated_local, vocab_dim
 
 
 def linear_cross_entropy(
@@ -102,8 +102,9 @@ def linear_cross_entropy(
     (``compiled.py``), running the same kernels as eager. Non-contiguous ``e`` or ``targets`` are made
     contiguous first (a copy); gradients are computed only for the tensors that require them.
 
-    DTensor inputs (FSDP2 / tensor-parallel parameters) go to ``vocab_parallel.py``: a classifier split over the
-    vocabulary (``Shard(0)``) runs vocab-parallel across its mesh, other layouts are refused by name.
+    DTensor inputs (FSDP2 / tensor-parallel parameters) go to :func:`dtensor_linear_cross_entropy`: a classifier
+    split over the vocabulary (``Shard(0)``) runs vocab-parallel across its mesh (``vocab_parallel.py``), other
+    layouts are refused by name.
     """
     e, c, bias = autocast_inputs(e, c, bias)
     if has_dtensor(e, c, targets, bias):
@@ -163,3 +164,25 @@ def linear_cross_entropy(
     if return_lse:
         return loss, lse_rows.view(targets.shape)
     return loss
+
+
+def dtensor_linear_cross_entropy(
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, *, bias: torch.Tensor | None = None, **options: object
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``linear_cross_entropy`` for DTensor inputs (FSDP2 or tensor-parallel parameters).
+
+    A classifier split over the vocabulary (``Shard(0)`` on one mesh dimension, ``Replicate`` on the others)
+    runs vocab-parallel over that dimension's process group; a replicated classifier runs the ordinary op on
+    its local copy. The hidden states, targets and a bias that is not split like the classifier must be plain
+    tensors or replicated DTensors. Anything else raises a ``ValueError`` naming the layout, before any compute.
+    The result is a plain tensor, the same on every rank of the group. Here, not in ``vocab_parallel.py``,
+    because the replicated case is this op again: the imports run one way (api -> vocab_parallel).
+    """
+    dim = vocab_dim(c) if has_dtensor(c) else None
+    e_local = replicated_local("the hidden states e", e, feature_dim=True)
+    targets_local = replicated_local("targets", targets)
+    if dim is None:  # replicated classifier (or a plain one with DTensor e / targets): nothing is sharded
+        c_local = replicated_local("the classifier", c)
+        bias_local = replicated_local("bias", bias)
+        return linear_cross_entropy(e_local, c_local, targets_local, bias=bias_local, **options)
+    return dtensor_vocab_parallel(e_local, c, targets_local, dim, bias=bias, **options)

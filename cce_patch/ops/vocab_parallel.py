@@ -20,9 +20,10 @@ smoothing's ``-g a / V`` term is rank one (added as a matvec and a broadcast, he
 dE is all-reduced (a sum over the shards' contributions), dC and dbias stay local.
 
 Public entry points: :func:`vocab_parallel_linear_cross_entropy` (plain tensors plus a process group) and
-:func:`dtensor_linear_cross_entropy`, which ``linear_cross_entropy`` calls for DTensor inputs: a ``Shard(0)``
-classifier is vocab-parallel, a replicated one is the ordinary op on the local copy, and every other layout is
-refused, naming it, before any compute.
+:func:`dtensor_vocab_parallel`, which ``linear_cross_entropy`` calls for a ``Shard(0)`` DTensor classifier. The
+op itself reads the layout of DTensor inputs with :func:`vocab_dim` and :func:`replicated_local` (a replicated
+classifier is the ordinary op on the local copy; every other layout is refused, naming it, before any compute),
+so this module never imports the op (``api.py``): the imports run one way.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _describe(t: Any) -> str:
     return f"placements {tuple(t.placements)} on mesh {tuple(t.device_mesh.shape)} (dims {t.device_mesh.mesh_dim_names})"
 
 
-def _vocab_dim(c: Any) -> int | None:
+def vocab_dim(c: Any) -> int | None:
     """The mesh dimension over which a DTensor classifier is split by rows (None: replicated); raises for any
     other layout, naming it."""
     from torch.distributed.tensor import Replicate, Shard
@@ -103,7 +104,7 @@ def _vocab_dim(c: Any) -> int | None:
     return shard_dims[0] if shard_dims else None
 
 
-def _replicated_local(name: str, t: Any, feature_dim: bool = False) -> Any:
+def replicated_local(name: str, t: Any, feature_dim: bool = False) -> Any:
     """The local tensor of ``t`` gathered to every rank (differentiable), or ``t`` itself if it is no DTensor.
 
     Replicated DTensors are used as they are; DTensors split over token dimensions (sequence parallelism: a
@@ -134,24 +135,14 @@ def _chunk_range(vocab: int, world: int, index: int) -> tuple[int, int]:
     return start, max(0, min(size, vocab - start))
 
 
-def dtensor_linear_cross_entropy(e: Any, c: Any, targets: Any, *, bias: Any = None, **options: Any):
-    """``linear_cross_entropy`` for DTensor inputs (FSDP2 or tensor-parallel parameters).
-
-    A classifier split over the vocabulary (``Shard(0)`` on one mesh dimension, ``Replicate`` on the others)
-    runs vocab-parallel over that dimension's process group; a replicated classifier runs the ordinary op on
-    its local copy. The hidden states, targets and a bias that is not split like the classifier must be plain
-    tensors or replicated DTensors. Anything else raises a ``ValueError`` naming the layout, before any compute.
-    The result is a plain tensor, the same on every rank of the group.
+def dtensor_vocab_parallel(e: torch.Tensor, c: Any, targets: torch.Tensor, dim: int, *, bias: Any = None,
+                           **options: Any) -> Any:
+    """The loss of a DTensor classifier split over the vocabulary on mesh dimension ``dim`` (``Shard(0)`` there,
+    ``Replicate`` elsewhere: ``vocab_dim(c)``), vocab-parallel over that dimension's process group, given the
+    plain hidden states and targets every rank of it holds (``replicated_local``). The bias, if any, must be
+    split like the classifier. ``linear_cross_entropy`` decides the layout (``api.dtensor_linear_cross_entropy``)
+    and calls this for the vocab-parallel one; the result is a plain tensor, the same on every rank of the group.
     """
-    from .api import linear_cross_entropy
-
-    dim = _vocab_dim(c) if has_dtensor(c) else None
-    e_local = _replicated_local("the hidden states e", e, feature_dim=True)
-    targets_local = _replicated_local("targets", targets)
-    if dim is None:  # replicated classifier (or a plain one with DTensor e / targets): nothing is sharded
-        c_local = _replicated_local("the classifier", c)
-        bias_local = _replicated_local("bias", bias)
-        return linear_cross_entropy(e_local, c_local, targets_local, bias=bias_local, **options)
     if bias is not None:
         if not has_dtensor(bias) or tuple(bias.placements) != tuple(c.placements) or bias.device_mesh != c.device_mesh:
             raise ValueError(
@@ -172,7 +163,7 @@ def dtensor_linear_cross_entropy(e: Any, c: Any, targets: Any, *, bias: Any = No
             "custom shards are supported through vocab_parallel_linear_cross_entropy(vocab_start=...)"
         )
     shard = VocabShard(group=mesh.get_group(dim), world=world, start=start, rows=rows, vocab=vocab)
-    return _vocab_parallel(e_local, c_local, targets_local, shard, bias=bias, **options)
+    return _vocab_parallel(e, c_local, targets, shard, bias=bias, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,10 +264,11 @@ def _check_group(e2d: torch.Tensor, targets_flat: torch.Tensor, shard: VocabShar
     if any(row[5:] != table[0][5:] for row in table):
         raise ValueError(
             "vocab-parallel linear_cross_entropy: the hidden states or targets differ across the ranks of the group "
-            f"that holds the classifier's shards; {_LAYOUT_HINT}. Data-parallel ranks with a vocab-sharded weight "
-            "are what an FSDP-sharded lm_head looks like when the loss reads its weight outside the module's own "
-            "forward: call cce_patch.integrations.distributed.prepare_sharded_training(model) (apply_cce and the "
-            "use_cce Trainer flag do), or keep lm_head in the FSDP root unit"
+            f"that holds the classifier's shards; {_LAYOUT_HINT}. Here the ranks are data-parallel (each has its own "
+            "batch) yet each holds only a block of the classifier's rows: a data-parallel shard, such as an FSDP2 "
+            "parameter read outside its module's forward, where FSDP has not gathered it. Gather it before the "
+            "loss (FSDPModule.unshard() on the fully_shard group that holds it, as a patched model does for its "
+            "head), or put that module in the root's group"
         )
     sizes = [row[2] for row in table]
     if shard.start < 0:

@@ -7,9 +7,10 @@
 
 A real architecture (``cce_patch.models.architectures``) at reduced depth, bf16 weights, ``fully_shard`` per
 decoder layer + root (accelerate's TRANSFORMER_BASED_WRAP; ``--head-alone`` also gives lm_head its own group,
-which exercises ``prepare_sharded_training``), ``--tokens`` random tokens per GPU in one sequence, SGD. For stock
-and patched in turn: the median step time (forward, backward, optimizer step) after one warm-up step, the peak
-memory of the timed steps, and the losses (same seed, so the two runs see the same tokens).
+torchtitan's layout, which exercises the patched forward's unshard of that group, models/sharding.py),
+``--tokens`` random tokens per GPU in one sequence, SGD. For stock and patched in turn: the median step time
+(forward, backward, optimizer step) after one warm-up step, the peak memory of the timed steps, and the losses
+(same seed, so the two runs see the same tokens).
 """
 
 from __future__ import annotations
@@ -43,13 +44,11 @@ def run(args, patched: bool, device: torch.device) -> dict:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     import cce_patch
-    from cce_patch.integrations.distributed import prepare_sharded_training
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build(args.arch, args.layers, device, dtype).train()
     if patched:
-        cce_patch.patch(model)
-        prepare_sharded_training(model)
+        cce_patch.patch(model)  # all a sharded layout needs
     for layer in model.model.layers:
         fully_shard(layer)
     if args.head_alone:  # a tied head shares its group with the embedding (FSDP2 refuses a shared parameter in two)
