@@ -13,6 +13,8 @@ from .integrations.arming import patch
 from .models import is_patched, unpatch
 from .ops import TokenStats, linear_cross_entropy, linear_log_probs
 
+#: The version, in one place: pyproject.toml reads this literal from the source (setuptools, without importing
+#: the package, so building needs no torch).
 __version__ = "0.1.0"
 
 __all__ = ["linear_cross_entropy", "linear_log_probs", "TokenStats", "patch", "unpatch", "is_patched", "CCEConfig", "__version__"]
