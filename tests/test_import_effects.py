@@ -42,10 +42,11 @@ def torch_settings():
 
 
 def loggers():
-    found = {"": (logging.root.level, [id(h) for h in logging.root.handlers], logging.root.manager.disable)}
+    # name -> [handlers, level, propagate, disabled]; the root also records logging.disable's level
+    found = {"": [[id(h) for h in logging.root.handlers], logging.root.level, logging.root.manager.disable]}
     for name, logger in logging.root.manager.loggerDict.items():
         if isinstance(logger, logging.Logger):
-            found[name] = (logger.level, [id(h) for h in logger.handlers], logger.propagate, logger.disabled)
+            found[name] = [[id(h) for h in logger.handlers], logger.level, logger.propagate, logger.disabled]
     return found
 
 
@@ -81,7 +82,7 @@ def state():
         "displayhook": repr(sys.displayhook),
         "recursion_limit": sys.getrecursionlimit(),
         "environ": dict(os.environ),
-        "loggers": {k: repr(v) for k, v in loggers().items()},
+        "loggers": loggers(),
         "torch": torch_settings(),
         "ops": sorted(torch._C._dispatch_get_all_op_names()),
     }
@@ -98,7 +99,7 @@ changed = {k: (before[k], after[k]) for k in before
 changed.update({f"logger {k!r}": (v, after["loggers"].get(k)) for k, v in before["loggers"].items()
                 if after["loggers"].get(k) != v})
 changed.update({f"new logger {k!r}": v for k, v in after["loggers"].items()
-                if k not in before["loggers"] and ", [], " not in v})
+                if k not in before["loggers"] and v[0]})
 new_ops = sorted(set(after["ops"]) - set(before["ops"]))
 changed_attrs = sorted(k for k, v in attrs.items() if k in attrs_after and attrs_after[k] != v)
 cache = sorted(set(after["importer_cache"]) - set(before["importer_cache"]))
