@@ -1,5 +1,6 @@
 # cce_patch — developer entry points. `make test` works on a fresh CPU machine: it creates .venv,
-# installs the project with its test extras, and runs pytest with Triton's CPU interpreter.
+# installs the project with its test extra (the core plus every optional package the tests import: see
+# pyproject.toml), and runs pytest with Triton's CPU interpreter.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,10 +15,10 @@ PIP_ENV := DS_BUILD_OPS=0 PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
 endif
 PYTEST_ARGS ?=
 # The oldest transformers the project declares (pyproject: >=4.57,<6) gets its own, smaller lane: the model
-# room's tests and the census, where the version matters.
+# room's tests and the census, where the version matters, and the core-only install (tests/test_packaging.py).
 COMPAT_VENV ?= .venv-transformers-4.57
 COMPAT_TRANSFORMERS ?= transformers==4.57.6
-COMPAT_TESTS ?= tests/test_models_patch.py tests/test_models_peft.py tests/test_models_families.py tests/test_census.py tests/test_trainer.py
+COMPAT_TESTS ?= tests/test_models_patch.py tests/test_models_peft.py tests/test_models_families.py tests/test_census.py tests/test_trainer.py tests/test_packaging.py
 
 .PHONY: install test test-main test-compat lint finetune bench gpu clean
 

@@ -5,8 +5,8 @@ same losses, gradient norms and metrics (``mean_token_accuracy``, ``entropy``, .
 ``ChunkedLogProbFunction`` not (and the reverse unpatched). The head itself against TRL's on every output
 field, with temperature, soft cap, logit scale, pre-shifted labels and ``cast_lm_head_to_fp32``, values and
 gradients; a GRPO-style objective from our per-token log-probs against TRL's kernel and an fp64 oracle; the
-three ways in (``patch`` before the trainer, ``CCECallback``, ``use_cce=True`` in the config); the import hook in
-either import order; the bypass warnings; and TRL 0.24 (the logits protocol) refused at trainer init.
+three ways in (``patch`` before the trainer, ``CCECallback``, ``use_cce=True`` in the config); TRL armed by the patch,
+imported before or after it; the bypass warnings; and TRL 0.24 (the logits protocol) refused at trainer init.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from offline_default import build_tokenizer, generate_dataset  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cce_trl.trl_version() < cce_trl.FUSED_HEAD_SINCE,
                                 reason="the installed TRL has no fused LM head")
-TRL_HEAD = trl.trainer.utils.add_fused_lm_head._cce_trl_original  # TRL's own factory, under our dispatch
+# TRL's own factory: under our dispatch once a patch in this process has armed the integration, as is before
+_FACTORY = trl.trainer.utils.add_fused_lm_head
+TRL_HEAD = getattr(_FACTORY, "_cce_trl_original", _FACTORY)
 
 
 @pytest.fixture
@@ -435,27 +437,86 @@ def _python(code: str, extra_path: str | None = None, timeout: int = 300) -> sub
                           timeout=timeout, cwd=ROOT)
 
 
-def test_armed_in_this_process():
-    """This module imported cce_patch before any TRL trainer module: the finder armed them as they loaded."""
+def test_armed_in_this_process_once_a_model_is_patched():
+    """This module imported TRL's trainer modules before any patch; patching arms them at once."""
     import trl.trainer.dpo_trainer as dpo
     import trl.trainer.sft_trainer as sft
     import trl.trainer.utils as utils
 
     from cce_patch.integrations.trl_hook import _AfterImport
 
+    cce_patch.patch(tiny_model("llama"), impl="torch")
     assert any(isinstance(f, _AfterImport) for f in sys.meta_path)
     assert utils.add_fused_lm_head is sft.add_fused_lm_head is dpo.add_fused_lm_head
+    assert utils.add_fused_lm_head._cce_trl_original is TRL_HEAD
     assert sft.SFTTrainer.__init__._cce_checked and dpo.DPOTrainer.__init__._cce_checked
 
 
-def test_trl_imported_before_cce_patch_is_armed_too():
-    run = _python("""
+#: Run in a fresh interpreter after ``model`` was patched and ``sft`` / ``dpo`` / ``utils`` imported (in either
+#: order): the factory SFTTrainer's __init__ calls installs our head on the patched model (our kernel runs, TRL's
+#: does not) and TRL's own on an unpatched one; the trainers' __init__ are checked.
+ROUTES_TO_OUR_KERNEL = """
+    import cce_patch.ops.token_stats as token_stats
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from cce_patch.integrations.fused_head import fused_head_options
+    calls = {"ours": 0, "trl": 0}
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return staticmethod(wrapper)
+    token_stats.TokenStatsFunction.forward = counted("ours", token_stats.TokenStatsFunction.forward)
+    ChunkedLogProbFunction.forward = counted("trl", ChunkedLogProbFunction.forward)
+    assert utils.add_fused_lm_head is sft.add_fused_lm_head is dpo.add_fused_lm_head is not original
+    assert utils.add_fused_lm_head._cce_trl_original is original
+    assert sft.SFTTrainer.__init__._cce_checked and dpo.DPOTrainer.__init__._cce_checked
+    ids, mask, labels = batch()
+    sft.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert fused_head_options(model) is not None and out.entropy is not None and calls == {"ours": 1, "trl": 0}, calls
+    stock = tiny_model("llama")
+    sft.add_fused_lm_head(stock, outputs=("log_probs", "entropy"))
+    stock(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert fused_head_options(stock) is None and calls == {"ours": 1, "trl": 1}, calls
+    print("routed")
+"""
+
+
+def test_trl_imported_before_the_patch_is_armed_by_the_patch():
+    run = _python(textwrap.dedent("""
+        import sys
         import trl.trainer.sft_trainer as sft, trl.trainer.dpo_trainer as dpo, trl.trainer.utils as utils
         original = utils.add_fused_lm_head
         import cce_patch
-        assert utils.add_fused_lm_head is sft.add_fused_lm_head is dpo.add_fused_lm_head is not original
-        assert utils.add_fused_lm_head._cce_trl_original is original
-        assert sft.SFTTrainer.__init__._cce_checked and dpo.DPOTrainer.__init__._cce_checked
+        from models_tiny import batch, tiny_model
+        assert utils.add_fused_lm_head is original, "import cce_patch alone must not touch TRL"
+        assert not hasattr(sft.SFTTrainer.__init__, "_cce_checked")
+        model = cce_patch.patch(tiny_model("llama"), impl="torch")
+    """) + textwrap.dedent(ROUTES_TO_OUR_KERNEL))
+    assert run.returncode == 0 and "routed" in run.stdout, run.stderr[-3000:]
+
+
+def test_trl_imported_after_the_patch_is_armed_as_it_loads():
+    run = _python(textwrap.dedent("""
+        import sys
+        import cce_patch
+        from models_tiny import batch, tiny_model
+        model = cce_patch.patch(tiny_model("llama"), impl="torch")
+        assert "trl" not in sys.modules, "patching must not import TRL"
+        import trl.trainer.utils as utils
+        original = utils.add_fused_lm_head._cce_trl_original  # wrapped as it loaded
+        import trl.trainer.sft_trainer as sft, trl.trainer.dpo_trainer as dpo
+    """) + textwrap.dedent(ROUTES_TO_OUR_KERNEL))
+    assert run.returncode == 0 and "routed" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_trl_config_with_use_cce_arms_without_a_prior_patch():
+    """``CCESFTConfig(use_cce=True)`` is the only request for CCE in such a program: the trainer must be checked
+    (and add the callback) though nothing was patched before it was built."""
+    run = _python("""
+        import trl.trainer.sft_trainer as sft
+        from cce_patch.integrations.trl import CCESFTConfig
+        assert sft.SFTTrainer.__init__._cce_checked
         print("armed")
     """)
     assert run.returncode == 0 and "armed" in run.stdout, run.stderr[-3000:]

@@ -33,8 +33,12 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
-from ..models.patching import is_patched, patch
+from ..models.patching import is_patched
+from .arming import arm, patch
+from .extras import require
 from .fused_head import base_model, fused_head_options, install_fused_head
+
+require("accelerate", extra="trainer", feature="cce_patch's Trainer flag (transformers' Trainer runs on accelerate)")
 
 logger = logging.getLogger("cce_patch")
 
@@ -102,6 +106,7 @@ class CCECallback(TrainerCallback):
     """
 
     def __init__(self, config: CCEConfig | None = None) -> None:
+        arm()  # asking for a patch: a TRL trainer built with this callback is checked too (arming.py)
         self.config = config
         self.logs_token_metrics = False  # set by CCETrainer, which logs them; a plain Trainer cannot
 

@@ -9,7 +9,7 @@ backbone and TRL's ``ChunkedLogProbFunction`` on ``lm_head.weight`` and returns 
 patched with cce_patch would train on TRL's kernel, silently.
 
 What this module does. ``add_fused_lm_head`` is wrapped where TRL defines it and wherever a trainer module
-imported it (``trl_hook.py`` arms this when TRL is imported; ``import cce_patch`` arms the hook). For a model
+imported it (``trl_hook.py`` arms this when TRL is imported; patching a model arms the hook: ``arming.py``). For a model
 patched with cce_patch (the instance, through PEFT, or its class) the head installed is
 :func:`add_cce_fused_lm_head`: the same protocol and output type, computed by ``cce_patch.linear_log_probs``
 in one fused pass (no logits, exact gradients; ``fused_head.py``). Every other model gets TRL's own head,
@@ -51,6 +51,8 @@ from typing import Any
 import torch.nn as nn
 from packaging.version import Version
 
+from .arming import arm
+from .extras import require
 from .fused_head import (
     CCEBypassWarning,
     base_model,
@@ -72,6 +74,8 @@ FUSED_HEAD_SINCE = Version("1.15.0")
 TRAINERS = ("SFTTrainer", "GRPOTrainer", "RLOOTrainer", "DPOTrainer", "KTOTrainer")
 #: TRL's names of the configs that get a ``CCE`` twin with ``use_cce`` / ``cce_config``.
 CONFIGS = ("SFTConfig", "GRPOConfig", "RLOOConfig", "DPOConfig", "KTOConfig")
+#: What the missing-extra error names.
+_FEATURE = "cce_patch's TRL integration"
 
 
 def trl_version() -> Version:
@@ -87,9 +91,8 @@ def add_cce_fused_lm_head(
     """TRL's ``add_fused_lm_head`` on cce_patch's kernel (same arguments): ``model(..., labels=labels,
     fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput``, computed by ``linear_log_probs`` without
     materialising the logits (``fused_head.py``)."""
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    install_fused_head(model, temperature, cast_lm_head_to_fp32, outputs, output_class=FusedCausalLMOutput)
+    output_class = require("trl.trainer.utils", extra="trl", feature=_FEATURE).FusedCausalLMOutput
+    install_fused_head(model, temperature, cast_lm_head_to_fp32, outputs, output_class=output_class)
 
 
 def _trl_head_arguments(model: nn.Module) -> dict | None:
@@ -281,6 +284,7 @@ def cce_config_class(config_cls: type) -> type:
     ``CCECallback`` by itself."""
     from .trainer import CCETrainingArguments
 
+    arm()  # a trainer given use_cce=True must find TRL's trainers checked (arming.py)
     cls = type(f"CCE{config_cls.__name__}", (config_cls, CCETrainingArguments), {
         "__module__": __name__,
         "__doc__": f"``{config_cls.__name__}`` with cce_patch's ``use_cce`` and ``cce_config`` fields.",
@@ -290,8 +294,7 @@ def cce_config_class(config_cls: type) -> type:
 
 @functools.cache
 def _config_class(name: str) -> type:
-    import trl
-
+    trl = require("trl", extra="trl", feature=_FEATURE)
     return cce_config_class(getattr(trl, name))
 
 

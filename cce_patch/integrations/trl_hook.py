@@ -1,11 +1,14 @@
 """Arm the TRL integration (``trl.py``) whenever TRL is imported, without importing TRL ourselves.
 
-Why a hook at import time: TRL's trainers install their fused LM head inside ``__init__`` (``add_fused_lm_head``),
+Why an import hook: TRL's trainers install their fused LM head inside ``__init__`` (``add_fused_lm_head``),
 from a function each trainer module imported by name. A user who patches a model and then builds a trainer
-must get cce_patch's kernel without any further step, and ``import cce_patch`` must not pay for importing TRL
-(seconds) in programs that never use it. So ``install()`` (called by ``import cce_patch``) arms a finder on
-``sys.meta_path`` that does nothing but wait for the TRL modules below: right after one of them has executed,
-``trl.py`` wraps what it needs in it (``on_module_loaded``). Modules already imported are handled at once.
+must get cce_patch's kernel without any further step, and cce_patch must not pay for importing TRL (seconds)
+in programs that never use it. So ``install()`` arms a finder on ``sys.meta_path`` that does nothing but wait
+for the TRL modules below: right after one of them has executed, ``trl.py`` wraps what it needs in it
+(``on_module_loaded``). Modules already imported are handled at once, so TRL may be imported before or after.
+
+When: ``install()`` runs when a model is patched (``arming.py``: ``cce_patch.patch``, the Trainer flag, the
+``CCE*Config`` classes), never at ``import cce_patch``, which changes nothing outside the package.
 
 The wrappers act only on models patched with cce_patch; every other model, and TRL itself, behave exactly as
 without cce_patch. A failure to arm is logged, never raised into TRL's import.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import importlib.abc
 import logging
 import sys
+import types
+from typing import Any
 
 logger = logging.getLogger("cce_patch")
 
@@ -30,7 +35,7 @@ WATCHED = (
 )
 
 
-def _arm(module) -> None:
+def _arm(module: types.ModuleType) -> None:
     try:
         from . import trl as integration
 
@@ -44,7 +49,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: for a watched module it asks the other finders for the spec and makes the loader
     call ``_arm`` after the module's code has run."""
 
-    def find_spec(self, fullname, path, target=None):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in WATCHED:
             return None
         for finder in sys.meta_path:
@@ -69,7 +74,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Arm the integration once per process: now for the watched modules already imported, later for the rest."""
+    """Arm the integration once per process: now for the watched modules already imported, later for the rest.
+    Called by ``arming.arm`` (a patch, the Trainer flag, a ``CCE*Config``); calling it again changes nothing."""
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
     for name in WATCHED:  # utils first: the trainers' checks expect the fused head to be wrapped already

@@ -1,0 +1,44 @@
+"""``cce_patch.patch`` as users call it: the model room's ``patch``, then the integrations armed that hook a
+library process-wide.
+
+Why at patch time and not at import: ``import cce_patch`` must change nothing outside the package (no
+``sys.meta_path`` finder, no warnings filter, no logging handler, no torch setting), as the peers' imports do
+not. A process that patches a model has asked for cce_patch's kernel wherever that model's loss is computed,
+TRL's fused LM head included (``trl.py``), so patching is what arms the TRL hook (``trl_hook.py``): TRL modules
+already imported are wrapped at once, the others when they load. The wrappers act only on patched models, so
+arming changes nothing for any other model.
+
+Why a layer of its own: the model room may not import this one (``tests/test_layering.py``), so
+``cce_patch.models.patch`` cannot arm; the facade exports this ``patch`` instead. The other ways of asking for a
+patch arm too: ``apply_cce`` and ``CCECallback`` (the Trainer flag) and the ``CCE*Config`` classes of ``trl.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import models
+from ..config import CCEConfig
+from . import trl_hook
+
+
+def arm() -> None:
+    """Arm the integrations that wait for a library's import (today TRL's). Idempotent and cheap; imports
+    nothing outside the package."""
+    trl_hook.install()
+
+
+def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
+    """Make ``target`` compute its training loss with CCE, and arm the TRL integration. Returns ``target``.
+
+    Args:
+        target: a model instance (``*ForCausalLM``, a multimodal ``*ForConditionalGeneration``, ...), a
+            ``PeftModel`` or ``torch.compile`` wrapper around one, a model class, or a model type string
+            (``"llama"``, ``"gemma3"``, ...) naming the causal-LM class.
+        config: a CCEConfig; ``**options`` override its fields (``impl="torch"``, ``train_only=False``, ...).
+
+    The patch itself is ``cce_patch.models.patch``'s; arming follows only a patch that succeeded.
+    """
+    patched = models.patch(target, config, **options)
+    arm()
+    return patched
