@@ -249,7 +249,7 @@ def heads_tables(results: list[dict], baseline: str, cuda: bool) -> list[str]:
             fl = by.get((floor, n))
             floor_ms = _floor_ms(fl)
             if has_floor:
-                cells.append(_num(floor_ms, 2) if floor_ms is not None else _fwdbwd_status(fl))
+                cells.append(_num(floor_ms, 2) if floor_ms is not None else _floor_status(fl))
             o, b = by.get((ours, n), {}), by.get((baseline, n), {})
             if ours and has_base and ours != baseline:
                 cells.append(_ratio(o.get("fwdbwd_ms"), b.get("fwdbwd_ms")))
@@ -262,7 +262,7 @@ def heads_tables(results: list[dict], baseline: str, cuda: bool) -> list[str]:
     return out
 
 
-def _fwdbwd_status(rec: dict | None) -> str:
+def _floor_status(rec: dict | None) -> str:
     """Why the floor has no number at this N."""
     if rec is None:
         return "-"
@@ -362,6 +362,8 @@ def heads_plot(results: list[dict], env: dict, path: Path, baseline: str, plt) -
     """A grid, one column per head: fwd+bwd time over ``baseline``'s vs N per method, with the 3-GEMM floor
     (dashed), above the peak memory over ``baseline``'s. Ratios, not ms, because the question per head is
     "at or under the baseline?", and a line at 1 answers it at a glance for heads of very different sizes."""
+    from matplotlib.ticker import FuncFormatter
+
     groups = list(dict.fromkeys((r.get("head") or f"{r['d']}x{r['v']}", r["d"], r["v"]) for r in results))
     methods = [m for m in dict.fromkeys(r["method"] for r in results) if m not in (FLOOR_METHOD, baseline)]
     fig, axes = plt.subplots(2, len(groups), figsize=(3.4 * len(groups) + 1, 6.5), squeeze=False)
@@ -396,6 +398,11 @@ def heads_plot(results: list[dict], env: dict, path: Path, baseline: str, plt) -
             ax.set_xlabel("N tokens")
             if len(ax.lines) > 1:
                 ax.set_yscale("log")  # ratios of 0.5 and 2 equally far from the line at 1
+                plain = FuncFormatter(lambda y, _: f"{y:g}")  # 0.6, 2: not 6x10^-1
+                ax.yaxis.set_major_formatter(plain)
+                lo, hi = ax.get_ylim()
+                if hi < 10 * lo:  # within a decade (GPU ratios, ~0.3-2): label the minor ticks too
+                    ax.yaxis.set_minor_formatter(plain)
             else:  # only the line at 1: nothing measured against the baseline
                 why = "memory not measured on CPU" if key == "fwdbwd_mb" and not any(
                     r["fwdbwd_mb"] for r in rows) else f"no {baseline} numbers"
