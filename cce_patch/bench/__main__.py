@@ -4,7 +4,7 @@ Examples::
 
     cce-patch bench --preset paper                       # N=8192 D=2304 V=256000, flat/peaked/lm, all methods
     cce-patch bench --preset families --out outputs/fam  # the five families' head shapes at N=8192
-    cce-patch bench --preset heads --rep-ms 50 --warmup-ms 10   # 7 heads x N 2k/8k/32k vs torch.compile, TRL, GEMM
+    cce-patch bench --preset heads --rep-ms 25 --warmup-ms 10   # 7 heads x N 2k/8k/32k vs torch.compile, TRL, GEMM
     cce-patch bench --heads gemma3-4b,qwen3-8b --n 8192 --methods 'ours,torch.compile,gemm'
     cce-patch bench --heads 2304x256000,phi3.5-mini      # a head by its D x V, beside a named one
     cce-patch bench --preset scaling --methods ours,torch.compile
