@@ -408,3 +408,135 @@ def test_cli_tf32_opt_in_is_recorded_and_scoped(tmp_path, tf32):
     assert cli_main([*args, "--name", "tf32", "--tf32"]) == 0
     assert json.loads((tmp_path / "tf32.json").read_text())["config"]["tf32"] is True
     assert torch.backends.cuda.matmul.allow_tf32
+
+
+def _head_block(md: str, head: str) -> dict[str, list[str]]:
+    """The rows of one head's table in a bench .md, keyed by their N cell: ``{"64": [cells...]}`` plus the
+    header under ``"N"``."""
+    block = md.split(f"### {head}:", 1)[1].split("\n\n", 2)[1]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    return {row[0]: row for row in rows}
+
+
+def test_cli_bench_heads_table_ratios_png(tmp_path, capsys):
+    """A heads run on CPU through the CLI, at two small D x V heads and two N: the records come N-major and
+    carry their head; each head's table has a fwd+bwd column per method run, the 3-GEMM floor and the ratios of
+    ours to the baseline and to the floor, computed from the same records the JSON holds; a method that cannot
+    run here (apple's CCE needs CUDA) is named under the table, not given a column; the PNG is drawn when
+    matplotlib is installed."""
+    rc = cli_main(["bench", "--heads", "32x500,48x300", "--n", "16,64", "--device", "cpu", "--no-errors",
+                   "--methods", "ours,ours[mode=memory],torch,trl,cce,gemm", "--out", str(tmp_path), "--name", "h"])
+    assert rc == 0
+    data = json.loads((tmp_path / "h.json").read_text())
+    cfg, res = data["config"], data["results"]
+    assert cfg["heads"] == {"32x500": [32, 500], "48x300": [48, 300]} and cfg["baseline"] == "torch"
+    assert cfg["fwd"] is False and "partial" not in cfg
+    assert list(dict.fromkeys((r["n"], r["head"]) for r in res)) == [(16, "32x500"), (16, "48x300"),
+                                                                     (64, "32x500"), (64, "48x300")]
+    by = {(r["method"], r["n"], r["head"]): r for r in res}
+    md = (tmp_path / "h.md").read_text()
+    assert md in capsys.readouterr().out
+    for head in ("32x500", "48x300"):
+        rows = _head_block(md, head)
+        assert rows["N"] == ["N", "ours", "ours[mode=memory]", "torch", "trl", "3-GEMM floor ms", "ours / torch ms",
+                             "ours / torch MB", "ours / 3-GEMM floor"]
+        for n in (16, 64):
+            ours, torch_, gemm = (by[m, n, head] for m in ("ours", "torch", "gemm"))
+            assert ours["status"] == {"fwd": "skipped: fwd+bwd only", "fwdbwd": "ok", "fwdbwd_mem": "ok"}
+            assert gemm["status"]["fwd"] == "ok" and gemm["fwdbwd_ms"] is None  # the floor's unit: forward only
+            floor = 3 * gemm["fwd_ms"]
+            row = rows[str(n)]
+            assert row[1] == f"{ours['fwdbwd_ms']:,.2f} / n/a" and row[3] == f"{torch_['fwdbwd_ms']:,.2f} / n/a"
+            assert row[5:] == [f"{floor:,.2f}", f"{ours['fwdbwd_ms'] / torch_['fwdbwd_ms']:.2f}", "n/a",
+                               f"{ours['fwdbwd_ms'] / floor:.2f}"]
+        assert by["cce", 16, head]["status"]["all"].startswith("skipped")
+    assert md.count("Not run: cce (skipped: cce needs a CUDA device).") == 2
+    assert (tmp_path / "h.png").exists() == HAS_MPL
+
+
+def test_heads_selection_and_preset():
+    """--heads all and --preset heads: the seven heads (the families plus Gemma 3's and Qwen 3's) at N 2k, 8k,
+    32k, N-major, lm regime, the heads methods, forward alone not timed; --n overrides the N sweep."""
+    from cce_patch.bench.__main__ import HEADS, HEADS_METHODS_CPU, build_parser, config_from_args
+
+    def cfg(*argv: str) -> BenchConfig:
+        return config_from_args(build_parser().parse_args(["--device", "cpu", *argv]))
+
+    assert HEADS["gemma3-4b"] == (2560, 262144) and HEADS["qwen3-8b"] == (4096, 151936) and len(HEADS) == 7
+    every = cfg("--heads", "all")
+    assert every.shapes == [(n, d, v) for n in (2048, 8192, 32768) for d, v in HEADS.values()]
+    assert every.regimes == ["lm"] and every.methods == list(HEADS_METHODS_CPU) and every.fwd is False
+    assert every.heads == {dv: name for name, dv in HEADS.items()}
+    preset = cfg("--preset", "heads")
+    assert (preset.shapes, preset.methods, preset.heads) == (every.shapes, every.methods, every.heads)
+    some = cfg("--heads", "qwen3-8b,64x500", "--n", "4096", "--fwd", "--methods", "ours")
+    assert some.shapes == [(4096, 4096, 151936), (4096, 64, 500)] and some.fwd and some.methods == ["ours"]
+    for bad, why in ((["--heads", "gpt5"], "unknown head"), (["--heads", "12x"], "unknown head"),
+                     (["--heads", "all", "--families", "phi3.5-mini"], "alternatives")):
+        with pytest.raises(SystemExit, match=why):
+            cfg(*bad)
+
+
+def test_heads_run_records_a_real_oom_and_goes_on():
+    """A head whose logits cannot be allocated (N = V = 2**24, D = 1: 4 PiB of fp32 logits, more than any
+    address space, so the allocator refuses at once on every machine) is recorded as OOM in its cells, the
+    run goes on to the next head, and the table says OOM where the numbers would be."""
+    from cce_patch.bench.report import markdown_table
+    from cce_patch.bench.runner import records_to_dicts
+
+    huge, small = (2**24, 1, 2**24), (64, 8, 100)
+    cfg = BenchConfig(shapes=[huge, small], regimes=["flat"], methods=["torch", "gemm"], device=torch.device("cpu"),
+                      dtype=torch.float32, errors=False, cpu_repeats=1, fwd=False,
+                      heads={(1, 2**24): "huge", (8, 100): "small"})
+    seen: list[str] = []
+    recs = run(cfg, on_record=lambda r: seen.append(r.head))
+    assert seen == ["huge", "huge", "small", "small"]
+    st = {(r.head, r.method): r.status for r in recs}
+    assert st["huge", "torch"] == {"fwd": "skipped: fwd+bwd only", "fwdbwd": "OOM"}
+    assert st["huge", "gemm"] == {"fwd": "OOM", "fwdbwd": "skipped: forward only"}
+    assert st["small", "torch"]["fwdbwd"] == "ok" and st["small", "gemm"]["fwd"] == "ok"
+    env = {"device": "CPU (test)", "command": "x"}
+    md = markdown_table(records_to_dicts(recs), env, {"baseline": "torch"})
+    assert _head_block(md, "huge")[f"{2**24:,}"] == [f"{2**24:,}", "OOM", "OOM"]
+    small_row = _head_block(md, "small")["64"]
+    assert small_row[1].endswith(" / n/a") and float(small_row[2]) > 0
+
+
+def test_killed_heads_run_leaves_its_rows_in_json_and_md(tmp_path):
+    """A heads run killed (SIGKILL, as a time limit does) in the middle of its largest cell: the JSON and the
+    table already hold every record finished before it, each written whole after its record."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    # The last cell, ours at 4096 x 256 x 200000 on CPU, takes minutes: the run is killed inside it.
+    cmd = [sys.executable, "-m", "cce_patch.bench", "--heads", "16x100,256x200000", "--n", "16,4096", "--device",
+           "cpu", "--methods", "ours,torch", "--no-errors", "--no-png", "--out", str(out), "--name", "k"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results: list = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "k.json").exists():
+                results = json.loads((out / "k.json").read_text())["results"]
+                if len(results) >= 6:  # (16, both heads) and (4096, the small head): 3 shapes x 2 methods
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+        assert len(results) >= 6, "no checkpoint of 6 records within 240 s"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    data = json.loads((out / "k.json").read_text())
+    assert data["config"]["partial"] is True
+    done = {(r["head"], r["n"]) for r in data["results"]}
+    assert done == {("16x100", 16), ("256x200000", 16), ("16x100", 4096)}
+    md = (out / "k.md").read_text()
+    assert "(partial: 6 records when written" in md
+    assert set(_head_block(md, "16x100")) == {"N", "16", "4,096"} and set(_head_block(md, "256x200000")) == {"N", "16"}
+    for (head, n) in done:
+        row = _head_block(md, head)[f"{n:,}"]
+        assert all(cell.endswith(" / n/a") for cell in row[1:3]), row

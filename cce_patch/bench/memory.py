@@ -41,9 +41,12 @@ def peak_mb_above_inputs(fn: Callable[[], object], device: torch.device) -> floa
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True for device out-of-memory errors (PyTorch's type, or any error whose message says so, e.g. a
-    peer library's allocation inside Triton). Triton's ``OutOfResources`` (shared memory at compile time) is
-    a bug in the kernel configuration, not an OOM, and is reported as an error."""
+    """True for out-of-memory errors: the device's (PyTorch's type, or any error whose message says so, e.g. a
+    peer library's allocation inside Triton) and the host's (PyTorch's CPU allocator refusing a buffer, which
+    raises a plain ``RuntimeError``: on a CPU run a method that cannot fit is an OOM cell, not a broken
+    method). Triton's ``OutOfResources`` (shared memory at compile time) is a bug in the kernel
+    configuration, not an OOM, and is reported as an error."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text

@@ -34,6 +34,7 @@ class Record:
     regime: str
     dtype: str
     description: str = ""
+    head: str = ""  # the model head's name in a heads run (``--heads``), for the per-head tables
     fwd_ms: float | None = None
     fwd_mb: float | None = None
     fwdbwd_ms: float | None = None
@@ -61,6 +62,11 @@ class BenchConfig:
     warmup_ms: float = 100.0
     rep_ms: float = 500.0
     cpu_repeats: int = 3
+    #: ``(D, V) -> name`` of the model heads in a heads run: the records carry the name (the per-head tables)
+    heads: dict[tuple[int, int], str] = field(default_factory=dict)
+    #: Time the forward alone too. Off in a heads run, whose table is fwd+bwd only: that saves a torch.compile
+    #: graph and a timing loop per shape. Forward-only methods (the GEMM floor) are timed either way.
+    fwd: bool = True
 
 
 def _run_phase(rec: Record, phase: str, device: torch.device, fn: Callable[[], None]) -> None:
@@ -93,9 +99,12 @@ def measure(method: M.Method, e, c, t, ref: GroundTruth | None, rec: Record, cfg
     def mem_fwd():
         rec.fwd_mb = peak_mb_above_inputs(fwd, dev)
 
-    _run_phase(rec, "fwd", dev, time_fwd)
-    if rec.status["fwd"] == "ok":
-        _run_phase(rec, "fwd_mem", dev, mem_fwd)
+    if cfg.fwd or method.fwd_only:
+        _run_phase(rec, "fwd", dev, time_fwd)
+        if rec.status["fwd"] == "ok":
+            _run_phase(rec, "fwd_mem", dev, mem_fwd)
+    else:
+        rec.status["fwd"] = "skipped: fwd+bwd only"
     if method.fwd_only:
         rec.status["fwdbwd"] = "skipped: forward only"
         return rec
@@ -163,7 +172,8 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
             for m in built:
                 if isinstance(m, str):
                     spec, reason = m.split("\0")
-                    rec = Record(spec, n, d, v, regime, dtype_name, status={"all": f"skipped: {reason}"})
+                    rec = Record(spec, n, d, v, regime, dtype_name, head=cfg.heads.get((d, v), ""),
+                                 status={"all": f"skipped: {reason}"})
                 else:
                     rec = Record(
                         m.name,
@@ -173,6 +183,7 @@ def run(cfg: BenchConfig, on_record: Callable[[Record], None] | None = None) -> 
                         regime,
                         dtype_name,
                         description=m.description,
+                        head=cfg.heads.get((d, v), ""),
                         grads_mb=(n * d + v * d) * elem / 1e6,
                     )
                     t1 = time.perf_counter()
