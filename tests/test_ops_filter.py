@@ -125,7 +125,7 @@ def test_none_is_the_exact_path_bit_for_bit(mode):
     up = torch.tensor(1.0)
     base = _grads(e, c, t, b, up, mode=mode, shift=True)
     off = _grads(e, c, t, b, up, mode=mode, shift=True, filter_eps=None)
-    assert torch.equal(base[0], off[0]) and all(torch.equal(x, y) for x, y in zip(base[1], off[1]))
+    assert torch.equal(base[0], off[0]) and all(torch.equal(x, y) for x, y in zip(base[1], off[1], strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -136,7 +136,7 @@ def test_flat_rows_skip_nothing_and_equal_exact(dtype, mode):
     e, c, t, b = make_inputs((300,), 48, 2000, dtype, bias=True)
     counter, got, exact = check_bound(e, c, t, b, eps=2.0**-8, mode=mode)
     assert counter.tiles_seen == math.ceil(300 / BM) * math.ceil(2000 / BV) and counter.tiles_skipped == 0
-    assert all(torch.equal(x, y) for x, y in zip(got, exact))
+    assert all(torch.equal(x, y) for x, y in zip(got, exact, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ the bound

@@ -77,8 +77,9 @@ FILTERING_BACKENDS = ("torch",)
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None, *, filtered: bool = False) -> str:
-    """``filtered`` (the call has ``filter_eps``): see :func:`_filtering_impl`. Otherwise ``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere, except
-    for IEEE fp32 (fp32 inputs, TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
+    """``filtered`` (the call has ``filter_eps``): see :func:`_filtering_impl`. Otherwise ``auto`` picks Triton on
+    CUDA devices (when Triton is installed) and the torch path elsewhere, except for IEEE fp32 (fp32 inputs,
+    TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
 
     Why: Hopper's tensor cores have no IEEE fp32 mode, so Triton lowers an IEEE fp32 ``tl.dot`` to CUDA-core
     FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took

@@ -3,7 +3,8 @@
 The forward saves the inputs and the (N,) per-row log-sum-exp; the backward hands the backend the per-row
 upstream gradients of the loss and of the LSE, and the backend recomputes the logits chunk by chunk to form
 the exact gradients (or, with a gradient filter, ``filtering.py``, the filtered ones: the filter is handed to
-the backend only when there is one, so a backend without filtering is never called with it). Memory above the inputs: one logit-gradient chunk plus fp32 accumulators.
+the backend only when there is one, so a backend without filtering is never called with it). Memory above
+the inputs: one logit-gradient chunk plus fp32 accumulators.
 
 The backend runs with autocast off (``autocast.py``: the op accumulates in fp32 whatever autocast is on), and
 under ``create_graph=True`` its gradients refuse a second differentiation (``second_order.py``).
