@@ -14,6 +14,11 @@ Per (regime, order, eps) it prints the fraction of (row block, vocabulary tile) 
 against the exact op, and the largest ratio, over rows, of a row's dE error to its proven bound
 ``w_i * eps * max_v ||c_v||`` (<= 1 by the bound, up to fp32 rounding). fp32 inputs, ``reduction="mean"``.
 On the CPU path the filter is applied densely, so no time is reported: this is about the decision.
+
+Measured (CPU, fp32, N=2048, D=256, V=32768, 2026-12-07, ``--n 2048 --d 256 --v 32768``, 8 min): flat and
+peaked skip nothing in either order (peaked sorted: 0.1% at 2^-8); lm skips nothing in natural order and 74.1%,
+75.7%, 77.3% of tiles sorted at eps = 2^-12, 2^-10, 2^-8, with dE within 3.1e-6, 1.6e-5, 7.0e-5 of exact
+(relative) and every row's dE error below 0.30 of its bound.
 """
 
 from __future__ import annotations
