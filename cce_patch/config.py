@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .ops.filtering import FilterCounter, check_filter_eps, filter_problem
 from .ops.options import (
     IMPLS,
     MODES,
@@ -49,6 +50,12 @@ class CCEConfig:
             call (fp16 hidden states, softcap with label smoothing), ``"speed"`` uses memory mode and logs a
             warning once; ``"auto"`` takes memory mode without one.
         speed_chunk_bytes: speed mode's chunk budget in bytes (None: the op's default).
+        filter_eps: None (exact gradients) or a number in (0, 1): gradient filtering with each row's dropped
+            softmax mass at most this (see ``linear_cross_entropy`` for the bound on dE, dC and dbias). For now
+            the torch path computes it (``impl="auto"`` takes it, ``"triton"`` is refused); where the model's
+            soft cap meets label smoothing the filter cannot keep its bound and the gradients stay exact (one
+            warning). What it skipped accumulates in ``config.filter_counter``, which the Trainer callback logs
+            as ``cce_filter_skipped_fraction``.
     """
 
     impl: str = "auto"
@@ -58,6 +65,7 @@ class CCEConfig:
     label_smoothing: float = 0.0
     mode: str = "auto"
     speed_chunk_bytes: int | None = None
+    filter_eps: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_only", "return_logits", "check_targets"):
@@ -68,8 +76,14 @@ class CCEConfig:
             check_choice("mode", self.mode, MODES)
             check_label_smoothing(self.label_smoothing)
             check_speed_chunk_bytes(self.speed_chunk_bytes)
+            check_filter_eps(self.filter_eps)
+            if self.filter_eps is not None and self.impl == "triton":
+                raise ValueError("filter_eps: impl='triton' does not filter gradients yet; use impl='auto' or 'torch'")
         except ValueError as exc:
             raise ValueError(f"CCEConfig.{exc}") from None
+        # Not a field (it is state, not an option): what this config's filter skipped, filled by every call of
+        # the patched forward; a replaced config starts a new count.
+        object.__setattr__(self, "filter_counter", FilterCounter() if self.filter_eps is not None else None)
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> CCEConfig:
@@ -104,6 +118,12 @@ class CCEConfig:
                 options["speed_chunk_bytes"] = self.speed_chunk_bytes
         elif self.mode == "auto":  # the op decides (ops/mode_choice.py), silently where speed mode cannot apply
             options["speed_chunk_bytes"] = self.speed_chunk_bytes
+        if self.filter_eps is not None:
+            problem = filter_problem(softcap, self.label_smoothing)
+            if problem is not None:
+                _warn_once(f"CCEConfig(filter_eps={self.filter_eps}) cannot be used here ({problem}); exact gradients")
+            else:
+                options.update(filter_eps=self.filter_eps, filter_counter=self.filter_counter)
         return options
 
 

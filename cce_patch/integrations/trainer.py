@@ -36,7 +36,7 @@ from ..config import CCEConfig
 from ..models.patching import is_patched
 from .arming import arm, patch
 from .extras import require
-from .fused_head import base_model, fused_head_options, install_fused_head
+from .fused_head import base_model, cce_config, fused_head_options, install_fused_head
 
 require("accelerate", extra="trainer", feature="cce_patch's Trainer flag (transformers' Trainer runs on accelerate)")
 
@@ -98,6 +98,14 @@ def apply_cce(model: nn.Module, args: Any = None, config: CCEConfig | None = Non
     return model
 
 
+def filter_log_entries(model: nn.Module | None) -> dict[str, float]:
+    """``cce_filter_skipped_fraction`` and ``cce_filter_max_row_dropped_mass`` of the training steps since the last
+    log, for a model patched with ``filter_eps`` (its config's counter, drained here); {} otherwise."""
+    counter = getattr(cce_config(model), "filter_counter", None) if model is not None else None
+    stats = counter.drain() if counter is not None else None
+    return stats.log_entries() if stats is not None and stats.tiles_seen else {}
+
+
 class CCECallback(TrainerCallback):
     """Patches the Trainer's model with CCE; ``callbacks=[CCECallback()]`` on a plain ``Trainer``.
 
@@ -125,6 +133,15 @@ class CCECallback(TrainerCallback):
         if self._enabled(args) and model is not None and not is_patched(model):
             logger.warning("use_cce: patching at train start; the model was not patched when the Trainer was built")
             apply_cce(model, args, self.config)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        # With filter_eps, what the filter skipped. A plain Trainer runs the reporters registered before this
+        # callback first, so they miss it (the history and later ones get it); CCETrainer.log adds it for all.
+        if logs is not None and "loss" in logs and "cce_filter_skipped_fraction" not in logs:
+            entries = filter_log_entries(model)
+            logs.update(entries)
+            if entries and state.log_history:
+                state.log_history[-1].update(entries)
 
 
 class CCETrainer(Trainer):
@@ -199,6 +216,8 @@ class CCETrainer(Trainer):
             count, entropy, correct = totals.tolist()
             logs["mean_token_accuracy"] = correct / count if count > 0 else 0.0
             logs["entropy"] = entropy / count if count > 0 else 0.0
+        if "loss" in logs:
+            logs.update(filter_log_entries(self.model))
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -15,6 +15,7 @@ import torch
 from . import compiled
 from .autocast import autocast_inputs
 from .backends import get_backend, resolve_impl
+from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, flat_operands, valid_rows
@@ -39,6 +40,8 @@ def linear_cross_entropy(
     mode: str = "auto",
     speed_chunk_bytes: int | None = None,
     check_targets: bool = True,
+    filter_eps: float | None = None,
+    filter_counter: FilterCounter | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
 
@@ -85,6 +88,20 @@ def linear_cross_entropy(
             more, smaller GEMMs.
         check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
             off is faster and unsafe: an out-of-range target is then undefined behaviour.
+        filter_eps: ``None`` (default): exact gradients. A number in (0, 1) opts into gradient filtering
+            (``filtering.py`` states the rule and proves the bound): per row block of 128 rows and vocabulary
+            tile of 256 entries, tiles whose softmax mass is negligible are left out of the gradients, never a
+            target's tile, so that each counted row's dropped probability mass is at most ``filter_eps``. Then,
+            with w_i = |upstream gradient of row i's loss (+ of its LSE)| (1/n_valid for "mean", 1 for "sum"
+            under ``loss.backward()``): each row of dE is off by at most ``w_i * filter_eps * max_v ||c_v||``,
+            dC by at most ``filter_eps * sum_i w_i ||e_i||`` (Frobenius), dbias by at most
+            ``filter_eps * sum_i w_i`` (L1), before rounding to the gradients' dtype; the loss and LSE stay
+            exact, label smoothing's uniform term is kept exactly, softcap keeps the bound (with label
+            smoothing it is refused). For now only the torch path filters: ``impl="auto"`` takes it on every
+            device (warning on CUDA), ``impl="triton"`` is refused; DTensor inputs and ``torch.compile`` are
+            refused too.
+        filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
+            (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.
 
     Returns:
         The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
@@ -106,7 +123,11 @@ def linear_cross_entropy(
     split over the vocabulary (``Shard(0)``) runs vocab-parallel across its mesh (``vocab_parallel.py``), other
     layouts are refused by name.
     """
+    grad_filter = make_grad_filter(filter_eps, filter_counter, softcap, label_smoothing)  # None: exact
     e, c, bias = autocast_inputs(e, c, bias)
+    if grad_filter is not None and (has_dtensor(e, c, targets, bias) or torch.compiler.is_compiling()):
+        raise ValueError("filter_eps is not supported with DTensor inputs (vocab-parallel) or under torch.compile "
+                         "yet; use filter_eps=None there")
     if has_dtensor(e, c, targets, bias):
         return dtensor_linear_cross_entropy(
             e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
@@ -119,7 +140,7 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
     )
-    backend_name = resolve_impl(impl, e.device, e.dtype)
+    backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None)
     e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     spec = LossSpec(
         ignore_index=int(ignore_index),
@@ -144,7 +165,7 @@ def linear_cross_entropy(
     elif speed:
         try:
             return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name),
-                                           reduction, speed_chunk_bytes)
+                                           reduction, speed_chunk_bytes, grad_filter)
         except torch.OutOfMemoryError:
             if not auto:
                 raise
@@ -152,7 +173,7 @@ def linear_cross_entropy(
             speed = False
     if not compiling and not speed:
         loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec,
-                                                       get_backend(backend_name))
+                                                       get_backend(backend_name), grad_filter)
 
     if reduction == "none":
         loss = loss_rows.view(targets.shape)

@@ -75,14 +75,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``auto`` picks Triton on CUDA devices (when Triton is installed) and the torch path elsewhere, except
-    for IEEE fp32 (fp32 inputs, TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
+#: The backends whose gradients honour ``filter_eps`` (``filtering.py``). For now the torch path only: the
+#: Triton kernels' block-sparse backward is not written yet. When it is, add "triton" here and both rules of
+#: :func:`_filtering_impl` (auto diverted to torch, triton refused) lift by themselves.
+FILTERING_BACKENDS = ("torch",)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None, *, filtered: bool = False) -> str:
+    """``filtered`` (the call has ``filter_eps``): see :func:`_filtering_impl`. Otherwise ``auto`` picks Triton on
+    CUDA devices (when Triton is installed) and the torch path elsewhere, except for IEEE fp32 (fp32 inputs,
+    TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
 
     Why: Hopper's tensor cores have no IEEE fp32 mode, so Triton lowers an IEEE fp32 ``tl.dot`` to CUDA-core
     FMAs far below cuBLAS's SGEMM. Measured on an H200 at N=8192, D=2304, V=256000: our fused forward took
     12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
     logits from cuBLAS SGEMMs, in row chunks large enough for them (``chunked_torch.CUDA_CHUNK_BYTES``)."""
+    if filtered:
+        return _filtering_impl(impl, device, dtype)
     ieee_on_cuda = device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype)
     if impl == "auto":
         return "triton" if device.type == "cuda" and _triton_available() and not ieee_on_cuda else "torch"
@@ -102,3 +111,26 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
                 stacklevel=3,
             )
     return impl
+
+
+def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """The backend of a call with ``filter_eps``: one that filters (``FILTERING_BACKENDS``), never one that would
+    silently compute exact gradients instead. For now ``auto`` takes the torch path on every device (on CUDA
+    that is cuBLAS products plus dense fp32 chunks: slower than the Triton kernels, and it warns), and
+    ``impl="triton"`` is refused before any kernel launch."""
+    if impl == "auto":
+        choice = resolve_impl("auto", device, dtype)
+        if choice in FILTERING_BACKENDS:
+            return choice
+        warnings.warn(
+            f"filter_eps: the {choice} backend does not filter gradients yet; impl='auto' takes the torch path "
+            "for this call (slower on a GPU than the fused kernels; filter_eps=None keeps them)",
+            stacklevel=4,
+        )
+        return "torch"
+    if impl not in FILTERING_BACKENDS:
+        raise ValueError(
+            f"filter_eps is not implemented by impl={impl!r} yet (filtering backends: {FILTERING_BACKENDS}); use "
+            "impl='torch' or 'auto' (which takes the torch path when filtering), or filter_eps=None"
+        )
+    return resolve_impl(impl, device, dtype)

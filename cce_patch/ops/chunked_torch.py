@@ -5,12 +5,19 @@ It follows ``spec.LossSpec`` exactly, in fp32, processing a chunk of rows at a t
 chunk's logits from ``e``, ``c`` and the saved log-sum-exp, as the fused kernels do; speed mode
 (``forward_with_grads``) forms each chunk's gradients while its logits exist. The per-token statistics
 (``stats.py``) are ``stats_forward``, and ``backward`` with the entropy's coefficient and the logit factor.
+
+With a gradient filter (``filtering.py``, the op's ``filter_eps``) the backward and speed mode take chunks of
+whole row blocks (``filtering.block_rows``), decide per chunk which (row block, vocabulary tile) pairs to skip
+from the chunk's own probabilities, and zero those probabilities before forming the logit gradient: the same
+rule and bound as a block-sparse kernel, computed densely (nothing is saved on this path but the rule is
+exercised on every device).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .filtering import GradFilter, block_rows, filter_probs_
 from .spec import LossSpec, loss_weight, row_targets, valid_rows
 from .stats import StatsSpec
 
@@ -64,12 +71,16 @@ def _chunk_loss(ch: _Chunk, spec: LossSpec, vocab: int) -> tuple[torch.Tensor, t
 
 
 def _chunk_logit_grad(ch: _Chunk, spec: LossSpec, vocab: int, lse: torch.Tensor, g: torch.Tensor,
-                      h: torch.Tensor | None, r: torch.Tensor | None = None, logit_scale: float = 1.0) -> torch.Tensor:
+                      h: torch.Tensor | None, r: torch.Tensor | None = None, logit_scale: float = 1.0,
+                      grad_filter: GradFilter | None = None) -> torch.Tensor:
     """dS of one chunk (spec.py's formula) for upstream gradients g on the loss and h on the LSE, plus
-    (stats.py) r_i p_ij log p_ij and the factor alpha = ``logit_scale``."""
+    (stats.py) r_i p_ij log p_ij and the factor alpha = ``logit_scale``. With ``grad_filter`` (the chunk is whole
+    row blocks) the probabilities of the skipped tiles are dropped first; target and smoothing terms stay."""
     a = spec.label_smoothing
     g = torch.where(ch.valid, g.float(), 0.0)
     p = torch.exp(ch.z - lse[:, None]).masked_fill_(~ch.valid[:, None], 0.0)  # ignored rows: lse = 0, z may be big
+    if grad_filter is not None:
+        filter_probs_(p, ch.t, ch.valid, grad_filter)
     dz = g[:, None] * (p - a / vocab)
     dz.scatter_add_(1, ch.t[:, None], -(1.0 - a) * g[:, None])
     if h is not None:
@@ -108,6 +119,14 @@ class _GradSink:
             self.dc.to(self.c_dtype) if self.dc is not None else None,
             self.db.to(self.b_dtype) if self.db is not None else None,
         )
+
+
+def _filter_chunk_rows(chunk_rows: int | None, c: torch.Tensor, grad_filter: GradFilter | None) -> int | None:
+    """Chunk rows as given, or, when filtering, rounded to whole row blocks (each block's decision needs all its
+    rows; at least one block, so a chunk may exceed the byte budget by up to BM rows)."""
+    if grad_filter is None:
+        return chunk_rows
+    return block_rows(chunk_rows or chunk_rows_for(c.shape[0], default_chunk_bytes(c.device)))
 
 
 def _chunks(e2d, c, bias, targets_flat, spec: LossSpec, chunk_rows: int | None, logit_scale: float = 1.0):
@@ -149,14 +168,18 @@ def backward(
     chunk_rows: int | None = None,
     grad_plogp: torch.Tensor | None = None,
     logit_scale: float = 1.0,
+    grad_filter: GradFilter | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dE, dC, dbias) for upstream per-row gradients ``grad_loss`` and ``grad_lse`` (N,) fp32;
-    ``grad_plogp`` and ``logit_scale`` are the per-token statistics' (``stats.py``), absent on the loss path."""
+    ``grad_plogp`` and ``logit_scale`` are the per-token statistics' (``stats.py``), absent on the loss path;
+    ``grad_filter`` the op's ``filter_eps`` (``filtering.py``), None for the exact gradients."""
     sink = _GradSink(e2d, c, bias, needs)
+    chunk_rows = _filter_chunk_rows(chunk_rows, c, grad_filter)
     for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows, logit_scale):
         h = grad_lse[start:stop] if grad_lse is not None else None
         r = grad_plogp[start:stop] if grad_plogp is not None else None
-        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], grad_loss[start:stop], h, r, logit_scale)
+        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], grad_loss[start:stop], h, r, logit_scale,
+                               grad_filter)
         sink.add(ch, c32, dz, start, stop)
     return sink.result()
 
@@ -212,10 +235,12 @@ def forward_with_grads(
     mean: bool,
     needs: tuple[bool, bool, bool],
     chunk_rows: int | None = None,
+    grad_filter: GradFilter | None = None,
 ):
     """Speed mode on the torch path: the scalar loss is ``weight * sum of counted rows`` with the weight known
     now (1/n_valid for ``mean``, else 1), so each chunk's fp32 logits give its loss and its gradients at once
-    (three matmuls per chunk, not four).
+    (three matmuls per chunk, not four). ``grad_filter`` filters the gradients as ``backward`` does (the loss
+    and LSE stay exact).
 
     Returns (loss_rows, lse_rows, dE, dC, dbias, in_range, weight) as every backend's ``forward_with_grads``;
     ``in_range`` is None: the torch path has no range limit to report."""
@@ -225,9 +250,11 @@ def forward_with_grads(
     loss = torch.zeros(e2d.shape[0], dtype=torch.float32, device=e2d.device)
     lse = torch.zeros_like(loss)
     sink = _GradSink(e2d, c, bias, needs)
+    chunk_rows = _filter_chunk_rows(chunk_rows, c, grad_filter)
     for start, stop, ch, c32 in _chunks(e2d, c, bias, targets_flat, spec, chunk_rows):
         loss[start:stop], lse[start:stop] = _chunk_loss(ch, spec, c.shape[0])
-        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], row_weight[start:stop], None)
+        dz = _chunk_logit_grad(ch, spec, c.shape[0], lse[start:stop], row_weight[start:stop], None,
+                               grad_filter=grad_filter)
         sink.add(ch, c32, dz, start, stop)
     return (loss, lse, *sink.result(), None, weight)
 

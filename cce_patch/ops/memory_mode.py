@@ -2,7 +2,9 @@
 
 The forward saves the inputs and the (N,) per-row log-sum-exp; the backward hands the backend the per-row
 upstream gradients of the loss and of the LSE, and the backend recomputes the logits chunk by chunk to form
-the exact gradients. Memory above the inputs: one logit-gradient chunk plus fp32 accumulators.
+the exact gradients (or, with a gradient filter, ``filtering.py``, the filtered ones: the filter is handed to
+the backend only when there is one, so a backend without filtering is never called with it). Memory above
+the inputs: one logit-gradient chunk plus fp32 accumulators.
 
 The backend runs with autocast off (``autocast.py``: the op accumulates in fp32 whatever autocast is on), and
 under ``create_graph=True`` its gradients refuse a second differentiation (``second_order.py``).
@@ -14,6 +16,7 @@ import torch
 
 from .autocast import autocast_off
 from .backends import Backend
+from .filtering import GradFilter
 from .second_order import guard_second_order
 from .spec import LossSpec
 
@@ -22,7 +25,8 @@ class MemoryModeFunction(torch.autograd.Function):
     """(loss_rows, lse_rows) of flattened rows; gradients by recomputation in the backend's ``backward``."""
 
     @staticmethod
-    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend):
+    def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend,
+                grad_filter: GradFilter | None = None):
         ctx.set_materialize_grads(False)
         if e2d.shape[0] == 0:
             loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
@@ -31,7 +35,7 @@ class MemoryModeFunction(torch.autograd.Function):
             with autocast_off(e2d.device):
                 loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
         ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
-        ctx.spec, ctx.backend = spec, backend
+        ctx.spec, ctx.backend, ctx.filter = spec, backend, grad_filter
         return loss, lse
 
     @staticmethod
@@ -39,20 +43,21 @@ class MemoryModeFunction(torch.autograd.Function):
         e2d, c, bias, targets_flat, lse = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if not any(needs):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if e2d.shape[0] == 0 or (grad_loss is None and grad_lse is None):
             def zero(t, need):
                 return torch.zeros_like(t) if need else None
 
             grads = zero(e2d, needs[0]), zero(c, needs[1]), zero(bias, needs[2]) if bias is not None else None
-            return *guard_second_order(grads), None, None, None
+            return *guard_second_order(grads), None, None, None, None
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
+        filtered = {} if ctx.filter is None else {"grad_filter": ctx.filter}
         with torch.no_grad(), autocast_off(e2d.device):
             grads = ctx.backend.backward(
                 e2d, c, bias, targets_flat, ctx.spec, lse,
                 grad_loss.float().contiguous(),
                 grad_lse.float().contiguous() if grad_lse is not None else None,
-                needs,
+                needs, **filtered,
             )
-        return *guard_second_order(grads), None, None, None
+        return *guard_second_order(grads), None, None, None, None

@@ -10,6 +10,9 @@ If the Triton path reports a row outside its range (a loss above ``ANCHOR_MARGIN
 see ``fused/speed_mode.py``), the forward is redone the plain way, the precomputed gradients are dropped and
 backward runs the recompute path instead: same result, slower.
 
+With a gradient filter (``filtering.py``) the backend filters the gradients it forms; the filter is handed to
+it only when there is one, as in memory mode.
+
 As in memory mode, the backend runs with autocast off and gradients handed out under ``create_graph=True``
 refuse a second differentiation (``second_order.py``).
 """
@@ -20,6 +23,7 @@ import torch
 
 from .autocast import autocast_off
 from .backends import Backend
+from .filtering import GradFilter
 from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
 
@@ -29,15 +33,16 @@ class SpeedModeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend, reduction: str,
-                chunk_bytes: int | None):
+                chunk_bytes: int | None, grad_filter: GradFilter | None = None):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
         chunk_rows = backend.speed_plan(e2d.shape[0], e2d.shape[1], c.shape[0], e2d.dtype, chunk_bytes).rows
+        filtered = {} if grad_filter is None else {"grad_filter": grad_filter}
         with autocast_off(e2d.device):
             loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
-                e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows)
+                e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows, **filtered)
             loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
-        ctx.spec, ctx.needs, ctx.backend, ctx.weight = spec, needs, backend, weight
+        ctx.spec, ctx.needs, ctx.backend, ctx.weight, ctx.filtered = spec, needs, backend, weight, filtered
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db
@@ -55,15 +60,16 @@ class SpeedModeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if ctx.grads is None:  # out of range, or the precomputed gradients were handed out already
             e2d, c, bias, targets_flat, lse = ctx.saved_tensors
             with torch.no_grad(), autocast_off(e2d.device):
                 row_grad = valid_rows(targets_flat, ctx.spec).float() * (grad.float() * ctx.weight)  # (N,) fp32
-                grads = ctx.backend.backward(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs)
+                grads = ctx.backend.backward(e2d, c, bias, targets_flat, ctx.spec, lse, row_grad, None, ctx.needs,
+                                             **ctx.filtered)
         else:
             grads, ctx.grads = ctx.grads, None  # release them as soon as autograd takes them
             if float(grad) != 1.0:  # the common loss.backward() needs no extra pass over dC
                 with torch.no_grad():
                     grads = tuple(g.mul_(grad) if g is not None else None for g in grads)
-        return *guard_second_order(grads), None, None, None, None, None
+        return *guard_second_order(grads), None, None, None, None, None, None
