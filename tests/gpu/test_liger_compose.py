@@ -173,3 +173,34 @@ def test_trainer_use_cce_with_use_liger_kernel_trains_as_stock(tmp_path, family,
     assert grads.keys() == stock_grads.keys()
     for name, g in stock_grads.items():
         assert _rel(grads[name], g) < grad_tol, name
+
+
+# ----- patch() over Liger's defaults (its fused loss on): what runs ------------------------------------------------
+
+LIGER_LOSS_MODULE = {"llama": "liger_kernel.transformers.model.llama",
+                     "gemma2": "liger_kernel.transformers.model.gemma2"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_patch_over_liger_defaults_refuses_training_as_it_says(family, restore, monkeypatch):
+    """``apply_liger_kernel_to_<family>(model=model)`` with its defaults, then ``patch(model)``: the message says
+    neither loss trains; a training call runs Liger's loss (counted) and not ours (counted), and is refused."""
+    import importlib
+
+    from cce_patch.models.intercept import observe
+
+    restore(family)
+    liger = pytest.importorskip("liger_kernel.transformers")
+    loss_module = importlib.import_module(LIGER_LOSS_MODULE[family])
+    liger_losses: list[int] = []
+    real = loss_module.LigerForCausalLMLoss
+    monkeypatch.setattr(loss_module, "LigerForCausalLMLoss",
+                        lambda *a, **k: liger_losses.append(1) or real(*a, **k))
+    model, _ = _models(family, torch.bfloat16)
+    getattr(liger, APPLY[family])(model=model)
+    patch(model)
+    assert "neither loss trains" in detect_foreign_loss(model)
+    ids, mask, labels = (x.cuda() for x in batch())
+    with observe() as calls, pytest.raises(NotImplementedError):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert liger_losses == [1] and [c.losses for c in calls] == [0]
