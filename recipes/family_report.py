@@ -27,19 +27,21 @@ def read_step_log(path: Path) -> dict:
     """The rows of one arm's step log (a torn last line, from a killed run, is ignored)."""
     steps: dict[int, dict] = {}
     losses: dict[int, float] = {}
-    done = None
+    done = run = None
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row.get("done"):
+        if "run" in row:
+            run = row["run"]
+        elif row.get("done"):
             done = row
         elif "loss" in row:
             losses[int(row["step"])] = float(row["loss"])
         elif "seconds" in row:
             steps[int(row["step"])] = row
-    return {"steps": steps, "losses": losses, "done": done}
+    return {"steps": steps, "losses": losses, "done": done, "run": run}
 
 
 def summarise(log: dict, skip: int = SKIP) -> dict:
@@ -59,6 +61,8 @@ def summarise(log: dict, skip: int = SKIP) -> dict:
         "tokens_per_s": (tokens / seconds) if tokens and seconds > 0 else None,
         "peak_gib": max(peaks) if peaks else None,
         "losses": {str(k): v for k, v in sorted(log["losses"].items())},
+        "run": log["run"],  # family_runs.py's record of the process (command, exit code), when it got to write it
+        "error": None if log["run"] is None or log["run"].get("rc") == 0 else f"rc {log['run'].get('rc')}",
     }
 
 
@@ -85,8 +89,8 @@ def _f(x: float | None, fmt: str) -> str:
 
 def markdown(family: str, arms: dict[str, dict], meta: dict) -> str:
     lines = [f"### {family}", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
-             f"| arm | steps | first step s | median step s (after {meta.get('skip', SKIP)}) | tokens/s | peak GiB | loss first -> last "
-             "| max / mean diff to stock |", "|---|---:|---:|---:|---:|---:|---|---|"]
+             f"| arm | steps | first step s | median step s (after {meta.get('skip', SKIP)}) | tokens/s | peak GiB "
+             "| loss first -> last | max / mean diff to stock |", "|---|---:|---:|---:|---:|---:|---|---|"]
     for name in sorted(arms, key=lambda a: ARM_ORDER.index(a) if a in ARM_ORDER else len(ARM_ORDER)):
         s = arms[name]
         losses = list(s["losses"].values())
@@ -126,7 +130,7 @@ def plot(family: str, arms: dict[str, dict], path: Path) -> bool:
 
 
 def collect(dirs: list[Path]) -> dict[str, dict[str, dict]]:
-    """family -> arm -> summary (with the arm's run record, when ``family_runs.py`` wrote one), from step logs;
+    """family -> arm -> summary, from the step logs under ``dirs`` (a later directory's arm replaces an earlier's);
     the steps skipped in the medians are the family's ``meta.json``'s ``skip``."""
     found: dict[str, dict[str, dict]] = {}
     for root in dirs:
@@ -135,12 +139,6 @@ def collect(dirs: list[Path]) -> dict[str, dict[str, dict]]:
             meta_path = log_path.with_name("meta.json")
             skip = json.loads(meta_path.read_text()).get("skip", SKIP) if meta_path.is_file() else SKIP
             summary = summarise(read_step_log(log_path), skip)
-            record = log_path.with_name(f"{arm}.run.json")
-            if record.is_file():
-                run = json.loads(record.read_text())
-                summary["run"] = run
-                if run.get("rc") not in (0, None):
-                    summary["error"] = f"rc {run['rc']}"
             found.setdefault(family, {})[arm] = summary
     return found
 

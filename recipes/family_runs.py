@@ -15,8 +15,8 @@ weights can be downloaded), the real Alpaca sample and tokenizer, N optimizer st
     python recipes/family_runs.py --dry-run --out /tmp/fam                                  # CPU plumbing, tiny
 
 Each arm runs ``timed_finetune.py`` (the recipe plus a per-step log) in its own process; its step log
-``<out>/<family>/<arm>.steps.jsonl`` grows as it trains and ``<arm>.run.json`` holds the command and exit code,
-and after every arm the family's ``<out>/<family>.json / .md / .png`` are rewritten from what exists
+``<out>/<family>/<arm>.steps.jsonl`` grows as it trains and ends with the command and exit code, and after every
+arm the family's ``<out>/<family>.json / .md / .png`` are rewritten from what exists
 (``family_report.py``), so a run cut short still leaves its rows. Arms of one family belong on one machine in
 one session; ``python recipes/family_report.py DIR1 DIR2 ...`` merges arms that ran in several calls.
 
@@ -168,7 +168,8 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
         except subprocess.TimeoutExpired:
             rc = "timeout"
         record = {"arm": arm, "command": cmd, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
-        (out / f"{arm}.run.json").write_text(json.dumps(record, indent=1) + "\n")
+        with log.open("a") as f:  # the run's record closes its step log: one file per arm comes back
+            f.write(json.dumps({"run": record}) + "\n")
         arms = family_report.collect([args.out]).get(label, {})
         written = family_report.write_family(args.out, label, arms, meta)
         print(f"[{label}] {arm}: rc {rc} in {record['seconds']} s; wrote {', '.join(p.name for p in written)}",

@@ -63,6 +63,9 @@ def test_report_of_a_finished_and_a_cut_arm(tmp_path):
     (family / "meta.json").write_text(json.dumps({"skip": 2}))
     _log(family / "stock.steps.jsonl", [3.0, 2.5, 2.0, 1.5], [9.0, 1.0, 2.0, 4.0])
     _log(family / "use_cce.steps.jsonl", [3.0, 2.6, 2.1], [5.0, 1.0, 1.0], torn=True)  # killed after step 3
+    _log(family / "torch_compile.steps.jsonl", [3.0], [60.0], torn=True)
+    with (family / "torch_compile.steps.jsonl").open("a") as f:  # the process failed; family_runs.py said so
+        f.write("\n" + json.dumps({"run": {"arm": "torch_compile", "rc": 1, "command": []}}) + "\n")
     arms = family_report.family_report(family_report.collect([tmp_path])["fam"])
     stock, ours = arms["stock"], arms["use_cce"]
     assert stock["finished"] and not ours["finished"] and ours["steps"] == 3
@@ -71,6 +74,7 @@ def test_report_of_a_finished_and_a_cut_arm(tmp_path):
     assert ours["vs_stock"]["max"] == pytest.approx(0.1) and ours["vs_stock"]["mean"] == pytest.approx(0.2 / 3)
     written = family_report.write_family(tmp_path, "fam", arms, {"skip": 2})
     md = (tmp_path / "fam.md").read_text()
+    assert arms["torch_compile"]["error"] == "rc 1" and "| torch_compile (rc 1) | 1 |" in md
     assert "| use_cce (cut) | 3 |" in md and "0.1000 / 0.0667" in md and written[0].name == "fam.json"
 
 
