@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from conftest import INTERPRETING
 from models_tiny import tiny_model
 
 from cce_patch import patch, unpatch
@@ -147,6 +148,7 @@ def liger_loss_calls(liger, monkeypatch):
     return calls
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="Liger's loss on CPU tensors needs TRITON_INTERPRET=1 (GPU: tests/gpu/)")
 @pytest.mark.parametrize("where", ["instance", "class"])
 def test_which_loss_runs_under_cce_patch(restore_llama, liger, liger_loss_calls, where):
     """patch() over Liger's fused-loss forward: in training Liger's forward and loss run (observed), our op

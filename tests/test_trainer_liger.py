@@ -16,12 +16,15 @@ import logging
 
 import pytest
 import torch
+from conftest import INTERPRETING
 from models_tiny import VOCAB, tiny_model
 from transformers import Trainer, TrainingArguments
 
 from cce_patch.integrations.trainer import CCECallback, CCETrainer, CCETrainingArguments, liger_config_without_loss
 from cce_patch.models.intercept import observe
 
+#: Liger's Triton kernels on CPU tensors run only under the interpreter (on a CUDA machine: tests/gpu/)
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="Liger's kernels on CPU need TRITON_INTERPRET=1")
 LOSS_OFF = {"fused_linear_cross_entropy": False, "cross_entropy": False}
 #: Liger's kernels that do not run under Triton's CPU interpreter, off in the CPU runs
 CPU_KERNELS_ONLY = {"rms_norm": False, "swiglu": False}
@@ -96,6 +99,7 @@ def test_arguments_turn_liger_loss_off_only_with_both_flags(caplog):
     assert liger_config_without_loss(json.dumps({"swiglu": False})) == {"swiglu": False, **LOSS_OFF}
 
 
+@needs_interpreter
 @pytest.mark.parametrize("how", ["cce_trainer", "plain_trainer_callback"])
 def test_use_cce_with_use_liger_kernel_trains_liger_kernels_with_our_loss(tmp_path, liger_calls, how):
     stock_model = tiny_model("llama")
@@ -127,6 +131,7 @@ def test_use_cce_with_use_liger_kernel_trains_liger_kernels_with_our_loss(tmp_pa
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@needs_interpreter
 def test_use_liger_kernel_alone_keeps_liger_loss(tmp_path, liger_calls):
     """Without use_cce the Trainer's Liger config is left alone: Liger's fused loss runs (the control arm)."""
     model = tiny_model("llama")
