@@ -119,9 +119,20 @@ def test_wrapped_forwards_and_other_libraries(restore_llama):
 
 
 def test_liger_cross_entropy_replacing_torch_is_named(restore_llama, liger):
+    """Liger's cross_entropy=True replaces F.cross_entropy process-wide; a patched model's training call then
+    hands its deferred logits to Liger's function and is refused, as the message says."""
+    from models_tiny import batch
+
     liger.apply_liger_kernel_to_llama(**_no_kernels(cross_entropy=True))
-    message = detect_foreign_loss(tiny_model("llama"))
+    model = tiny_model("llama")
+    message = detect_foreign_loss(model)
     assert message is not None and "torch.nn.functional.cross_entropy" in message and "liger_kernel" in message
+    assert "refuses its training calls" in message
+    patch(model)
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match="cannot train"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    unpatch(model)
 
 
 def test_peft_model_is_looked_through(restore_llama, liger):

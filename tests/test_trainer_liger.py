@@ -149,3 +149,11 @@ def test_liger_fused_loss_already_on_the_model_is_refused_at_init(tmp_path, lige
     liger.apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, model=model)
     with pytest.raises(RuntimeError, match="fused_linear_cross_entropy=False"):
         CCETrainer(model=model, args=_args(tmp_path, use_cce=True), train_dataset=_data())
+
+
+def test_liger_cross_entropy_in_place_of_torch_is_refused_at_init(tmp_path, liger):
+    """Liger's cross_entropy=True (process-wide) would make every patched training step fail: refused up front."""
+    liger.apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, fused_linear_cross_entropy=False,
+                                      cross_entropy=True)
+    with pytest.raises(RuntimeError, match="torch.nn.functional.cross_entropy"):
+        CCETrainer(model=tiny_model("llama"), args=_args(tmp_path, use_cce=True), train_dataset=_data())

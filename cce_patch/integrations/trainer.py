@@ -80,18 +80,17 @@ def compose_with_liger(args: Any) -> bool:
 
 
 def refuse_foreign_loss(model: nn.Module) -> None:
-    """Raise when another library's fused loss is the model's forward or sits under ours: in both cases a
-    ``use_cce`` run would not train with CCE (``foreign_losses.py`` says which). A replaced
-    ``F.cross_entropy`` is only logged: the patched model's loss never calls it."""
-    found = foreign_loss_forward(model)
-    if found is not None:
+    """Raise when another library's loss would stop a ``use_cce`` run from training with CCE: its fused-loss
+    forward on the model (replacing ours, or under ours), or its cross-entropy in place of
+    ``torch.nn.functional.cross_entropy`` (Liger's ``cross_entropy=True``: a patched model's training calls are
+    then refused). ``foreign_losses.py`` says which, as observed."""
+    found = [f for f in (foreign_loss_forward(model), foreign_cross_entropy()) if f is not None]
+    if found:
         raise RuntimeError(
-            f"use_cce: {found}. Apply Liger-Kernel with fused_linear_cross_entropy=False (with the Trainer: "
-            "use_liger_kernel=True and use_cce=True turn it off by themselves) or train without use_cce"
+            f"use_cce: {'; '.join(map(str, found))}. Apply Liger-Kernel with fused_linear_cross_entropy=False and "
+            "cross_entropy=False (with the Trainer: use_liger_kernel=True and use_cce=True turn them off by "
+            "themselves) or train without use_cce"
         )
-    ce = foreign_cross_entropy()
-    if ce is not None:
-        logger.warning("use_cce: %s; cce_patch's loss does not use it", ce)
 
 
 @dataclass

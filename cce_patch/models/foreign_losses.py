@@ -55,6 +55,10 @@ class ForeignLoss:
     runs: bool  # True: it is the model's forward; False: cce_patch's forward is installed over it
 
     def __str__(self) -> str:
+        if self.runs and self.where.startswith("torch.nn.functional"):
+            return (f"{self.what} ({self.function}) replaces {self.where}: stock forwards compute their loss with "
+                    "it, and a model patched by cce_patch refuses its training calls while it is there (the "
+                    "deferred logits reach a function that cannot take them)")
         if self.runs:
             return f"{self.what} ({self.function}, installed on {self.where}) computes this model's loss"
         return (f"{self.what} ({self.function}, installed on {self.where}) is under cce_patch's forward: it "
