@@ -24,7 +24,8 @@ Overrides of the YAML, all said in ``meta.json``: the model (``--model_name_or_p
 ``--model_config``), the tokenizer and data (from ``--data``), ``--max_steps``, ``--logging_steps 1``, no saving
 and no evaluation (a benchmark of training), ``--include_num_input_tokens_seen`` (tokens/s). A family whose
 tokenizer is not in ``--data`` uses another family's (said in the output and meta.json): the model keeps its own
-vocabulary, so the head and the loss are the family's. ``--full`` also runs full fine-tuning (``--lora_r 0``) for
+vocabulary, so the head and the loss are the family's; one without a chat template where the YAML asks for it
+(the shared Llama 3.1 tokenizer) trains on the Alpaca prompt format instead, said likewise. ``--full`` also runs full fine-tuning (``--lora_r 0``) for
 the families whose YAML is LoRA and that fit one 80 GB GPU with AdamW (Phi 3.5; Gemma 2 2B's YAML is already full
 fine-tuning), as the family ``<family>-full``. ``--dry-run``: a tiny version of each family's architecture (its
 vocabulary kept, 2 layers of width 64), 3 steps of 2 sequences of at most 64 tokens, on CPU, arms stock and
@@ -91,6 +92,27 @@ def pick_tokenizer(family: Family, data: Path) -> tuple[Path, str | None]:
     raise SystemExit(f"error: none of the tokenizers {family.tokenizers} is in {data / 'tokenizers'}")
 
 
+def has_chat_template(tokenizer: Path) -> bool:
+    """Whether the tokenizer directory carries a chat template (``tokenizer_config.json`` or a ``.jinja`` file);
+    the shared Llama 3.1 tokenizer has none."""
+    config = tokenizer / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        return True
+    return any(tokenizer.glob("*.jinja"))
+
+
+def chat_template_override(family: Family, tokenizer: Path) -> tuple[list[str], str | None]:
+    """``--use_chat_template false`` (and why) where the YAML asks for the chat template and the tokenizer has
+    none: the Alpaca prompt instead, the same tokens for every arm."""
+    import yaml
+
+    wants = bool((yaml.safe_load((ROOT / family.yaml).read_text()) or {}).get("use_chat_template"))
+    if wants and not has_chat_template(tokenizer):
+        return ["--use_chat_template", "false"], (f"use_chat_template: the {tokenizer.name} tokenizer carried has no "
+                                                  "chat template; the Alpaca prompt format instead")
+    return [], None
+
+
 def architecture_arg(family: Family) -> str:
     """``--model_config``: a preset name as is, a config.json as a path from the repository root."""
     return str(ROOT / family.architecture) if family.architecture.endswith(".json") else family.architecture
@@ -140,14 +162,17 @@ def arm_command(args: argparse.Namespace, name: str, family: Family, arm: str, m
     return cmd + args.extra
 
 
-def run_family(args: argparse.Namespace, name: str, family: Family, full: bool = False) -> None:
+def run_family(args: argparse.Namespace, name: str, family: Family, full: bool = False) -> list:
+    """Every arm of one family in turn; their exit codes (0, a code, or "timeout")."""
     label = f"{name}-full" if full else name
     out = args.out / label
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, note = pick_tokenizer(family, args.data)
+    template_flags, template_note = chat_template_override(family, tokenizer)
+    note = "; ".join(filter(None, [note, template_note])) or None
     model_config = str(tiny_config(family, args.scratch / label / "tiny")) if args.dry_run else architecture_arg(family)
     meta = {"yaml": family.yaml, "model_config": family.architecture + (" (shrunk: dry run)" if args.dry_run else ""),
-            "tokenizer": tokenizer.name + (f" ({note})" if note else ""), "steps": args.steps,
+            "tokenizer": tokenizer.name, "notes": note or "-", "steps": args.steps,
             "full_fine_tune": full or family.full_fine_tune == "yaml",
             "overrides": "model from --model_config at random init, --logging_steps 1, no saving or evaluation, "
                          "--include_num_input_tokens_seen" + (", --lora_r 0" if full else "")
@@ -156,10 +181,11 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
     if note:
         print(f"[{label}] {note}", flush=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    codes = []
     for arm in args.arms:
         log = out / f"{arm}.steps.jsonl"
         log.unlink(missing_ok=True)
-        cmd = arm_command(args, label, family, arm, model_config, tokenizer, log, full)
+        cmd = arm_command(args, label, family, arm, model_config, tokenizer, log, full) + template_flags
         print(f"[{label}] {arm}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -167,6 +193,7 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
             rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.arm_timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        codes.append(rc)
         record = {"arm": arm, "command": cmd, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
         with log.open("a") as f:  # the run's record closes its step log: one file per arm comes back
             f.write(json.dumps({"run": record}) + "\n")
@@ -175,6 +202,7 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
         print(f"[{label}] {arm}: rc {rc} in {record['seconds']} s; wrote {', '.join(p.name for p in written)}",
               flush=True)
     print(family_report.markdown(label, family_report.family_report(family_report.collect([args.out])[label]), meta))
+    return codes
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -215,17 +243,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    codes = []
     for name in args.families:
         family = FAMILIES[name]
         if not args.full_only:
-            run_family(args, name, family)
+            codes += run_family(args, name, family)
         if (args.full or args.full_only) and family.full_fine_tune == "option":
-            run_family(args, name, family, full=True)
+            codes += run_family(args, name, family, full=True)
         elif args.full or args.full_only:
             print(f"[{name}] no separate full fine-tuning run: "
                   + ("its YAML already trains all weights" if family.full_fine_tune == "yaml"
                      else "LoRA only: full fine-tuning with AdamW does not fit one 80 GB GPU"), flush=True)
-    return 0
+    return 0 if all(rc == 0 for rc in codes) else 1
 
 
 if __name__ == "__main__":

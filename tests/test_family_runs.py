@@ -91,5 +91,18 @@ def test_dry_run_through_accelerate_launch(tmp_path):
     assert set(arms) == {"stock", "use_cce"} and all(a["finished"] and a["steps"] == 2 for a in arms.values())
     assert arms["use_cce"]["run"]["rc"] == 0 and "--use_cce" in arms["use_cce"]["run"]["command"]
     assert arms["use_cce"]["vs_stock"]["max"] < 1e-3
-    assert data["meta"]["tokenizer"] == "phi3-mini"
+    assert data["meta"]["tokenizer"] == "phi3-mini" and data["meta"]["notes"] == "-"
     assert (tmp_path / "out" / "phi3.5-mini.md").read_text().count("| use_cce |") == 1
+
+
+@pytest.mark.skipif(not os.environ.get("CCE_SHARED_DATA"), reason="CCE_SHARED_DATA not set")
+def test_stand_in_tokenizer_and_missing_chat_template_are_said(tmp_path):
+    """Gemma 2 has no tokenizer in the shared data (Llama 3.1's stands in); Llama 3.1's carries no chat template,
+    which its YAML asks for (the Alpaca prompt instead). Both are said, and the flag reaches the recipe."""
+    data = Path(os.environ["CCE_SHARED_DATA"])
+    tokenizer, note = family_runs.pick_tokenizer(family_runs.FAMILIES["gemma2-2b"], data)
+    assert tokenizer.name == "llama3.1" and "gemma2 is not in" in note
+    flags, why = family_runs.chat_template_override(family_runs.FAMILIES["llama3.1-8b"], tokenizer)
+    assert flags == ["--use_chat_template", "false"] and "no chat template" in why
+    qwen, _ = family_runs.pick_tokenizer(family_runs.FAMILIES["qwen2.5-7b"], data)
+    assert family_runs.chat_template_override(family_runs.FAMILIES["qwen2.5-7b"], qwen) == ([], None)
