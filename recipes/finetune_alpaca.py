@@ -70,6 +70,9 @@ class ScriptArguments:
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     offline_examples: int = field(default=2000, metadata={"help": "Rows the generated dataset holds."})
     sample_answers: int = field(default=0, metadata={"help": "After training, greedy-answer N fresh generated tasks."})
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save the model (or adapter) to output_dir after training; benchmarks say no."}
+    )
 
 
 #: What the recipe does with no model and no YAML file: the embedded offline default, defined in this one file
@@ -234,18 +237,19 @@ def add_lora(model, script: ScriptArguments):
     return model
 
 
-def main(argv: list[str] | None = None) -> CCETrainer:
-    """Run the recipe; returns the trainer. Restores torch's thread count, which the offline model lowers."""
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> CCETrainer:
+    """Run the recipe; returns the trainer. ``callbacks`` join the Trainer's (``timed_finetune.py`` records each
+    step with one). Restores torch's thread count, which the offline model lowers."""
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return _run(argv)
+        return _run(argv, callbacks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(argv: list[str] | None) -> CCETrainer:
+def _run(argv: list[str] | None, callbacks: list | None = None) -> CCETrainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script, train = parse_args(sys.argv[1:] if argv is None else argv)
     if not (script.model_name_or_path or script.model_config):
@@ -260,12 +264,13 @@ def _run(argv: list[str] | None) -> CCETrainer:
     try:
         trainer = CCETrainer(
             model=model, args=train, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
-            data_collator=collator(script, tokenizer),
+            data_collator=collator(script, tokenizer), callbacks=callbacks,
         )
     except NotImplementedError as exc:
         raise SystemExit(f"error: {exc}") from exc
     trainer.train(resume_from_checkpoint=train.resume_from_checkpoint)
-    trainer.save_model(train.output_dir)
+    if script.save_final_model:
+        trainer.save_model(train.output_dir)
     trainer.save_state()  # trainer_state.json: the loss curve, also when no checkpoints are kept
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:

@@ -1,7 +1,8 @@
 """Detecting another library's fused loss on a model (models/foreign_losses.py), on CPU.
 
-Liger-Kernel's patch functions only rebind forwards and module attributes, so they run here (its Triton
-kernels do not run under the interpreter: the composed model's numerics are tests/gpu/test_liger_compose.py).
+Liger-Kernel's patch functions only rebind forwards and module attributes, so they run here; of its Triton
+kernels, its fused linear cross-entropy and RoPE run under the interpreter (its RMSNorm and SwiGLU do not: the
+composed model's numerics are tests/gpu/test_liger_compose.py).
 Every process-wide attribute Liger changes is restored by monkeypatch after each test.
 """
 
@@ -12,6 +13,7 @@ import types
 
 import pytest
 import torch
+from conftest import INTERPRETING
 from models_tiny import tiny_model
 
 from cce_patch import patch, unpatch
@@ -63,10 +65,10 @@ def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama, liger)
     assert "Liger-Kernel's fused linear cross-entropy" in detect_foreign_loss(model)
     assert "computes this model's loss" in detect_foreign_loss(model)
     assert detect_foreign_loss(type(model)) is None  # the class is untouched
-    patch(model)  # ours goes over it: ours runs in training
+    patch(model)  # ours goes over it (what then runs: test_which_loss_runs_under_cce_patch below)
     found = foreign_loss_forward(model)
     assert found.library == "liger_kernel" and not found.runs
-    assert "cce_patch's loss runs" in detect_foreign_loss(model)
+    assert "neither loss trains" in detect_foreign_loss(model)
     # Liger applied after patch rebinds the instance's forward: then Liger's loss runs, not ours.
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
     assert foreign_loss_forward(model).runs
@@ -117,9 +119,20 @@ def test_wrapped_forwards_and_other_libraries(restore_llama):
 
 
 def test_liger_cross_entropy_replacing_torch_is_named(restore_llama, liger):
+    """Liger's cross_entropy=True replaces F.cross_entropy process-wide; a patched model's training call then
+    hands its deferred logits to Liger's function and is refused, as the message says."""
+    from models_tiny import batch
+
     liger.apply_liger_kernel_to_llama(**_no_kernels(cross_entropy=True))
-    message = detect_foreign_loss(tiny_model("llama"))
+    model = tiny_model("llama")
+    message = detect_foreign_loss(model)
     assert message is not None and "torch.nn.functional.cross_entropy" in message and "liger_kernel" in message
+    assert "refuses its training calls" in message
+    patch(model)
+    ids, mask, labels = batch()
+    with pytest.raises(NotImplementedError, match="cannot train"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    unpatch(model)
 
 
 def test_peft_model_is_looked_through(restore_llama, liger):
@@ -128,3 +141,59 @@ def test_peft_model_is_looked_through(restore_llama, liger):
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert foreign_loss_forward(wrapped).library == "liger_kernel"
+
+
+@pytest.fixture
+def liger_loss_calls(liger, monkeypatch):
+    """Counts the calls of Liger's causal-LM loss as Liger's llama forward reaches it (the real one runs)."""
+    from liger_kernel.transformers.model import llama as liger_llama
+
+    calls: list[int] = []
+    loss = liger_llama.LigerForCausalLMLoss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(liger_llama, "LigerForCausalLMLoss", counted)
+    return calls
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="Liger's loss on CPU tensors needs TRITON_INTERPRET=1 (GPU: tests/gpu/)")
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_which_loss_runs_under_cce_patch(restore_llama, liger, liger_loss_calls, where):
+    """patch() over Liger's fused-loss forward: in training Liger's forward and loss run (observed), our op
+    never does (observed), and cce_patch refuses the call, as the message says; in evaluation Liger's forward
+    gives stock's loss. Liger applied after patch: its loss runs and ours is gone."""
+    from models_tiny import batch
+
+    from cce_patch.models.intercept import observe
+
+    stock = tiny_model("llama").train()
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    expected = stock(**inputs).loss
+    model = tiny_model("llama").train()
+    liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True),
+                                      **({"model": model} if where == "instance" else {}))
+    patch(model)
+    assert "neither loss trains" in detect_foreign_loss(model)
+    with observe() as calls, pytest.raises(NotImplementedError, match="did not produce the logits"):
+        model(**inputs)
+    assert len(liger_loss_calls) == 1 and [c.losses for c in calls] == [0]  # Liger's loss ran, ours did not
+    model.eval()
+    with observe() as calls:
+        loss = model(**inputs).loss  # CCE does not apply in eval: Liger's forward, its logits path
+    assert calls == [] and len(liger_loss_calls) == 1
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    unpatch(model)
+    if where == "instance":  # Liger over ours: its forward replaces ours and its loss trains
+        model.train()
+        patch(model)
+        liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
+        assert "computes this model's loss" in detect_foreign_loss(model)
+        with observe() as calls:
+            loss = model(**inputs).loss
+        assert calls == [] and len(liger_loss_calls) == 2
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+        unpatch(model)

@@ -19,6 +19,14 @@ the autocast wrapper and run the decoder without autocast; so the callback patch
 the model the Trainer holds: the ``*ForCausalLM`` itself or a ``PeftModel`` (``patch`` finds its base model);
 DDP / FSDP / DeepSpeed wrap that same object later, so their wrappers are never touched (``distributed.py`` says
 what each sharded layout needs).
+
+With transformers' ``use_liger_kernel=True`` as well, ``use_cce`` keeps Liger's decoder kernels (RMSNorm, RoPE,
+SwiGLU/GeGLU, ...) and turns its losses off: ``liger_kernel_config`` gets ``fused_linear_cross_entropy=False`` and
+``cross_entropy=False`` (logged), set when the arguments are built (``CCETrainingArguments``) and again by the
+callback at the end of ``Trainer.__init__``, before the Trainer applies Liger (in ``train()`` in transformers 5.x).
+Liger's fused-loss forward, installed on the instance, would replace or sit under ours; and under ours it computes
+its loss from ``lm_head.weight`` itself, so patched training calls are refused (``foreign_losses.py``). A foreign
+fused loss found on the model when training starts is therefore an error, not a silent swap of losses.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
+from ..models.foreign_losses import foreign_cross_entropy, foreign_loss_forward
 from ..models.patching import is_patched
 from .arming import arm, patch
 from .extras import require
@@ -41,6 +50,50 @@ from .fused_head import base_model, cce_config, fused_head_options, install_fuse
 require("accelerate", extra="trainer", feature="cce_patch's Trainer flag (transformers' Trainer runs on accelerate)")
 
 logger = logging.getLogger("cce_patch")
+
+#: Liger-Kernel's loss options (``apply_liger_kernel_to_*`` arguments) that ``use_cce`` turns off.
+LIGER_LOSS_OPTIONS = ("fused_linear_cross_entropy", "cross_entropy")
+
+
+def liger_config_without_loss(config: dict | str | None) -> dict:
+    """``liger_kernel_config`` with Liger's losses off and its other options as given (a JSON string from the
+    command line is read). Liger's apply functions take only the options they have, so the two keys are harmless
+    for a family without one of them."""
+    if isinstance(config, str):
+        config = json.loads(config) if config.strip() else {}
+    return {**(config or {}), **{name: False for name in LIGER_LOSS_OPTIONS}}
+
+
+def compose_with_liger(args: Any) -> bool:
+    """With ``use_liger_kernel`` on, set Liger's loss options off in ``args.liger_kernel_config`` (in place) and
+    say so once; True when it changed anything. The Trainer passes that dict to Liger's
+    ``_apply_liger_kernel_to_instance``."""
+    if not getattr(args, "use_liger_kernel", False):
+        return False
+    before = getattr(args, "liger_kernel_config", None)
+    after = liger_config_without_loss(before)
+    if before == after:
+        return False
+    args.liger_kernel_config = after
+    kept = {k: v for k, v in after.items() if k not in LIGER_LOSS_OPTIONS}
+    logger.info("use_cce with use_liger_kernel: Liger-Kernel's decoder kernels%s with cce_patch's loss "
+                "(liger_kernel_config: fused_linear_cross_entropy=False, cross_entropy=False)",
+                f" ({kept})" if kept else "")
+    return True
+
+
+def refuse_foreign_loss(model: nn.Module) -> None:
+    """Raise when another library's loss would stop a ``use_cce`` run from training with CCE: its fused-loss
+    forward on the model (replacing ours, or under ours), or its cross-entropy in place of
+    ``torch.nn.functional.cross_entropy`` (Liger's ``cross_entropy=True``: a patched model's training calls are
+    then refused). ``foreign_losses.py`` says which, as observed."""
+    found = [f for f in (foreign_loss_forward(model), foreign_cross_entropy()) if f is not None]
+    if found:
+        raise RuntimeError(
+            f"use_cce: {'; '.join(map(str, found))}. Apply Liger-Kernel with fused_linear_cross_entropy=False and "
+            "cross_entropy=False (with the Trainer: use_liger_kernel=True and use_cce=True turn them off by "
+            "themselves) or train without use_cce"
+        )
 
 
 @dataclass
@@ -68,6 +121,8 @@ class CCETrainingArguments(TrainingArguments):
         if self.cce_config is not None and not isinstance(self.cce_config, dict):
             raise ValueError(f"cce_config must be a dict or a JSON object string, got {type(self.cce_config).__name__}")
         CCEConfig.from_dict(self.cce_config)  # refuse unknown option names at parse time, not mid-run
+        if self.use_cce:
+            compose_with_liger(self)  # before any Trainer applies Liger, whichever transformers version
 
 
 def cce_config_from_args(args: Any) -> CCEConfig:
@@ -121,7 +176,9 @@ class CCECallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # End of Trainer.__init__: before accelerate wraps forward for autocast, and before evaluate()/predict().
         if self._enabled(args) and model is not None:
+            compose_with_liger(args)  # plain TrainingArguments: the Trainer applies Liger later, in train()
             apply_cce(model, args, self.config)
+            refuse_foreign_loss(model)
             if getattr(args, "cce_token_metrics", False) and not self.logs_token_metrics:
                 logger.warning("cce_token_metrics: only CCETrainer logs them; a plain Trainer with CCECallback does not")
 
@@ -133,6 +190,8 @@ class CCECallback(TrainerCallback):
         if self._enabled(args) and model is not None and not is_patched(model):
             logger.warning("use_cce: patching at train start; the model was not patched when the Trainer was built")
             apply_cce(model, args, self.config)
+        if self._enabled(args) and model is not None:
+            refuse_foreign_loss(model)  # e.g. a Liger loss the Trainer installed in train(), after our patch
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         # With filter_eps, what the filter skipped. A plain Trainer runs the reporters registered before this

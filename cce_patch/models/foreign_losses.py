@@ -4,9 +4,19 @@ Liger-Kernel's ``apply_liger_kernel_to_<family>()`` (and ``AutoLigerKernelForCau
 its own fused linear cross-entropy as the ``*ForCausalLM.forward``: on the class, or on one instance when
 given ``model=``. Its other kernels (RMSNorm, SwiGLU/GeGLU, RoPE) replace modules and functions inside the
 decoder and compose with cce_patch; its loss does not: only one forward can compute the loss. apple's
-``cut_cross_entropy.transformers.cce_patch`` and Unsloth install theirs the same way. ``patch`` uses
-:func:`detect_foreign_loss` to say which loss runs, and a check at training start can catch a foreign loss
-installed *after* ``patch`` (which then runs instead of ours).
+``cut_cross_entropy.transformers.cce_patch`` and Unsloth install theirs the same way.
+
+Which loss runs, observed (tests/test_foreign_losses.py runs Liger's real forward and loss on CPU):
+
+- foreign forward installed *after* ``patch``: it replaces ours; its loss runs, ours never does;
+- ``patch`` over a foreign forward: ours wraps it and, where CCE applies (training with labels), runs it inside
+  the interception; Liger's forward then computes its fused loss from ``lm_head.weight`` without calling the
+  head, so no logits reach our loss and cce_patch refuses the call (``NotImplementedError``) after Liger's loss
+  ran: neither trains. Elsewhere (evaluation, generation) the foreign forward runs as its library wrote it.
+
+So the only composition that trains with CCE is the foreign library's loss off (Liger:
+``fused_linear_cross_entropy=False``; the Trainer's ``use_cce`` with ``use_liger_kernel`` does it,
+integrations/trainer.py, which also refuses a run where :func:`foreign_loss_forward` finds one).
 
 Recognition is by the module that defines the forward function, looked up through bound methods,
 ``functools.partial`` and ``__wrapped__`` chains (accelerate and transformers wrap forwards), so nothing here
@@ -42,13 +52,20 @@ class ForeignLoss:
     what: str  # e.g. "Liger-Kernel's fused linear cross-entropy"
     function: str  # e.g. "liger_kernel.transformers.model.llama.lce_forward"
     where: str  # "the instance" or "class LlamaForCausalLM"
-    runs: bool  # True: it is the forward that runs; False: cce_patch's forward is installed over it
+    runs: bool  # True: it is the model's forward; False: cce_patch's forward is installed over it
 
     def __str__(self) -> str:
+        if self.runs and self.where.startswith("torch.nn.functional"):
+            return (f"{self.what} ({self.function}) replaces {self.where}: stock forwards compute their loss with "
+                    "it, and a model patched by cce_patch refuses its training calls while it is there (the "
+                    "deferred logits reach a function that cannot take them)")
         if self.runs:
             return f"{self.what} ({self.function}, installed on {self.where}) computes this model's loss"
-        return (f"{self.what} ({self.function}, installed on {self.where}) is under cce_patch's forward: "
-                "cce_patch's loss runs wherever CCE applies (training), that forward elsewhere")
+        return (f"{self.what} ({self.function}, installed on {self.where}) is under cce_patch's forward: it "
+                "computes its own loss without calling the head, so where CCE applies (training with labels) it "
+                "runs and cce_patch then refuses the call (NotImplementedError): neither loss trains; elsewhere "
+                "that forward runs as written. Install it without its loss (Liger: fused_linear_cross_entropy="
+                "False) to train with cce_patch's")
 
 
 def detect_foreign_loss(target: Any) -> str | None:

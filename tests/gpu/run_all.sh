@@ -18,7 +18,7 @@
 #   ab.json                interleaved A/B timings (only when `ab` is asked for: tests/gpu/ab_compare.py)
 #
 # Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" / "ab" / "profile"
-# explicitly) and their
+# / "liger" / "e2e_loop" explicitly; the per-family recipe runs are tests/gpu/family_recipes.sh) and their
 # expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
 # dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
@@ -182,6 +182,24 @@ fi
 if want profile; then
   # shellcheck disable=SC2086
   run_section profile "${CCE_TIMEOUT_PROFILE:-400}" "$PY" tests/gpu/profile_modes.py ${CCE_PROFILE_ARGS:-}
+fi
+
+# --- liger: Liger-Kernel with our loss (opt-in): the Trainer's use_cce + use_liger_kernel against stock, and what
+# patch() over Liger's defaults runs (tests/gpu/test_liger_compose.py; needs liger-kernel from .whl/) ------------
+if want liger; then
+  run_section liger "${CCE_TIMEOUT_LIGER:-300}" \
+    "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu/test_liger_compose.py tests/test_trainer_liger.py
+fi
+
+# --- e2e_loop: `cce-patch e2e` in the Trainer-loop mode, eager and torch.compile, with Liger (opt-in) ------------
+# CCE_E2E_LOOP_ARGS replaces the defaults (Gemma 2 2B, 8 arms: 4 variants eager and compiled, 40 AdamW steps of 16
+# sequences of 32-512 tokens each; expect 6-9 min on one H100; split with --variants if it runs long).
+if want e2e_loop; then
+  # shellcheck disable=SC2086
+  run_section e2e_loop "${CCE_TIMEOUT_E2E_LOOP:-560}" \
+    "$PY" -m cce_patch.bench.e2e --out "$SCRATCH/e2e" --name e2e_loop --no-png \
+    ${CCE_E2E_LOOP_ARGS:---model gemma2-2b --with-liger-kernels --compile both --loop-steps 40 --steps 2 --warmup 1}
+  keep "$SCRATCH/e2e/e2e_loop.json" "$SCRATCH/e2e/e2e_loop.md"
 fi
 
 # --- e2e: a training step of real architectures, stock vs patched ----------------------------------------

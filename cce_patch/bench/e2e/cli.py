@@ -7,7 +7,9 @@ transformers refuses SDPA), on ``batch x seq`` random tokens (default 4 x 2048 =
 (same weights, same tokens) runs every variant in turn, so the losses must agree to bf16 rounding. Per
 variant: the loss of the first step, the gradient norm, the peak memory of a forward+backward (absolute, and
 above the weights and inputs), the median step time and, with ``--max-tokens``, the largest tokens per step
-that fit. Outputs: ``<out>/<name>.json``, ``<name>.md`` and ``<name>.png``.
+that fit. ``--compile`` runs the variants under torch.compile (and reports the graph breaks of one forward);
+``--loop-steps N`` adds the Trainer-loop mode (``loop.py``: N AdamW steps over variable-length padded batches).
+Outputs: ``<out>/<name>.json``, ``<name>.md`` and ``<name>.png``.
 
 Examples::
 
@@ -15,6 +17,7 @@ Examples::
     cce-patch e2e --model gemma2-2b --model llama3.1-8b --with-liger-kernels --max-tokens
     cce-patch e2e --model gemma2-2b --variants 'stock,ours[mode=memory],ours[mode=speed],ours'
     cce-patch e2e --model tiny-llama --batch 2 --seq 64                    # seconds on a CPU
+    cce-patch e2e --model gemma2-2b --with-liger-kernels --compile both --loop-steps 60   # the Trainer-loop table
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from ...models.architectures import ARCHITECTURES
 from ..report import environment
 from .build import VARIANTS, liger_available, parse_variant
+from .loop import LoopConfig
 from .max_tokens import SearchConfig
 from .measure import E2ERecord, run_model
 from .report import markdown, plot, write_json
@@ -65,6 +69,18 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--max-memory-gib", type=float, default=None,
                    help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), e.g. 80 to "
                    "answer for an 80 GB card")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="run the model under torch.compile, as TrainingArguments(torch_compile=True) does: 'on' "
+                   "(or the bare flag) for every variant, 'both' for each variant eager and compiled "
+                   "(<variant>+compile); compiled variants report their graph breaks")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager on CPU)")
+    p.add_argument("--loop-steps", type=int, default=0,
+                   help="Trainer-loop mode: N AdamW steps per variant over variable-length padded batches with "
+                   "masked prompts (0: off); reports first-step and median step time, tokens/s, peak, losses")
+    p.add_argument("--loop-warmup", type=int, default=10, help="loop steps left out of the median and tokens/s")
+    p.add_argument("--loop-batch", type=int, default=16, help="sequences per loop step")
+    p.add_argument("--loop-len", default="32-512", help="MIN-MAX tokens per loop sequence")
+    p.add_argument("--lr", type=float, default=1e-5, help="the loop's AdamW learning rate")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (CUDA), fp32 (CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -117,11 +133,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m cce_patch.ben
     if args.max_tokens:
         search = SearchConfig(cap_tokens=args.max_tokens_cap, budget_s=args.max_tokens_budget_s,
                               seq=args.max_tokens_seq, memory_limit_bytes=limit)
+    loop = None
+    if args.loop_steps:
+        try:
+            low, high = (int(x) for x in args.loop_len.split("-"))
+        except ValueError:
+            raise SystemExit(f"error: --loop-len {args.loop_len!r}: expected MIN-MAX, e.g. 32-512") from None
+        loop = LoopConfig(steps=args.loop_steps, warmup=args.loop_warmup, batch=args.loop_batch, min_len=low,
+                          max_len=high, lr=args.lr, seed=args.seed)
     env = environment(device, [*prog.split(), *argv])
     records: list[E2ERecord] = []
     for name in models:
         records += run_model(name, variants, device, dtype, args.batch, args.seq, args.steps, args.warmup,
-                             args.seed, args.attn, search)
+                             args.seed, args.attn, search, loop, args.compile, args.compile_backend)
     agree = all(r.loss_rel_diff is None or r.loss_rel_diff <= args.tol for r in records)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(records, env)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..memory import free_cached, is_oom
+from .step import random_batch, sync, training_step
 
 log = logging.getLogger("cce_patch.bench")
 
@@ -115,8 +116,6 @@ def search_max_tokens(model: torch.nn.Module, seq: int, device: torch.device, cf
                       seed: int = 0) -> dict:
     """Run the search on ``model`` as it is now (a variant applied), at ``cfg.seq`` (or ``seq``) tokens per
     sequence. Returns the JSON-ready answer (see the module doc)."""
-    from .measure import _sync, random_batch, training_step
-
     seq = cfg.seq or seq
     cap = max(1, cfg.cap_tokens // seq)
     free_cached(device)
@@ -133,7 +132,7 @@ def search_max_tokens(model: torch.nn.Module, seq: int, device: torch.device, cf
         fits = True
         try:
             training_step(model, ids, labels)
-            _sync(device)
+            sync(device)
         except Exception as exc:  # noqa: BLE001 - only running out of memory is an answer
             if not is_oom(exc):
                 raise

@@ -18,7 +18,10 @@ import torch
 
 from ..memory import free_cached, is_oom
 from .build import Variant, applied, build_model, unavailable_reason
+from .compile import compile_model, graph_breaks
+from .loop import LoopConfig, restore, run_loop, snapshot, variable_batches
 from .max_tokens import SearchConfig, search_max_tokens
+from .step import random_batch, sync, training_step
 
 log = logging.getLogger("cce_patch.bench")
 
@@ -42,36 +45,13 @@ class E2ERecord:
     status: str = "ok"
     options: dict = field(default_factory=dict)
     max_tokens: dict | None = None  # max_tokens.search_max_tokens's answer, when the search ran
+    compiled: bool = False  # the model ran under torch.compile
+    graph_breaks: dict | None = None  # compile.graph_breaks's answer, for a compiled variant
+    loop: dict | None = None  # loop.run_loop's answer, in the Trainer-loop mode
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
-
-
-def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0):
-    """Random tokens, and labels with a masked prompt (the first 1/16 of each sequence), as instruction tuning
-    has."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-    labels = ids.clone()
-    labels[:, : max(1, seq // 16)] = -100
-    return ids, labels
-
-
-def training_step(model, ids, labels, keep_grads: bool = False) -> torch.Tensor:
-    """Forward + backward; the loss (detached). Gradients are dropped unless ``keep_grads``."""
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    loss = out.loss.detach()
-    del out
-    if not keep_grads:
-        model.zero_grad(set_to_none=True)
-    return loss
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_variant(model, ids, labels, rec: E2ERecord, device: torch.device, steps: int, warmup: int) -> None:
@@ -82,7 +62,7 @@ def measure_variant(model, ids, labels, rec: E2ERecord, device: torch.device, st
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     loss = training_step(model, ids, labels, keep_grads=True)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         rec.peak_gib = peak / 2**30
@@ -95,7 +75,7 @@ def measure_variant(model, ids, labels, rec: E2ERecord, device: torch.device, st
         training_step(model, ids, labels)
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -122,9 +102,15 @@ def run_model(
     seed: int,
     attn: str = "sdpa",
     search: SearchConfig | None = None,
+    loop: LoopConfig | None = None,
+    compile_mode: str = "off",
+    compile_backend: str = "inductor",
 ) -> list[E2ERecord]:
     """Every variant on one instance of architecture ``name``: the step measurement, then (with ``search``)
-    the max-tokens search. Losses and gradient norms are compared with the stock variant's when it ran."""
+    the max-tokens search, then (with ``loop``) the Trainer-loop steps, from the same weights for each variant.
+    ``compile_mode``: "off", "on" (every variant under torch.compile) or "both" (each variant eager, then
+    compiled, labelled ``<variant>+compile``). Losses and gradient norms are compared with the stock variant's
+    (eager stock, when it ran)."""
     dtype_name = str(dtype).removeprefix("torch.")
     t0 = time.perf_counter()
     model = build_model(name, device, dtype, seed, attn)
@@ -134,9 +120,13 @@ def run_model(
     log.info("%s: %.2f GiB of weights built in %.1fs", name, weights, time.perf_counter() - t0)
     records: list[E2ERecord] = []
     stock: E2ERecord | None = None
-    for variant in variants:
-        rec = E2ERecord(name, variant.label, batch, seq, dtype_name, attn=attn_used, weights_gib=weights,
-                        options=dict(variant.options))
+    batches = variable_batches(model.config.vocab_size, loop, device) if loop is not None else None
+    weights_before = snapshot(model) if loop is not None else None
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[compile_mode]
+    for variant, compiled in [(v, c) for v in variants for c in modes]:
+        label = f"{variant.label}+compile" if compiled and compile_mode == "both" else variant.label
+        rec = E2ERecord(name, label, batch, seq, dtype_name, attn=attn_used, weights_gib=weights,
+                        options=dict(variant.options), compiled=compiled)
         t1 = time.perf_counter()
         reason = unavailable_reason(variant, device)
         if reason is not None:
@@ -144,21 +134,33 @@ def run_model(
         else:
             try:
                 with applied(model, variant):
-                    _measure_guarded(model, ids, labels, rec, device, steps, warmup)
+                    target = model
+                    if compiled:
+                        rec.graph_breaks = graph_breaks(model, {"input_ids": ids, "labels": labels})
+                        target = compile_model(model, compile_backend)
+                    _measure_guarded(target, ids, labels, rec, device, steps, warmup)
                     if search is not None:  # also after an OOM at the timed size: the search goes smaller
-                        rec.max_tokens = search_max_tokens(model, seq, device, search, seed)
+                        rec.max_tokens = search_max_tokens(target, seq, device, search, seed)
+                    if loop is not None:
+                        try:
+                            rec.loop = run_loop(target, batches, device, loop)
+                        finally:
+                            model.zero_grad(set_to_none=True)
+                            restore(model, weights_before)
             except Exception as exc:  # noqa: BLE001 - e.g. applying a peer failed; recorded, the rest runs
                 rec.status = "OOM" if is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
-                log.debug("variant %s failed", variant.label, exc_info=True)
+                log.debug("variant %s failed", label, exc_info=True)
             finally:
                 model.zero_grad(set_to_none=True)
+                if compiled:
+                    torch._dynamo.reset()
                 free_cached(device)
-        if variant.name == "stock" and rec.status == "ok":
+        if variant.name == "stock" and not compiled and rec.status == "ok":
             stock = rec
         elif stock is not None and rec.loss is not None:
             rec.loss_rel_diff = abs(rec.loss - stock.loss) / max(abs(stock.loss), 1e-12)
             rec.grad_norm_rel_diff = abs(rec.grad_norm - stock.grad_norm) / max(stock.grad_norm, 1e-12)
-        log.info("  %-12s %s in %.1fs", variant.label, brief(rec), time.perf_counter() - t1)
+        log.info("  %-12s %s in %.1fs", label, brief(rec), time.perf_counter() - t1)
         records.append(rec)
     del model
     free_cached(device)
@@ -181,6 +183,11 @@ def brief(r: E2ERecord) -> str:
     found = ""
     if r.max_tokens:
         found = f", max tokens/step {r.max_tokens['tokens']} ({r.max_tokens['bound']})"
+    if r.graph_breaks:
+        found += f", graph breaks {r.graph_breaks.get('graph_breaks', r.graph_breaks.get('error'))}"
+    if r.loop:
+        found += (f", loop: first {f(r.loop['first_step_ms'], 0)} ms, median {f(r.loop['median_step_ms'], 1)} ms, "
+                  f"{f(r.loop['tokens_per_s'], 0)} tok/s, peak {f(r.loop['peak_gib'], 2)} GiB")
     return (
         f"loss {f(r.loss, 4)} (rel.diff {f(r.loss_rel_diff, 5)}), peak {f(r.peak_gib, 2)} GiB "
         f"({f(r.above_weights_gib, 2)} above weights+inputs), step {f(r.step_ms, 1)} ms{found}, {r.status}"

@@ -46,7 +46,54 @@ def markdown(records: list[E2ERecord], env: dict) -> str:
             lines.append(f"| {r.model} | {r.variant} | {shown} | {m['batch']}x{m['seq']} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}x'} | {m['bound']} | {fails} | "
                          f"{len(m['probes'])} | {m['seconds']:.0f} |")
+    lines += _loop_lines(records) + _graph_break_lines(records)
     return "\n".join(lines) + "\n"
+
+
+def curve_diff(losses: list[float], reference: list[float]) -> tuple[float, float] | None:
+    """Max and mean per-step absolute difference of two loss curves (over their common steps)."""
+    pairs = list(zip(losses, reference, strict=False))  # curves of different lengths: the common steps
+    if not pairs:
+        return None
+    diffs = [abs(a - b) for a, b in pairs]
+    return max(diffs), sum(diffs) / len(diffs)
+
+
+def _loop_lines(records: list[E2ERecord]) -> list[str]:
+    looped = [r for r in records if r.loop]
+    if not looped:
+        return []
+    m = looped[0].loop
+    lines = ["", f"Trainer loop: {m['steps']} AdamW steps of {m['batch']} sequences of {m['min_len']}-{m['max_len']} "
+             "tokens padded to the longest, prompts masked; median and tokens/s after the warm-up steps, peak with "
+             "optimizer states:", "",
+             "| model | variant | first step ms | median step ms | tokens/s | peak GiB | loss first -> last "
+             "| max / mean diff to stock |", "|---|---|---:|---:|---:|---:|---|---|"]
+    stock = {r.model: r.loop["losses"] for r in looped if r.variant == "stock" and not r.compiled}
+    for r in looped:
+        loop = r.loop
+        diff = curve_diff(loop["losses"], stock[r.model]) if r.model in stock else None
+        shown = "-" if diff is None else f"{diff[0]:.4f} / {diff[1]:.4f}"
+        first_last = f"{loop['losses'][0]:.4f} -> {loop['losses'][-1]:.4f}" if loop["losses"] else "-"
+        lines.append(f"| {r.model} | {r.variant} | {_f(loop['first_step_ms'], 0)} | {_f(loop['median_step_ms'], 1)} "
+                     f"| {_f(loop['tokens_per_s'], 0)} | {_f(loop['peak_gib'], 2)} | {first_last} | {shown} |")
+    return lines
+
+
+def _graph_break_lines(records: list[E2ERecord]) -> list[str]:
+    compiled = [r for r in records if r.graph_breaks]
+    if not compiled:
+        return []
+    lines = ["", "torch.compile: graphs and graph breaks of one forward (torch._dynamo.explain), so per step:", "",
+             "| model | variant | graphs | graph breaks | where and why |", "|---|---|---:|---:|---|"]
+    for r in compiled:
+        g = r.graph_breaks
+        if "error" in g:
+            lines.append(f"| {r.model} | {r.variant} | - | - | explain failed: {g['error']} |")
+            continue
+        why = "<br>".join(x.replace("|", "\\|") for x in g["reasons"]) or "-"
+        lines.append(f"| {r.model} | {r.variant} | {g['graphs']} | {g['graph_breaks']} | {why} |")
+    return lines
 
 
 def write_json(path: Path, env: dict, config: dict, records: list[E2ERecord], losses_agree: bool) -> None:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The shipped recipe per family at its real architecture, six arms (recipes/family_runs.py), on the device.
+#
+#   bash tests/gpu/family_recipes.sh --family gemma2-2b --arms stock,use_cce --steps 200 --arm-timeout 270
+#   bash tests/gpu/family_recipes.sh --family phi3.5-mini --full-only --arms stock --steps 200 --arm-timeout 540
+#   PYTHON=.venv/bin/python bash tests/gpu/family_recipes.sh --dry-run --family qwen2.5-7b     # CPU plumbing
+#
+# Arguments go to recipes/family_runs.py (its --help lists them). Needs, carried: .gpu_data/ (alpaca_5000.json and
+# tokenizers/{qwen2.5,llama3.1,phi3-mini}: TOKENIZERS="qwen2.5 llama3.1 phi3-mini" bash tests/gpu/fetch_wheels.sh)
+# and .whl/ (liger-kernel, for the two Liger arms; the image has accelerate, peft and matplotlib).
+#
+# What comes back from $OUT (the device returns at most 8 files, 2 folders down): run.log, <family>/meta.json,
+# <family>/<arm>.steps.jsonl per arm (one line per step, written as it ends: a killed call keeps its rows), and
+# <family>.json / .md / .png (rewritten after each arm). So at most 3 arms per call. One command runs at most
+# 10 minutes: give --arm-timeout so the last arm ends ~40 s before (a cut arm is reported with the steps it has).
+# Merge the calls of one family locally: python recipes/family_report.py CALL1_DIR CALL2_DIR ... (all arms of a
+# family on the same machine kind and session: compare timings only there).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/outputs/families}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$OUT/run.log") 2>&1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+"$PY" - <<'PYEOF'
+import importlib
+for mod in ("torch", "triton", "transformers", "accelerate", "peft", "liger_kernel", "matplotlib", "cce_patch"):
+    try:
+        print(f"{mod:14s} {getattr(importlib.import_module(mod), '__version__', '?')}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"{mod:14s} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
+PYEOF
+"$PY" recipes/family_runs.py --out "$OUT" "$@"
