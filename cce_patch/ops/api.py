@@ -84,8 +84,10 @@ def linear_cross_entropy(
             probabilities take ``speed_chunk_bytes``; bf16 and fp32 only (the dtype after autocast's cast:
             ``autocast.compute_dtype``). Without autograd (no_grad, or no input requiring grad) it is the
             plain forward. The forward then costs what forward+backward costs; backward is nearly free.
-        speed_chunk_bytes: byte budget of speed mode's chunk (default 2 GiB); smaller means less memory and
-            more, smaller GEMMs.
+        speed_chunk_bytes: byte budget of speed mode's chunk of unnormalised probabilities; smaller means less
+            memory and more, smaller GEMMs. None (default): the chunks ``speed_plan.py`` plans, the fewest whose
+            working set stays below what ``torch.compile`` of the plain loss holds (0.6x of it where chunks of
+            >= 2048 rows allow), each at most 2 GiB.
         check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
             off is faster and unsafe: an out-of-range target is then undefined behaviour.
         filter_eps: ``None`` (default): exact gradients. A number in (0, 1) opts into gradient filtering

@@ -128,11 +128,11 @@ def plan_torch(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | No
     or faster at every shape tried and memory is rarely the limit, and on CUDA it runs only IEEE fp32 calls,
     whose comparison is with an fp32 torch.compile holding fp32 logits."""
     itemsize = _itemsize(dtype)
-    rows = max(1, min(n, rows))
+    held = max(1, min(n, rows))  # rows is kept as the path gave it: a filtering call rounds it to whole blocks
     grads = (n * d + v * d) * itemsize
     c32 = v * d * 4 if dtype != torch.float32 else 0
-    ws = grads + c32 + v * d * 4 + 4 * rows * v * 4 + rows * d * 4
-    return SpeedPlan(rows, max(1, math.ceil(n / rows)), dtype != torch.float32, ws, compile_bytes(n, d, v, dtype),
+    ws = grads + c32 + v * d * 4 + 4 * held * v * 4 + held * d * 4
+    return SpeedPlan(rows, max(1, math.ceil(n / held)), dtype != torch.float32, ws, compile_bytes(n, d, v, dtype),
                      True)
 
 
