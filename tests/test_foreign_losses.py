@@ -56,7 +56,7 @@ def test_stock_and_patched_models_have_no_foreign_loss(restore_llama, liger):
     assert detect_foreign_loss(model) is None
 
 
-def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama, liger):
+def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama, liger, caplog):
     model = tiny_model("llama")
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
     found = foreign_loss_forward(model)
@@ -65,17 +65,20 @@ def test_liger_loss_on_the_instance_before_and_after_patch(restore_llama, liger)
     assert "Liger-Kernel's fused linear cross-entropy" in detect_foreign_loss(model)
     assert "computes this model's loss" in detect_foreign_loss(model)
     assert detect_foreign_loss(type(model)) is None  # the class is untouched
-    patch(model)  # ours goes over it (what then runs: test_which_loss_runs_under_cce_patch below)
+    with caplog.at_level("WARNING", logger="cce_patch"):
+        patch(model)  # ours goes over it (what then runs: test_which_loss_runs_under_cce_patch below)
     found = foreign_loss_forward(model)
     assert found.library == "liger_kernel" and not found.runs
     assert "neither loss trains" in detect_foreign_loss(model)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cce_patch.patch(LlamaForCausalLM)" in m and "neither loss trains" in m for m in said), said
     # Liger applied after patch rebinds the instance's forward: then Liger's loss runs, not ours.
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True), model=model)
     assert foreign_loss_forward(model).runs
     unpatch(model)
 
 
-def test_liger_loss_on_the_class(restore_llama, liger):
+def test_liger_loss_on_the_class(restore_llama, liger, caplog):
     liger.apply_liger_kernel_to_llama(**_no_kernels(fused_linear_cross_entropy=True))
     cls = type(tiny_model("llama"))
     found = foreign_loss_forward(cls)
@@ -85,9 +88,11 @@ def test_liger_loss_on_the_class(restore_llama, liger):
     patch(model)
     assert not foreign_loss_forward(model).runs
     unpatch(model)
-    patch(cls)
+    with caplog.at_level("WARNING", logger="cce_patch"):
+        patch(cls)
     try:
         assert not foreign_loss_forward(cls).runs and not foreign_loss_forward(tiny_model("llama")).runs
+        assert any("cce_patch.patch(LlamaForCausalLM)" in r.getMessage() for r in caplog.records)
     finally:
         unpatch(cls)
 

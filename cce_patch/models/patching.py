@@ -16,6 +16,7 @@ import transformers
 from packaging.version import Version
 
 from ..config import CCEConfig
+from .foreign_losses import detect_foreign_loss
 from .forward import PatchedForward, class_forward
 from .heads import effective_head, is_compiled, is_peft_model, unwrap
 from .registry import model_type_of, resolve_head, spec_for
@@ -99,7 +100,18 @@ def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
     via = ", via PEFT" if is_peft_model(target) else ", inside torch.compile" if is_compiled(target) else ""
     logger.info("patched %s (model_type=%s%s) with impl=%s", type(model).__name__, model_type_of(model), via,
                 new_config.impl)
+    _say_which_loss_runs(model)
     return target
+
+
+def _say_which_loss_runs(target: Any) -> None:
+    """Another library's fused loss on ``target`` (Liger-Kernel's by default after ``apply_liger_kernel_to_*``)
+    means cce_patch's loss does not train it: say so, with what was observed to run (``foreign_losses.py``), the
+    moment the user patches, not at the first training step."""
+    found = detect_foreign_loss(target)
+    if found is not None:
+        logger.warning("cce_patch.patch(%s): %s", target.__name__ if isinstance(target, type) else
+                       type(target).__name__, found)
 
 
 def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -> type:
@@ -115,6 +127,7 @@ def _patch_class(cls: type, config: CCEConfig | None, options: dict[str, Any]) -
     else:
         set_class_patch(cls, ClassPatch(new_config, record.original, record.own))
     logger.info("patched class %s (model_type=%s) with impl=%s", cls.__name__, model_type_of(cls), new_config.impl)
+    _say_which_loss_runs(cls)
     return cls
 
 
