@@ -29,16 +29,13 @@ def arm() -> None:
 
 
 def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:
-    """Make ``target`` compute its training loss with CCE, and arm the TRL integration. Returns ``target``.
-
-    Args:
-        target: a model instance (``*ForCausalLM``, a multimodal ``*ForConditionalGeneration``, ...), a
-            ``PeftModel`` or ``torch.compile`` wrapper around one, a model class, or a model type string
-            (``"llama"``, ``"gemma3"``, ...) naming the causal-LM class.
-        config: a CCEConfig; ``**options`` override its fields (``impl="torch"``, ``train_only=False``, ...).
-
-    The patch itself is ``cce_patch.models.patch``'s; arming follows only a patch that succeeded.
-    """
     patched = models.patch(target, config, **options)
     arm()
     return patched
+
+
+# help(cce_patch.patch) shows the model room's arguments (one text, not a copy) and what this adds.
+patch.__doc__ = (models.patch.__doc__ or "") + """
+    The public ``cce_patch.patch`` also arms the TRL integration after a patch that succeeded, so that a TRL
+    trainer built on the patched model runs cce_patch's kernel (``import cce_patch`` alone arms nothing).
+"""
