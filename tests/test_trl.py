@@ -420,6 +420,16 @@ def test_label_smoothing_of_a_patched_model_is_refused_by_the_head():
         trl.trainer.utils.add_fused_lm_head(model)
 
 
+def test_filter_eps_of_a_patched_model_is_said_not_to_reach_the_head(caplog):
+    """TRL's fused head computes per-token log-probs exactly; a patched model's filter_eps is for the CCE loss,
+    and installing the head says so rather than ignoring it silently."""
+    model = tiny_model("llama")
+    cce_patch.patch(model, impl="torch", filter_eps=2.0**-12)
+    with caplog.at_level("WARNING", logger="cce_patch"):
+        trl.trainer.utils.add_fused_lm_head(model)
+    assert any("filter_eps applies to the CCE loss only" in r.getMessage() for r in caplog.records)
+
+
 def test_unknown_head_arguments_are_refused():
     model = tiny_model("llama")
     cce_patch.patch(model, impl="torch")

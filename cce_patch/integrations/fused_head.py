@@ -218,6 +218,9 @@ def install_fused_head(
     model.forward = types.MethodType(cce_fused_forward, model)
     if is_cce_patched(model):
         watch_for_bypass(model)
+        if getattr(cce_config(model), "filter_eps", None) is not None:  # say it rather than ignore it silently
+            logger.warning("%s: filter_eps applies to the CCE loss only; TRL's fused head (per-token log-probs) "
+                           "computes its gradients exactly", type(model).__name__)
     logger.info("fused LM head on %s (outputs=%s, temperature=%g%s)", type(model).__name__,
                 ",".join(outputs), temperature, ", lm_head in fp32" if cast_lm_head_to_fp32 else "")
 
