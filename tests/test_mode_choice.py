@@ -328,3 +328,18 @@ def test_a_decided_call_signature_costs_one_lookup(free_memory, monkeypatch):
     assert free_memory.reads == reads and ran_speed(first) == ran_speed(again)
     with pytest.raises(AssertionError, match="ran again"):  # a new shape does run it
         linear_cross_entropy(*inputs(n=25), impl="torch")
+
+
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_the_planned_chunks_and_an_explicit_budget_are_decided_apart(free_memory, monkeypatch):
+    """speed_chunk_bytes=None (the plan: two chunks here, within torch.compile's memory) and an explicit budget
+    equal to the plan's 2 GiB cap (one chunk here, more than torch.compile's) are different plans of one shape:
+    each gets its own answer, whichever comes first."""
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 0)
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 0)
+    e, c, t = inputs(n=64, d=32, v=300)
+    backend = get_backend("triton")
+    assert backend.speed_plan(64, 32, 300, torch.float32, None).within_compile
+    assert not backend.speed_plan(64, 32, 300, torch.float32, 2 * 1024**3).within_compile
+    assert ran_speed(linear_cross_entropy(e, c, t, impl="triton"))
+    assert not ran_speed(linear_cross_entropy(e, c, t, impl="triton", speed_chunk_bytes=2 * 1024**3))

@@ -40,7 +40,6 @@ import torch
 
 from .backends import get_backend
 from .options import speed_mode_problem
-from .speed_plan import speed_chunk_budget
 
 logger = logging.getLogger("cce_patch")
 
@@ -260,7 +259,9 @@ def _decide(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, ba
 
 def _key(device: torch.device, backend: str, n: int, d: int, v: int, dtype: torch.dtype,
          speed_chunk_bytes: int | None) -> tuple:
-    return (str(device), backend, n, d, v, dtype, speed_chunk_budget(speed_chunk_bytes))
+    # None (the planned chunks) and an explicit budget are different plans, even where the budget is the default
+    # 2 GiB cap: they may hold different memory and so get different answers
+    return (str(device), backend, n, d, v, dtype, speed_chunk_bytes)
 
 
 def _remember(key: tuple, choice: ModeChoice) -> None:
