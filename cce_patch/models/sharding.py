@@ -30,12 +30,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import torch.nn as nn
 
 from ..ops.vocab_parallel import has_dtensor
 
 logger = logging.getLogger("cce_patch")
+
+#: id(weight) -> weak references to the weight and to the FSDP2 module that owns it, so that a training step asks
+#: one dict instead of walking the model's modules. Keyed by id with the weight's own weakref checked (tensors
+#: compare elementwise, so they cannot be WeakKeyDictionary keys); weak both ways: nothing is kept alive.
+_owners: dict[int, tuple[weakref.ref, weakref.ref | None]] = {}
 
 
 def fsdp_owner(model: nn.Module, param: object) -> nn.Module | None:
@@ -78,7 +84,12 @@ def gather_for_loss(model: nn.Module, head: nn.Linear) -> None:
     weight = head.weight
     if not has_dtensor(weight):
         return
-    owner = fsdp_owner(model, weight)
+    known = _owners.get(id(weight))
+    if known is not None and known[0]() is weight:  # None: no FSDP2 group owns it (a tensor-parallel weight)
+        owner = known[1]() if known[1] is not None else None
+    else:  # FSDP2 and tensor parallelism register new parameter objects when they wrap: a new weight, a new walk
+        owner = fsdp_owner(model, weight)
+        _owners[id(weight)] = (weakref.ref(weight), weakref.ref(owner) if owner is not None else None)
     if owner is not None:
         _note(type(model).__name__, type(owner).__name__)
         owner.unshard()
