@@ -41,7 +41,7 @@ import torch.nn as nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..config import CCEConfig
-from ..models.foreign_losses import foreign_cross_entropy, foreign_loss_forward
+from ..models.foreign_losses import foreign_losses
 from ..models.patching import is_patched
 from .arming import arm, patch
 from .extras import require
@@ -87,7 +87,7 @@ def refuse_foreign_loss(model: nn.Module) -> None:
     forward on the model (replacing ours, or under ours), or its cross-entropy in place of
     ``torch.nn.functional.cross_entropy`` (Liger's ``cross_entropy=True``: a patched model's training calls are
     then refused). ``foreign_losses.py`` says which, as observed."""
-    found = [f for f in (foreign_loss_forward(model), foreign_cross_entropy()) if f is not None]
+    found = foreign_losses(model)
     if found:
         raise RuntimeError(
             f"use_cce: {'; '.join(map(str, found))}. Apply Liger-Kernel with fused_linear_cross_entropy=False and "

@@ -73,8 +73,13 @@ def detect_foreign_loss(target: Any) -> str | None:
     class) and whether it runs, or None when the model's forward is transformers' own (or ours over it).
     Also names a ``torch.nn.functional.cross_entropy`` replaced by another library (Liger's
     ``cross_entropy=True``), which stock forwards call on the logits."""
-    found = [str(f) for f in (foreign_loss_forward(target), foreign_cross_entropy()) if f is not None]
-    return "; ".join(found) or None
+    return "; ".join(map(str, foreign_losses(target))) or None
+
+
+def foreign_losses(target: Any) -> list[ForeignLoss]:
+    """Every other library's loss that reaches ``target``: its fused-loss forward (:func:`foreign_loss_forward`)
+    and a replaced ``torch.nn.functional.cross_entropy`` (:func:`foreign_cross_entropy`)."""
+    return [f for f in (foreign_loss_forward(target), foreign_cross_entropy()) if f is not None]
 
 
 def foreign_loss_forward(target: Any) -> ForeignLoss | None:
