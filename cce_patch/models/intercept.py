@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 from ..config import CCEConfig
 from ..ops import linear_cross_entropy
 from .deferred import DeferredLogits
+from .foreign_losses import foreign_loss_forward
 from .heads import effective_head
 from .sharding import gather_for_loss
 
@@ -237,6 +238,15 @@ class Interception:
     def finish(self, output: Any) -> Any:
         """The stock output with deferred logits replaced; refuses a loss that did not come through CCE."""
         if self.captured == 0:
+            foreign = foreign_loss_forward(self.model)
+            if foreign is not None:  # the usual reason: another library's forward computed its own loss
+                raise NotImplementedError(
+                    f"cce_patch cannot train this {type(self.model).__name__} with CCE: {foreign.what} "
+                    f"({foreign.function}, installed on {foreign.where}) runs under cce_patch's forward and "
+                    "computed its own loss from lm_head.weight without calling the head, so no logits reached "
+                    "CCE's loss. Install it without its loss (Liger: fused_linear_cross_entropy=False, as the "
+                    "Trainer's use_cce with use_liger_kernel does), or train without cce_patch."
+                )
             raise NotImplementedError(
                 f"cce_patch cannot train model type {self.model_type!r} ({type(self.model).__name__}) with CCE: its "
                 f"head ({type(self.head).__name__}) did not produce the logits with one F.linear over the vocabulary "
