@@ -125,7 +125,12 @@ def load_rows(script: ScriptArguments) -> list[dict[str, str]]:
     elif dataset_name(script) == GENERATED:
         rows = generate_dataset(script.offline_examples)
     else:
-        import datasets
+        try:
+            import datasets
+        except ImportError as exc:
+            raise SystemExit(
+                f"error: loading {dataset_name(script)!r} from the hub needs the `datasets` package (pip install "
+                "'cce_patch[recipes]'); or pass --dataset_path to a local Alpaca-format JSON file") from exc
 
         rows = list(datasets.load_dataset(dataset_name(script), split="train"))
     return rows[: script.max_examples] if script.max_examples else rows
