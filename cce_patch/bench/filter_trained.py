@@ -101,10 +101,10 @@ def train(model, examples: list[dict], collate, args, device: torch.device) -> d
         step += 1
         tokens += int((batch["labels"] != -100).sum())
         if step % args.log_every == 0 or step == 1:
-            curve.append((step, float(loss)))
+            curve.append((step, float(loss.detach())))
             log.info("step %d loss %.4f (%.0f s)", step, curve[-1][1], time.perf_counter() - t0)
-    if not curve or curve[-1][0] != step:
-        curve.append((step, float(loss)))
+    if step and curve[-1][0] != step:
+        curve.append((step, float(loss.detach())))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"steps": step, "train_s": round(time.perf_counter() - t0, 1), "response_tokens": tokens, "loss_curve": curve}
@@ -202,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     filter_modes=[m for m in args.filter_modes.split(",") if m], vocab_order=args.vocab_order,
                     warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_repeats=args.cpu_repeats, on_row=checkpoint)
     add_ratios(rows_out)
-    print(f"trained {args.arch} {trained['steps']} steps in {trained['train_s']} s: loss "
-          f"{trained['loss_curve'][0][1]:.3f} -> {trained['loss_curve'][-1][1]:.3f}")
+    curve = trained["loss_curve"]
+    print(f"trained {args.arch} {trained['steps']} steps in {trained['train_s']} s" +
+          (f": loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else ""))
     finish(rows_out, env, config, args.out, args.name, not args.no_png)
     return 0
 
