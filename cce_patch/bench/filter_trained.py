@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--holdout", type=int, default=256, help="rows kept out of training, for the capture")
+    p.add_argument("--holdout", type=int, default=512, help="rows kept out of training, for the capture")
     p.add_argument("--max-rows", type=int, default=0, help="use only the first rows of --data (0: all)")
     p.add_argument("--n", type=int, default=8192, help="response tokens captured")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
