@@ -156,3 +156,24 @@ def test_filter_curves_report(tmp_path: Path):
     assert report["skipped_fraction_max"] == pytest.approx(0.6)
     fc.write_report(report, tmp_path / "out", "test", png=False)
     assert json.loads((tmp_path / "out" / "filter_curves.json").read_text())["steps_compared"] == 4
+
+
+def test_filter_curves_reads_a_stopped_runs_step_log(tmp_path: Path):
+    """A run stopped at --run-limit-s leaves no trainer_state.json, only timed_finetune's step log: the comparison
+    covers the steps both logs hold, and the median step time skips the first steps (compilation)."""
+    fc = _filter_curves()
+    off = _state(tmp_path / "off.json", [3.0, 2.5, 2.0, 1.8, 1.7, 1.6, 1.5, 1.4])
+    lines = []
+    for step, (loss, seconds) in enumerate(zip([3.0, 2.4, 2.0], [9.0, 0.2, 0.3]), start=1):
+        lines.append({"step": step, "seconds": seconds, "tokens_seen": 10 * step, "peak_gib": None})
+        lines.append({"step": step, "loss": loss, "cce_filter_skipped_fraction": 0.5,
+                      "cce_filter_max_row_dropped_mass": 1e-5})
+    step_log = tmp_path / "on.jsonl"
+    step_log.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    run = {"state": str(tmp_path / "missing" / "trainer_state.json"), "step_log": str(step_log)}
+    assert fc.run_source(run) == step_log
+    report = fc.compare(off, fc.run_source(run))
+    assert report["steps_compared"] == 3 and report["steps_off"] == 8
+    assert report["max_abs_diff"] == pytest.approx(0.1)
+    assert report["skipped_fraction_mean"] == pytest.approx(0.5)
+    assert fc.median_step_s(step_log, skip=1) == pytest.approx(0.25)

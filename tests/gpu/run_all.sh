@@ -267,7 +267,9 @@ fi
 #                 .gpu_data/alpaca_5000.json (Qwen2.5 tokenizer), then the same cells on 8192 held-out response tokens'
 #                 hidden states and its head (regime trained-qwen2.5-0.5b-<steps>steps).
 # filter_curves   recipes/filter_curves.py: configs/gpu-smoke-qwen2.5.yaml for 300 steps, filter off then
-#                 filter_eps=2^-12 (same seed and data), per-step |loss difference| and the logged skipped fraction.
+#                 filter_eps=2^-12 (same seed and data), per-step |loss difference|, the logged skipped fraction and
+#                 each run's median step time. Each run is stopped after CCE_FILTER_CURVES_RUN_LIMIT_S (250) seconds;
+#                 the report then covers the steps both ran (rc=3: partial).
 # CPU dry run (a few minutes): PYTHON=<venv>/bin/python CCE_GPU_STEPS="filter filter_trained filter_curves" \
 #   CCE_FILTER_ARGS="--device cpu --regimes lm" CCE_FILTER_TRAINED_ARGS="--device cpu --arch tiny-llama \
 #   --tokenizer ../shared/data/tokenizers/phi3-mini --data ../shared/data/alpaca_5000.json --steps 3 --batch 4 \
@@ -294,7 +296,8 @@ if want filter_curves; then
   # shellcheck disable=SC2086  # CCE_FILTER_CURVES_ARGS is a list of words on purpose
   run_section filter_curves "${CCE_TIMEOUT_FILTER_CURVES:-540}" \
     "$PY" recipes/filter_curves.py --python "$PY" --out "$SCRATCH/filter_curves" \
-    --scratch "$SCRATCH/filter_curves_runs" ${CCE_FILTER_CURVES_ARGS:-}
+    --scratch "$SCRATCH/filter_curves_runs" --run-limit-s "${CCE_FILTER_CURVES_RUN_LIMIT_S:-250}" \
+    ${CCE_FILTER_CURVES_ARGS:-}
   keep "$SCRATCH/filter_curves/filter_curves.json" "$SCRATCH/filter_curves/filter_curves.png"
 fi
 # === end of issue 23 ============================================================================================
