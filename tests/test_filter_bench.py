@@ -88,8 +88,9 @@ def test_measure_problem_reads_what_the_filter_skipped():
 def test_vocab_order_is_passed_only_where_the_op_has_it():
     e, c, t = _skippable_problem(n=128, v=512)
     rows = measure_problem(e, c, t, "skippable", exact=[], eps_values=[2.0**-10], filter_modes=["speed"],
-                           vocab_order="natural", warmup_ms=1, rep_ms=1)
+                           vocab_orders=["natural"], warmup_ms=1, rep_ms=1)
     (row,) = rows
+    assert row["method"] == "ours[filter_eps=2^-10,mode=speed,order=natural]"
     if op_has("filter_vocab_order"):
         assert row["status"]["fwdbwd"] == "ok" and row["filter_vocab_order"] == "natural"
     else:

@@ -83,6 +83,11 @@ def eps_label(eps: float) -> str:
     return f"2^{round(k)}" if abs(k - round(k)) < 1e-9 else f"{eps:g}"
 
 
+def cell_name(eps: float, mode: str, vocab_order: str | None) -> str:
+    """``ours[filter_eps=2^-12,mode=speed]`` (``,order=natural`` when an order was asked for)."""
+    return f"ours[filter_eps={eps_label(eps)},mode={mode}" + (f",order={vocab_order}]" if vocab_order else "]")
+
+
 def filter_method(eps: float, mode: str, vocab_order: str | None) -> tuple[M.Method, Callable[[], FilterCounter]]:
     """Ours with ``filter_eps=eps`` (``impl="auto"``, as users call it), and a function that swaps in a fresh
     counter and returns it (the next calls fill it)."""
@@ -100,7 +105,7 @@ def filter_method(eps: float, mode: str, vocab_order: str | None) -> tuple[M.Met
         holder["counter"] = FilterCounter()
         return holder["counter"]
 
-    name = f"ours[filter_eps={eps_label(eps)},mode={mode}]"
+    name = cell_name(eps, mode, vocab_order)
     return M.Method(name, ours_filtered, f"cce_patch.linear_cross_entropy({M._fmt(options)})", options=options), fresh
 
 
@@ -153,7 +158,7 @@ def measure_problem(
     exact: Sequence[str],
     eps_values: Sequence[float],
     filter_modes: Sequence[str] = FILTER_MODES,
-    vocab_order: str | None = None,
+    vocab_orders: Sequence[str | None] = (None,),
     warmup_ms: float = 25.0,
     rep_ms: float = 50.0,
     cpu_repeats: int = 1,
@@ -187,19 +192,19 @@ def measure_problem(
                 built[spec] = M.build(spec, device)
             except M.MethodUnavailable as exc:
                 built[spec] = f"skipped: {exc}"
-        cells.append((spec, built[spec], None, {"filter_eps": None}))
-    for eps in eps_values:
-        for mode in filter_modes:
-            try:
-                method, fresh = filter_method(eps, mode, vocab_order)
-                cells.append((method.name, method, fresh, {"filter_eps": eps}))
-            except M.MethodUnavailable as exc:
-                cells.append((f"ours[filter_eps={eps_label(eps)},mode={mode}]", f"skipped: {exc}", None,
-                              {"filter_eps": eps}))
+        cells.append((spec, built[spec], None, {"filter_eps": None, "filter_vocab_order": None}))
+    for vocab_order in vocab_orders:
+        for eps in eps_values:
+            for mode in filter_modes:
+                extra = {"filter_eps": eps, "filter_vocab_order": vocab_order_label(vocab_order)}
+                try:
+                    method, fresh = filter_method(eps, mode, vocab_order)
+                    cells.append((method.name, method, fresh, extra))
+                except M.MethodUnavailable as exc:
+                    cells.append((cell_name(eps, mode, vocab_order), f"skipped: {exc}", None, extra))
     rows = []
     for name, method, fresh, extra in cells:
-        extra = {**extra, "filter_vocab_order": vocab_order_label(vocab_order) if extra["filter_eps"] else None,
-                 "skipped_fraction": None, "max_row_dropped_mass": None, "tiles_seen": None,
+        extra = {**extra, "skipped_fraction": None, "max_row_dropped_mass": None, "tiles_seen": None,
                  "backend": None, "mode_ran": None, "warnings": []}
         if isinstance(method, str):
             rec = Record(name, n, d, v, regime, dtype, status={"all": method})
@@ -376,9 +381,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help="exact methods (methods.build specs, comma-separated); default: ours in auto/speed/memory, "
                         "torch.compile and apple's cce on CUDA (torch on CPU)")
-    p.add_argument("--vocab-order", default=None,
-                   help="filter_vocab_order for the filtered calls (only where the op has the option; default: the "
-                        "op's default)")
+    p.add_argument("--vocab-order", default=None, type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+                   help="filter_vocab_order values, comma-separated (e.g. mean_logit,natural): the filtered cells for "
+                        "each (only where the op has the option; cells are skipped, with the reason, where it has "
+                        "not). Default: the op's default, not passed")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=50.0, help="timing budget per cell (do_bench's rep)")
     p.add_argument("--cpu-repeats", type=int, default=1)
@@ -432,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for regime in filter(None, (s.strip() for s in args.regimes.split(","))):
         e, c, t = make_inputs(regime, n, d, v, device=device, dtype=dtype, seed=args.seed)
         measure_problem(e, c, t, regime, exact=exact_specs(args, device), eps_values=args.eps,
-                        filter_modes=[m for m in args.filter_modes.split(",") if m], vocab_order=args.vocab_order,
-                        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_repeats=args.cpu_repeats,
-                        on_row=checkpoint, built=built)
+                        filter_modes=[m for m in args.filter_modes.split(",") if m],
+                        vocab_orders=args.vocab_order or [None], warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                        cpu_repeats=args.cpu_repeats, on_row=checkpoint, built=built)
         add_ratios(rows)
         write_json(path, env, config, rows)
         del e, c, t

@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(path, env, config, rows_out)
 
     measure_problem(e, c, t, regime, exact=exact_specs(args, device), eps_values=args.eps,
-                    filter_modes=[m for m in args.filter_modes.split(",") if m], vocab_order=args.vocab_order,
+                    filter_modes=[m for m in args.filter_modes.split(",") if m], vocab_orders=args.vocab_order or [None],
                     warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, cpu_repeats=args.cpu_repeats, on_row=checkpoint)
     add_ratios(rows_out)
     curve = trained["loss_curve"]
