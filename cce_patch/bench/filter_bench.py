@@ -110,11 +110,15 @@ def filter_method(eps: float, mode: str, vocab_order: str | None) -> tuple[M.Met
 
 
 def backend_that_runs(options: dict, e: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> dict:
-    """The backend (and, under mode auto, the mode) a call with ``options`` takes on these inputs, and the warnings
-    it raises: read from the op's own dispatch (``resolve_impl`` with ``filtered=``; ``choose_mode``) and from one
-    real fwd+bwd, so a backend that learns to filter shows up here without a change to this file."""
+    """The backend (and the mode) a call with ``options`` takes on these inputs, and the warnings it raises: read
+    from the op's own dispatch (``backends.resolve_impl``, given whichever of ``filtered``/``mode``/``reduction``/
+    ``return_lse`` its signature takes; ``backends.filtered_mode`` where it exists; ``choose_mode`` for auto) and
+    from one real fwd+bwd, so a backend that learns to filter shows up here without a change to this file."""
+    from ..ops import backends
+
     out: dict = {"backend": None, "mode_ran": None, "warnings": []}
     filtered = options.get("filter_eps") is not None
+    mode = options.get("mode", "auto")
     e_, c_ = e.detach().requires_grad_(True), c.detach().requires_grad_(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -124,24 +128,27 @@ def backend_that_runs(options: dict, e: torch.Tensor, c: torch.Tensor, t: torch.
         loss = linear_cross_entropy(e_, c_, t, **kwargs)
         torch.autograd.grad(loss, (e_, c_))
         try:
-            from ..ops.backends import resolve_impl
-
-            out["backend"] = resolve_impl(options.get("impl", "auto"), e.device, e.dtype, filtered=filtered)
+            accepted = inspect.signature(backends.resolve_impl).parameters
+            call = {"filtered": filtered, "mode": mode, "reduction": "mean", "return_lse": False}
+            out["backend"] = backends.resolve_impl(options.get("impl", "auto"), e.device, e.dtype,
+                                                   **{k: v for k, v in call.items() if k in accepted})
         except Exception as exc:  # noqa: BLE001 - the dispatch API may change; the warnings still tell
             out["backend"] = f"unknown ({type(exc).__name__}: {exc})"
     out["warnings"] = sorted({str(w.message)[:300] for w in caught})
-    mode = options.get("mode", "auto")
-    if mode == "auto" and isinstance(out["backend"], str) and out["backend"] in ("torch", "triton"):
+    if out["backend"] not in ("torch", "triton"):
+        return out
+    if hasattr(backends, "filtered_mode"):  # Triton filters in speed mode only: auto is speed there
+        mode = backends.filtered_mode(mode, out["backend"], filtered)
+    if mode == "auto":
         try:
             from ..ops.mode_choice import choose_mode
 
-            out["mode_ran"] = choose_mode(e.reshape(-1, e.shape[-1]), c, out["backend"], wants_grad=True,
-                                          reduction="mean", return_lse=False, softcap=None, label_smoothing=0.0,
-                                          speed_chunk_bytes=options.get("speed_chunk_bytes"))
+            mode = choose_mode(e.reshape(-1, e.shape[-1]), c, out["backend"], wants_grad=True, reduction="mean",
+                               return_lse=False, softcap=None, label_smoothing=0.0,
+                               speed_chunk_bytes=options.get("speed_chunk_bytes"))
         except Exception as exc:  # noqa: BLE001
-            out["mode_ran"] = f"unknown ({type(exc).__name__})"
-    else:
-        out["mode_ran"] = mode
+            mode = f"unknown ({type(exc).__name__})"
+    out["mode_ran"] = mode
     return out
 
 
