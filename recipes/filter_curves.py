@@ -17,9 +17,9 @@ run stopped at the limit (the report covers fewer steps), 1 a run failed or noth
 
 The report (``filter_curves.json``, ``filter_curves.png`` when matplotlib imports, and a summary printed): max and
 mean per-step |loss(on) - loss(off)|, the same over the last 10% of steps, each curve's last-10% mean, the
-logged skipped fraction (mean, min, max), each run's median step time (steps after the 5th), and whether the filtered run's log carries the op's "does not filter
-gradients yet ... takes the torch path" warning (then the two runs also differ in backend, not only in filter).
-A killed or failed run is reported as such, with what its log_history holds.
+logged skipped fraction (mean, min, max), each run's median step time (steps after the 5th), and whether the
+filtered run's log carries the op's "... takes the torch path" warning (then the two runs also differ in
+backend, not only in filter). A stopped or failed run is compared over the steps its log holds.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def plot(report: dict, path: Path, title: str) -> bool:
     fig, (top, mid, low) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     for key, label in (("curve_off", "filter off"), ("curve_on", "filter on")):
         if report[key]:
-            xs, ys = zip(*report[key])
+            xs, ys = zip(*report[key], strict=True)
             top.plot(xs, ys, label=label, lw=1)
     top.set_ylabel("training loss")
     top.legend()
@@ -176,12 +176,12 @@ def plot(report: dict, path: Path, title: str) -> bool:
     on = dict(report["curve_on"])
     diff = [(s, on[s] - y) for s, y in report["curve_off"] if s in on]
     if diff:
-        xs, ys = zip(*diff)
+        xs, ys = zip(*diff, strict=True)
         mid.plot(xs, ys, lw=1, color="tab:red")
     mid.axhline(0, color="gray", lw=0.5)
     mid.set_ylabel("loss(on) - loss(off)")
     if report["skipped_fraction"]:
-        xs, ys = zip(*report["skipped_fraction"])
+        xs, ys = zip(*report["skipped_fraction"], strict=True)
         low.plot(xs, [100 * y for y in ys], lw=1, color="tab:green")
     low.set_ylabel("tiles skipped (%)")
     low.set_xlabel("step")

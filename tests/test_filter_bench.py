@@ -165,7 +165,7 @@ def test_filter_curves_reads_a_stopped_runs_step_log(tmp_path: Path):
     fc = _filter_curves()
     off = _state(tmp_path / "off.json", [3.0, 2.5, 2.0, 1.8, 1.7, 1.6, 1.5, 1.4])
     lines = []
-    for step, (loss, seconds) in enumerate(zip([3.0, 2.4, 2.0], [9.0, 0.2, 0.3]), start=1):
+    for step, (loss, seconds) in enumerate(zip([3.0, 2.4, 2.0], [9.0, 0.2, 0.3], strict=True), start=1):
         lines.append({"step": step, "seconds": seconds, "tokens_seen": 10 * step, "peak_gib": None})
         lines.append({"step": step, "loss": loss, "cce_filter_skipped_fraction": 0.5,
                       "cce_filter_max_row_dropped_mass": 1e-5})
