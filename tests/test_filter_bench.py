@@ -21,7 +21,7 @@ from cce_patch.bench.filter_bench import measure_problem, op_has
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("method", "regime", "n", "d", "v", "fwdbwd_ms", "fwdbwd_mb", "de_rel_err", "dc_rel_err", "filter_eps",
           "skipped_fraction", "max_row_dropped_mass", "tiles_seen", "backend", "mode_ran", "warnings", "x_speed",
-          "x_compile", "status", "filter_vocab_order")
+          "x_compile", "status", "filter_vocab_order", "logit_stats")
 
 
 def _check_rows(rows: list[dict], exact: list[str], eps: list[float], modes: list[str]) -> None:
@@ -32,6 +32,7 @@ def _check_rows(rows: list[dict], exact: list[str], eps: list[float], modes: lis
         assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
         assert r["status"].get("fwdbwd") == "ok" and r["status"].get("errors") == "ok", r["status"]
         assert r["fwdbwd_ms"] > 0
+        assert 0.0 <= r["logit_stats"]["target_prob"] <= 1.0 and 0.0 <= r["logit_stats"]["frac_above_eps"] <= 1.0
         assert math.isfinite(r["de_rel_err"]) and math.isfinite(r["dc_rel_err"])
         assert r["de_rel_err"] < 0.05 and r["dc_rel_err"] < 0.05  # bf16 inputs, fp32 products
         if r["method"].startswith("ours"):

@@ -9,6 +9,8 @@ filtering: the comparison issue 23 quotes), and ours with ``filter_eps`` in ``--
 mode auto and speed. The exact and peer methods are the kernel benchmark's own (``methods.build``) and every cell
 is measured by its loop (``runner.measure``: median fwd+bwd ms with warm-up, peak MB above the inputs, dE and dC
 relative Frobenius error against the chunked fp32 ground truth), so the numbers compare with ``cce-patch bench``.
+Each row also carries ``logit_stats`` (``regimes.describe`` on the first 256 rows: mean target probability, share
+of softmax entries above 2^-12, entropy), so trained and synthetic logits can be compared by what the filter sees.
 
 Filtered cells also record, from one more fwd+bwd with a fresh ``FilterCounter``, the fraction of (row block,
 vocabulary tile) pairs skipped and the largest dropped softmax mass of a row, and every cell records the backend
@@ -43,7 +45,7 @@ from ..ops.filtering import FilterCounter
 from . import methods as M
 from .accuracy import GroundTruth, fp32_ground_truth
 from .memory import free_cached, is_oom
-from .regimes import REGIMES, make_inputs
+from .regimes import REGIMES, describe, make_inputs
 from .report import environment
 from .runner import BenchConfig, Record, measure
 
@@ -191,6 +193,10 @@ def measure_problem(
         free_cached(device)
     log.info("%s N=%d D=%d V=%d: fp32 reference in %.1fs%s", regime, n, d, v, time.perf_counter() - t0,
              f" ({ref_status})" if ref_status else "")
+    try:  # what the logits look like (mean target probability, share above 2^-12, entropy): trained vs synthetic
+        logit_stats = describe(e, c, t)
+    except Exception as exc:  # noqa: BLE001
+        logit_stats = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     built = {} if built is None else built
     cells: list[tuple[str, M.Method | str, Callable[[], FilterCounter] | None, dict]] = []
     for spec in exact:
@@ -211,7 +217,7 @@ def measure_problem(
                     cells.append((cell_name(eps, mode, vocab_order), f"skipped: {exc}", None, extra))
     rows = []
     for name, method, fresh, extra in cells:
-        extra = {**extra, "skipped_fraction": None, "max_row_dropped_mass": None, "tiles_seen": None,
+        extra = {**extra, "logit_stats": logit_stats, "skipped_fraction": None, "max_row_dropped_mass": None, "tiles_seen": None,
                  "backend": None, "mode_ran": None, "warnings": []}
         if isinstance(method, str):
             rec = Record(name, n, d, v, regime, dtype, status={"all": method})
