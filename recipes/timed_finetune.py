@@ -7,7 +7,8 @@ flushed at once, so a run killed mid-way still leaves its rows: the step, its wa
 end, the first one from the start of training, so it includes compilation and autotuning; the device is
 synchronised before each clock read), the input tokens seen so far (padding included, the Trainer's
 ``num_input_tokens_seen``) and the peak memory so far; the logged loss arrives in its own line (``logging_steps``
-decides which steps have one). A last line ``{"done": true, ...}`` closes a run that finished. Only the main
+decides which steps have one; with ``filter_eps`` it also carries ``cce_filter_skipped_fraction`` and
+``cce_filter_max_row_dropped_mass``). A last line ``{"done": true, ...}`` closes a run that finished. Only the main
 process writes. ``family_runs.py`` runs the shipped recipe through this file.
 """
 
@@ -67,7 +68,9 @@ class StepRecorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self._write({"step": state.global_step, "loss": float(logs["loss"])})
+            # with filter_eps, what the filter skipped since the last log (CCETrainer puts it in the same logs)
+            extra = {k: float(v) for k, v in logs.items() if k.startswith("cce_filter_")}
+            self._write({"step": state.global_step, "loss": float(logs["loss"]), **extra})
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write({"done": True, "steps": state.global_step, "peak_gib": self._peak_gib()})

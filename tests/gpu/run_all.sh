@@ -16,16 +16,23 @@
 #   e2e.json               Gemma-2-2B and Llama-3.2-1B training step, stock vs patched
 #   finetune_state.json    the GPU fine-tune's trainer_state.json (loss curve)
 #   ab.json                interleaved A/B timings (only when `ab` is asked for: tests/gpu/ab_compare.py)
+#   filter_bench.json/.png     issue 23: filter_eps vs exact at the paper shape, three regimes (section `filter`)
+#   filter_trained.json/.png   the same on a briefly trained Qwen2.5-0.5B's own logits (section `filter_trained`)
+#   filter_curves.json/.png    the Alpaca recipe's loss with the filter off and on, 300 steps (section `filter_curves`)
 #
 # Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" / "ab" / "profile"
-# / "liger" / "e2e_loop" explicitly; the per-family recipe runs are tests/gpu/family_recipes.sh) and their
+# / "liger" / "e2e_loop" / "filter" / "filter_trained" / "filter_curves" explicitly; the per-family recipe runs are
+# tests/gpu/family_recipes.sh) and their
 # expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
-# dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min).
+# dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min),
+# filter ~3 min, filter_trained ~4 min (2.5 min of training), filter_curves ~4-5 min (two 300-step runs).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
 # CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
 # CCE_FAMILIES, CCE_FT_CONFIG, CCE_FT_ACCELERATE, CCE_FT_ARGS, CCE_NATIVE_TESTS (the CPU-suite files the tests
-# section also runs natively), CCE_AB_ARGS (ab_compare.py's arguments), CCE_PROFILE_ARGS (profile_modes.py's).
+# section also runs natively), CCE_AB_ARGS (ab_compare.py's arguments), CCE_PROFILE_ARGS (profile_modes.py's),
+# CCE_FILTER_ARGS (filter_bench's), CCE_FILTER_TRAINED_ARGS (filter_trained's, replacing "--minutes 2.5"),
+# CCE_FILTER_CURVES_ARGS (recipes/filter_curves.py's, e.g. "--steps 200").
 # A CPU dry run of the plumbing (seconds):
 #   PYTHON=.venv/bin/python CCE_GPU_STEPS="bench e2e" CCE_BENCH_ARGS="--preset tiny --device cpu" \
 #     CCE_E2E_MODELS=tiny-llama CCE_E2E_ARGS="--batch 1 --seq 32" bash tests/gpu/run_all.sh
@@ -250,6 +257,50 @@ EOF
     fi
   fi
 fi
+
+# === issue 23: gradient filtering (filter_eps) against exact gradients (opt-in) ================================
+# filter          python -m cce_patch.bench.filter_bench: paper shape N=8192 D=2304 V=256000 bf16, flat/peaked/lm; exact
+#                 ours (auto/speed/memory), torch.compile, apple's cce (from .whl/), ours with filter_eps 2^-12 and 2^-10
+#                 (auto, speed): fwd+bwd ms, peak MB, dE/dC error vs fp32, tiles skipped, the backend that ran.
+#                 The JSON is rewritten after every cell, so a timed-out run keeps its rows.
+# filter_trained  python -m cce_patch.bench.filter_trained: Qwen2.5-0.5B architecture, random init, trained 2.5 min on
+#                 .gpu_data/alpaca_5000.json (Qwen2.5 tokenizer), then the same cells on 8192 held-out response tokens'
+#                 hidden states and its head (regime trained-qwen2.5-0.5b-<steps>steps).
+# filter_curves   recipes/filter_curves.py: configs/gpu-smoke-qwen2.5.yaml for 300 steps, filter off then
+#                 filter_eps=2^-12 (same seed and data), per-step |loss difference|, the logged skipped fraction and
+#                 each run's median step time. Each run is stopped after CCE_FILTER_CURVES_RUN_LIMIT_S (250) seconds;
+#                 the report then covers the steps both ran (rc=3: partial).
+# CPU dry run (a few minutes): PYTHON=<venv>/bin/python CCE_GPU_STEPS="filter filter_trained filter_curves" \
+#   CCE_FILTER_ARGS="--device cpu --regimes lm" CCE_FILTER_TRAINED_ARGS="--device cpu --arch tiny-llama \
+#   --tokenizer ../shared/data/tokenizers/phi3-mini --data ../shared/data/alpaca_5000.json --steps 3 --batch 4 \
+#   --max-length 128 --holdout 16 --max-rows 200 --n 256 --eps 2^-10 --filter-modes speed" \
+#   CCE_FILTER_CURVES_ARGS="--config configs/offline-tiny.yaml --steps 5 -- --sample_answers 0" bash tests/gpu/run_all.sh
+if want filter || want filter_trained || want filter_curves; then
+  [[ -f .gpu_data/alpaca_5000.json ]] || echo "NOTE: .gpu_data/alpaca_5000.json missing: filter_trained/filter_curves need it (carry .gpu_data)"
+fi
+if want filter; then
+  # shellcheck disable=SC2086  # CCE_FILTER_ARGS is a list of words on purpose
+  run_section filter "${CCE_TIMEOUT_FILTER:-360}" \
+    "$PY" -m cce_patch.bench.filter_bench --out "$SCRATCH/filter" --name filter_bench ${CCE_FILTER_ARGS:-}
+  keep "$SCRATCH/filter/filter_bench.json" "$SCRATCH/filter/filter_bench.png"
+fi
+if want filter_trained; then
+  # shellcheck disable=SC2086  # CCE_FILTER_TRAINED_ARGS is a list of words on purpose
+  run_section filter_trained "${CCE_TIMEOUT_FILTER_TRAINED:-420}" \
+    "$PY" -m cce_patch.bench.filter_trained --out "$SCRATCH/filter" --name filter_trained \
+    ${CCE_FILTER_TRAINED_ARGS:---minutes 2.5}
+  keep "$SCRATCH/filter/filter_trained.json" "$SCRATCH/filter/filter_trained.png"
+fi
+if want filter_curves; then
+  rm -rf "$SCRATCH/filter_curves" "$SCRATCH/filter_curves_runs"
+  # shellcheck disable=SC2086  # CCE_FILTER_CURVES_ARGS is a list of words on purpose
+  run_section filter_curves "${CCE_TIMEOUT_FILTER_CURVES:-540}" \
+    "$PY" recipes/filter_curves.py --python "$PY" --out "$SCRATCH/filter_curves" \
+    --scratch "$SCRATCH/filter_curves_runs" --run-limit-s "${CCE_FILTER_CURVES_RUN_LIMIT_S:-250}" \
+    ${CCE_FILTER_CURVES_ARGS:-}
+  keep "$SCRATCH/filter_curves/filter_curves.json" "$SCRATCH/filter_curves/filter_curves.png"
+fi
+# === end of issue 23 ============================================================================================
 
 # === issue 16 (fastest by default): auto mode and the Liger-Kernel composition (opt-in) ======================
 # auto       tests/gpu/auto_mode.py: memory vs speed vs auto fwd+bwd (N = 256..64k on the Gemma 2 head, the five
