@@ -19,6 +19,9 @@ skips. It is a cheap proxy (the exact per-tile masses are known only after the f
 a sort of V, in fp32 under no_grad, before the forward. With a soft cap the order of the capped logits is the
 same (tanh is monotone), so the uncapped score serves. Measured on LM-like logits with rows grouped by
 confidence: ~75% of tiles skip at eps = 2^-12 in this order, none in the natural one (``filter_stats.py``).
+The order is half of it: with the rows as drawn (confident and flat rows mixed in every block of 128), the
+flat rows keep every tile and nothing skips in either order on those inputs; grouping rows by confidence is
+the backends' part (the row order inside a kernel path), this module's is the vocabulary.
 
 How it is applied, for every backend: the op runs on ``c[order]`` (and ``bias[order]``) with targets renamed
 to the new positions (``new_id[t]``; ``ignore_index`` and any value outside [0, V) kept as they are, so a
