@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .ops.filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order
 from .ops.filtering import FilterCounter, check_filter_eps, filter_problem
 from .ops.options import (
     IMPLS,
@@ -56,6 +57,11 @@ class CCEConfig:
             soft cap meets label smoothing the filter cannot keep its bound and the gradients stay exact (one
             warning). What it skipped accumulates in ``config.filter_counter``, which the Trainer callback logs
             as ``cce_filter_skipped_fraction``.
+        filter_vocab_order: with ``filter_eps``, the order the op visits the vocabulary in: ``"mean_logit"``
+            (default: decreasing mean logit over each call's rows, so that the low-mass entries fill whole tiles
+            the filter can skip; the bound is unchanged, one extra copy of the head's weight per call) or
+            ``"natural"`` (the tokenizer's order; almost nothing is skippable there). A non-default value
+            needs ``filter_eps``.
     """
 
     impl: str = "auto"
@@ -66,6 +72,7 @@ class CCEConfig:
     mode: str = "auto"
     speed_chunk_bytes: int | None = None
     filter_eps: float | None = None
+    filter_vocab_order: str = DEFAULT_FILTER_VOCAB_ORDER
 
     def __post_init__(self) -> None:
         for name in ("train_only", "return_logits", "check_targets"):
@@ -77,6 +84,7 @@ class CCEConfig:
             check_label_smoothing(self.label_smoothing)
             check_speed_chunk_bytes(self.speed_chunk_bytes)
             check_filter_eps(self.filter_eps)
+            check_filter_vocab_order(self.filter_vocab_order, self.filter_eps)
             if self.filter_eps is not None and self.impl == "triton":
                 raise ValueError("filter_eps: impl='triton' does not filter gradients yet; use impl='auto' or 'torch'")
         except ValueError as exc:
@@ -123,7 +131,8 @@ class CCEConfig:
             if problem is not None:
                 _warn_once(f"CCEConfig(filter_eps={self.filter_eps}) cannot be used here ({problem}); exact gradients")
             else:
-                options.update(filter_eps=self.filter_eps, filter_counter=self.filter_counter)
+                options.update(filter_eps=self.filter_eps, filter_counter=self.filter_counter,
+                               filter_vocab_order=self.filter_vocab_order)
         return options
 
 

@@ -15,6 +15,7 @@ import torch
 from . import compiled
 from .autocast import autocast_inputs
 from .backends import get_backend, resolve_impl
+from .filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order, order_vocabulary
 from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
@@ -42,6 +43,7 @@ def linear_cross_entropy(
     check_targets: bool = True,
     filter_eps: float | None = None,
     filter_counter: FilterCounter | None = None,
+    filter_vocab_order: str = DEFAULT_FILTER_VOCAB_ORDER,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``e @ c.T (+ bias)`` against ``targets``, without materializing the logits.
 
@@ -104,6 +106,11 @@ def linear_cross_entropy(
             refused too.
         filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
             (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.
+        filter_vocab_order: with ``filter_eps``, the order the vocabulary is visited in (``filter_order.py``):
+            ``"mean_logit"`` (default): decreasing mean logit over the call's counted rows, so that high-mass
+            entries share tiles and the rest can be skipped (the loss, the bound and the gradients' meaning are
+            unchanged; one extra copy of ``c`` for the call); ``"natural"``: as given. A non-default value
+            needs ``filter_eps``.
 
     Returns:
         The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
@@ -126,6 +133,7 @@ def linear_cross_entropy(
     layouts are refused by name.
     """
     grad_filter = make_grad_filter(filter_eps, filter_counter, softcap, label_smoothing)  # None: exact
+    check_filter_vocab_order(filter_vocab_order, filter_eps)
     e, c, bias = autocast_inputs(e, c, bias)
     if grad_filter is not None and (has_dtensor(e, c, targets, bias) or torch.compiler.is_compiling()):
         raise ValueError("filter_eps is not supported with DTensor inputs (vocab-parallel) or under torch.compile "
@@ -150,6 +158,8 @@ def linear_cross_entropy(
         label_smoothing=float(label_smoothing),
         shift_period=targets.shape[-1] if shift else 0,
     )
+    if grad_filter is not None:  # high-mass vocabulary entries side by side (filter_order.py); loss unchanged
+        c_in, bias_in, targets_flat = order_vocabulary(e2d, c_in, bias_in, targets_flat, spec, filter_vocab_order)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
     )

@@ -63,6 +63,12 @@ log-sum-exp l_ik = log sum_{j in tile k} exp(z_ij) ((N, ceil(V / BV)) fp32, N*V/
 m_ik = exp(l_ik - lse_i) once lse is known, and calls ``block_bounds`` and ``skipped_from_bounds`` (plain torch
 ops, any device) for the decision.
 
+Vocabulary order. The rule reads tiles of consecutive entries, and the proof holds for any order of the
+vocabulary; what it can skip depends on the order. The op visits the classifier in decreasing mean logit over
+the call's rows (``filter_order.py``, ``filter_vocab_order``), so that the entries carrying the mass share the
+first tiles and the later tiles hold (nearly) none: a permutation of c's rows and the targets' ids, undone on
+dC and dbias, with the loss and the bound unchanged.
+
 Counting. A :class:`FilterCounter` passed to the op (``filter_counter=``), or the one a ``CCEConfig`` with
 ``filter_eps`` owns (``config.filter_counter``, drained by the Trainer callback into the logs as
 ``cce_filter_skipped_fraction`` and friends), accumulates the (row block, tile) pairs seen and skipped and the

@@ -1,0 +1,160 @@
+"""The vocabulary order of a filtered call (``filter_eps``): high-mass entries side by side, so that the
+low-mass ones fill whole tiles the filter can skip.
+
+Why an order at all. The filter (``filtering.py``) decides per row block of 128 rows and vocabulary tile of 256
+*consecutive* entries; a tile is skippable only when every row of the block has almost no mass in it. In a
+tokenizer's natural order the frequent tokens are scattered over the ids, so nearly every tile holds one
+entry with real mass for some row, and almost nothing is skippable (``bench/filter_stats.py``: 0% of tiles on
+LM-like logits). Visiting the classifier's rows in another order changes which entries share a tile, nothing
+else: the loss, the log-sum-exp and the exact gradients are sums over the vocabulary, invariant under a
+permutation, and the filter's rule and proof hold for any order of the vocabulary (they speak of "tile k"
+whatever entries it holds). So the bound of ``filtering.py`` is unchanged; only what it can skip changes.
+
+Which order: decreasing *mean logit over the call's counted rows*, ``score_v = c_v . mean_i(e_i) (+ bias_v)``.
+Entry v's share of the batch's softmax mass is ``sum_i exp(z_iv - lse_i)``, dominated by exp of its logit; an
+entry whose logit is large on average over the batch carries mass for many rows, one whose mean logit is low
+carries little for most of them. Sorting by the mean puts the entries that carry the mass in the first tiles
+and leaves the later tiles to entries that are negligible for (nearly) every row of a block: the tiles the rule
+skips. It is a cheap proxy (the exact per-tile masses are known only after the forward): one GEMV of V x D and
+a sort of V, in fp32 under no_grad, before the forward. With a soft cap the order of the capped logits is the
+same (tanh is monotone), so the uncapped score serves. Measured on LM-like logits with rows grouped by
+confidence: ~75% of tiles skip at eps = 2^-12 in this order, none in the natural one (``filter_stats.py``).
+The order is half of it: with the rows as drawn (confident and flat rows mixed in every block of 128), the
+flat rows keep every tile and nothing skips in either order on those inputs; grouping rows by confidence is
+the backends' part (the row order inside a kernel path), this module's is the vocabulary.
+
+How it is applied, for every backend: the op runs on ``c[order]`` (and ``bias[order]``) with targets renamed
+to the new positions (``new_id[t]``; ``ignore_index`` and any value outside [0, V) kept as they are, so a
+shifted call's unread ``targets[..., 0]`` stays unread and unchecked), and the gradients of c and bias come
+back through :class:`PermuteRows`, whose backward is a gather with the inverse permutation (not
+``index_select``'s backward, which zero-fills a V x D buffer and index-adds into it). The rows of e are not
+permuted, so ``shift``, ``reduction="none"`` and ``return_lse`` work unchanged and nothing needs undoing on
+per-row outputs. An ``ignore_index`` that is itself a vocabulary id is kept in place (a fixed point of the
+permutation), so that no renamed target collides with it.
+
+Memory: one extra V x D copy of the classifier (in its dtype, e.g. bf16) for the duration of the call, plus,
+briefly in the backward, the permuted copy of its gradient; the scores are V fp32 values. The mean and the
+GEMV read e and c in row chunks of at most ``CHUNK_BYTES`` of fp32, so neither is ever copied whole in fp32.
+
+Cost, measured on CPU (fp32, N=2048, D=512, V=32768, ``reduction="mean"``, memory mode, a shared 2-core
+machine, 2026-12-07): the order (mean, GEMV, sort, the permuted copies of c and the targets, and the gather of
+dC) took about 3% of the filtered op's forward + backward in three runs (94 ms of 3.0 s, 303 ms of 4.5 s,
+347 ms of 11.1 s: the machine's load varied 3x between runs, the ratio did not). Most of it is the V x D copies
+(allocating and writing 64 MiB twice), which grow with V x D while the op grows with N x V x D: with more
+rows per call the share shrinks (0.8% at N=8192 in one run), with fewer it grows (22% at N=256, D=64,
+V=4096). Command::
+
+    python -m cce_patch.bench.filter_stats --order-cost
+
+The order is ``"mean_logit"`` by default whenever ``filter_eps`` is set; ``"natural"`` keeps the vocabulary
+as it is (e.g. to measure what the order buys). Without ``filter_eps`` the op never reorders, and a
+non-default value is refused (it would be a silent no-op). ``CCEConfig.filter_vocab_order`` carries the
+option to a patched model's calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import LossSpec, valid_rows
+
+#: The vocabulary orders a filtered call can use (the first is the default).
+FILTER_VOCAB_ORDERS = ("mean_logit", "natural")
+DEFAULT_FILTER_VOCAB_ORDER = FILTER_VOCAB_ORDERS[0]
+#: Largest fp32 copy of a row chunk of e or c while forming the mean and the scores.
+CHUNK_BYTES = 64 * 2**20
+
+
+def check_filter_vocab_order(value: object, filter_eps: object) -> str:
+    """``value`` if it is one of :data:`FILTER_VOCAB_ORDERS`; a non-default value needs ``filter_eps`` (without
+    the filter the op never reorders, so the option would silently do nothing). ValueError otherwise."""
+    if not isinstance(value, str) or value not in FILTER_VOCAB_ORDERS:
+        raise ValueError(f"filter_vocab_order must be one of {FILTER_VOCAB_ORDERS}, got {value!r}")
+    if filter_eps is None and value != DEFAULT_FILTER_VOCAB_ORDER:
+        raise ValueError(f"filter_vocab_order={value!r} orders the vocabulary for filter_eps; it needs filter_eps "
+                         "(got None)")
+    return value
+
+
+@torch.no_grad()
+def mean_logit_scores(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor,
+                      chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """(V,) fp32 mean logit of each vocabulary entry over the rows ``valid`` marks (uncapped):
+    ``c @ mean(e[valid]) + bias``, reading e and c in row chunks of at most ``chunk_bytes`` of fp32. No host
+    sync (the count stays a device tensor); all rows ignored gives ``bias`` (or zeros)."""
+    d = e2d.shape[1]
+    total = torch.zeros(d, dtype=torch.float32, device=e2d.device)
+    step = max(1, chunk_bytes // (4 * max(d, 1)))
+    for start in range(0, e2d.shape[0], step):
+        rows = e2d[start:start + step].float()
+        total += valid[start:start + step].to(torch.float32) @ rows
+    mean = total / valid.sum().clamp_min(1).to(torch.float32)
+    scores = torch.empty(c.shape[0], dtype=torch.float32, device=c.device)
+    for start in range(0, c.shape[0], step):
+        scores[start:start + step] = c[start:start + step].float() @ mean
+    if bias is not None:
+        scores += bias.float()
+    return scores
+
+
+@torch.no_grad()
+def mean_logit_order(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor,
+                     keep: int | None = None) -> torch.Tensor:
+    """(V,) int64 ``order``: position k of the reordered vocabulary holds entry ``order[k]``; decreasing mean
+    logit (stable: ties keep their ids' order). ``keep``, a vocabulary id, stays at its own position (used for
+    an ``ignore_index`` inside [0, V))."""
+    order = torch.sort(mean_logit_scores(e2d, c, bias, valid), descending=True, stable=True).indices
+    if keep is not None and 0 <= keep < order.numel():
+        rest = order[order != keep]
+        order = torch.cat((rest[:keep], order.new_tensor([keep]), rest[keep:]))
+    return order
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``new_id`` with ``new_id[order[k]] = k``: where each entry went."""
+    new_id = torch.empty_like(order)
+    new_id[order] = torch.arange(order.numel(), device=order.device)
+    return new_id
+
+
+class PermuteRows(torch.autograd.Function):
+    """``x[order]`` (rows of a matrix, or entries of a vector, permuted), whose backward is the gather
+    ``grad[new_id]``: one copy, where ``index_select``'s backward zero-fills an x-sized buffer and index-adds
+    into it. The backward is this Function again, so it is differentiable (a double backward reaches the op's
+    own refusal, ``second_order.py``, not a wrong zero)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, new_id: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order, new_id)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        order, new_id = ctx.saved_tensors
+        return PermuteRows.apply(grad, new_id, order), None, None
+
+
+def rename_targets(targets: torch.Tensor, new_id: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Targets with each vocabulary id t in [0, V) replaced by ``new_id[t]``; ``ignore_index`` and values
+    outside [0, V) (a shifted call's unread first positions) kept as they are. Same dtype and shape."""
+    vocab = new_id.numel()
+    inside = (targets >= 0) & (targets < vocab) & (targets != ignore_index)
+    renamed = new_id[torch.where(inside, targets, 0).long()].to(targets.dtype)
+    return torch.where(inside, renamed, targets)
+
+
+def order_vocabulary(
+    e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, targets_flat: torch.Tensor, spec: LossSpec,
+    how: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The (c, bias, targets) a filtered call runs on: the vocabulary in ``how``'s order (see the module
+    docstring), gradients of c and bias routed back to the original order. ``"natural"`` returns them as
+    they are."""
+    if how == "natural" or c.shape[0] == 0:
+        return c, bias, targets_flat
+    order = mean_logit_order(e2d, c, bias, valid_rows(targets_flat, spec), keep=spec.ignore_index)
+    new_id = inverse_permutation(order)
+    c_sorted = PermuteRows.apply(c, order, new_id)
+    bias_sorted = PermuteRows.apply(bias, order, new_id) if bias is not None else None
+    return c_sorted, bias_sorted, rename_targets(targets_flat, new_id, spec.ignore_index)
+
