@@ -77,8 +77,9 @@ class CCEConfig:
             check_label_smoothing(self.label_smoothing)
             check_speed_chunk_bytes(self.speed_chunk_bytes)
             check_filter_eps(self.filter_eps)
-            if self.filter_eps is not None and self.impl == "triton":
-                raise ValueError("filter_eps: impl='triton' does not filter gradients yet; use impl='auto' or 'torch'")
+            if self.filter_eps is not None and self.impl == "triton" and self.mode == "memory":
+                raise ValueError("filter_eps: impl='triton' filters gradients in speed mode only; use mode='speed' "
+                                 "or 'auto', or impl='auto' or 'torch'")
         except ValueError as exc:
             raise ValueError(f"CCEConfig.{exc}") from None
         # Not a field (it is state, not an option): what this config's filter skipped, filled by every call of

@@ -14,7 +14,7 @@ import torch
 
 from . import compiled
 from .autocast import autocast_inputs
-from .backends import get_backend, resolve_impl
+from .backends import filtered_mode, get_backend, resolve_impl
 from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
@@ -142,7 +142,9 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
     )
-    backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None)
+    backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None, mode=mode,
+                                reduction=reduction, return_lse=return_lse)
+    mode = filtered_mode(mode, backend_name, grad_filter is not None)  # Triton filters in speed mode only
     e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     spec = LossSpec(
         ignore_index=int(ignore_index),
