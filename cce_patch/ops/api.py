@@ -99,8 +99,10 @@ def linear_cross_entropy(
             dC by at most ``filter_eps * sum_i w_i ||e_i||`` (Frobenius), dbias by at most
             ``filter_eps * sum_i w_i`` (L1), before rounding to the gradients' dtype; the loss and LSE stay
             exact, label smoothing's uniform term is kept exactly, softcap keeps the bound (with label
-            smoothing it is refused). For now only the torch path filters: ``impl="auto"`` takes it on every
-            device (warning on CUDA), ``impl="triton"`` is refused; DTensor inputs and ``torch.compile`` are
+            smoothing it is refused). The torch path filters in both modes; the Triton backend in speed mode only,
+            skipping the dropped tiles' gradient work: ``impl="auto"`` takes it on CUDA where speed mode can run
+            the call (``mode="auto"`` is then speed mode), else the torch path (warning on CUDA);
+            ``impl="triton"`` with ``mode="memory"`` is refused. DTensor inputs and ``torch.compile`` are
             refused too.
         filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
             (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.

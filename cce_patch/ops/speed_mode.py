@@ -11,7 +11,9 @@ see ``fused/speed_mode.py``), the forward is redone the plain way, the precomput
 backward runs the recompute path instead: same result, slower.
 
 With a gradient filter (``filtering.py``) the backend filters the gradients it forms; the filter is handed to
-it only when there is one, as in memory mode.
+it only when there is one, as in memory mode. If such a call falls back to the recompute path, that path filters
+only on a backend whose memory mode does (the torch path); the Triton backend's recompute forms the exact
+gradients, which are within any filter's bound (the counter keeps what the discarded forward decided).
 
 As in memory mode, the backend runs with autocast off and gradients handed out under ``create_graph=True``
 refuse a second differentiation (``second_order.py``).

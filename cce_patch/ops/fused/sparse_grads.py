@@ -80,7 +80,7 @@ def sparse_de_kernel(
     row = tl.load(ORDER + offs_r, mask=r_ok, other=0).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    k_steps: tl.constexpr = BV // BLOCK_K
+    k_steps = BV // BLOCK_K  # constexpr: K steps per vocabulary tile
     count = tl.load(TILE_COUNTS + b)
     acc = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
     for it in range(0, count * k_steps):
@@ -108,7 +108,7 @@ def sparse_dc_kernel(
     v_ok = offs_v < V
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    r_steps: tl.constexpr = BM // BLOCK_K
+    r_steps = BM // BLOCK_K  # constexpr: K steps per row block
     count = tl.load(BLOCK_COUNTS + tile)
     acc = tl.zeros((BV, BLOCK_D), dtype=tl.float32)
     for it in range(0, count * r_steps):
