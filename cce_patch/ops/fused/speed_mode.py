@@ -27,6 +27,13 @@ Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. With the margin, q_ma
 launcher checks lse_i - anchor_i <= SPEED_RANGE (64) per row, i.e. losses up to 104 nats (p_target > 1e-45);
 beyond that, or on any non-finite value, the call falls back to the recompute path (see ``ops/speed_mode.py``).
 fp16's range (~[-10, 11] in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
+
+Gradient filtering (``filter_eps``, ``ops/filtering.py``): the storing kernel also writes, per row and column
+tile, the sum of the q it stored; after a chunk's combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
+by confidence, decides per (block of 128 sorted rows, 256-entry tile) on the GPU, and the two products above run
+over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT_FRACTION`` of the pairs are
+kept, as the dense GEMMs on q with the skipped tiles zeroed. Choosing between the two costs one host sync per
+chunk (the number of kept pairs), during which the GPU waits for the chunk's gradient launches.
 """
 
 from __future__ import annotations
