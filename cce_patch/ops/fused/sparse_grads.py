@@ -122,9 +122,12 @@ def sparse_dc_kernel(
         acc = _dot(qt, ae, acc, UPCAST, IEEE_FP32)
     ptrs = OUT + offs_v.to(tl.int64)[:, None] * stride_out + offs_d[None, :]
     mask = v_ok[:, None] & d_ok[None, :]
-    if not FIRST:
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+    if FIRST:  # zeros where no block keeps the tile
+        tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        if count > 0:  # a later chunk that keeps nothing here leaves the tile as it is (no read, no write)
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _flags(q: torch.Tensor) -> dict:
