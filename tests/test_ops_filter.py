@@ -321,10 +321,11 @@ def test_refusals():
         linear_cross_entropy(e, c, t, filter_eps=0.01, filter_counter={})
     with pytest.raises(ValueError, match="softcap with label_smoothing"):
         linear_cross_entropy(e, c, t, filter_eps=0.01, softcap=5.0, label_smoothing=0.1)
-    with pytest.raises(ValueError, match="not implemented by impl='triton'"):
-        linear_cross_entropy(e, c, t, filter_eps=0.01, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' filters in speed mode only"):
+        linear_cross_entropy(e, c, t, filter_eps=0.01, impl="triton", mode="memory")
     with pytest.raises(ValueError, match="impl='triton'"):
-        CCEConfig(filter_eps=0.01, impl="triton")
+        CCEConfig(filter_eps=0.01, impl="triton", mode="memory")
+    assert CCEConfig(filter_eps=0.01, impl="triton").filter_eps == 0.01  # speed mode (auto) filters there
 
 
 def test_compile_is_refused(monkeypatch):
@@ -334,17 +335,19 @@ def test_compile_is_refused(monkeypatch):
         linear_cross_entropy(e, c, t, filter_eps=0.01)
 
 
-def test_auto_takes_the_torch_path_when_filtering(monkeypatch):
-    """For now: on CUDA, where auto would take Triton, a filtered call takes the torch path (and warns)."""
+def test_auto_takes_the_torch_path_where_triton_cannot_filter(monkeypatch):
+    """On CUDA, where auto would take Triton, a filtered call takes it when speed mode can run the call (Triton
+    filters in speed mode only, ``tests/test_filter_triton.py``), else the torch path (and warns)."""
     monkeypatch.setattr(backends, "_triton_available", lambda: True)
     cuda = torch.device("cuda")
     assert resolve_impl("auto", cuda, torch.bfloat16) == "triton"
-    with pytest.warns(UserWarning, match="does not filter"):
-        assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True) == "torch"
+    assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True) == "triton"
+    with pytest.warns(UserWarning, match="speed mode only"):
+        assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True, mode="memory") == "torch"
     assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16, filtered=True) == "torch"
     assert resolve_impl("torch", cuda, torch.bfloat16, filtered=True) == "torch"
-    with pytest.raises(ValueError, match="not implemented by impl='triton'"):
-        resolve_impl("triton", cuda, torch.bfloat16, filtered=True)
+    with pytest.raises(ValueError, match="impl='triton' filters in speed mode only"):
+        resolve_impl("triton", cuda, torch.bfloat16, filtered=True, mode="memory")
 
 
 def test_config_passes_the_filter_and_owns_the_counter():

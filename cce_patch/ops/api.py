@@ -14,7 +14,7 @@ import torch
 
 from . import compiled
 from .autocast import autocast_inputs
-from .backends import get_backend, resolve_impl
+from .backends import filtered_mode, get_backend, resolve_impl
 from .filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order, order_vocabulary
 from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
@@ -101,8 +101,10 @@ def linear_cross_entropy(
             dC by at most ``filter_eps * sum_i w_i ||e_i||`` (Frobenius), dbias by at most
             ``filter_eps * sum_i w_i`` (L1), before rounding to the gradients' dtype; the loss and LSE stay
             exact, label smoothing's uniform term is kept exactly, softcap keeps the bound (with label
-            smoothing it is refused). For now only the torch path filters: ``impl="auto"`` takes it on every
-            device (warning on CUDA), ``impl="triton"`` is refused; DTensor inputs and ``torch.compile`` are
+            smoothing it is refused). The torch path filters in both modes; the Triton backend in speed mode only,
+            skipping the dropped tiles' gradient work: ``impl="auto"`` takes it on CUDA where speed mode can run
+            the call (``mode="auto"`` is then speed mode), else the torch path (warning on CUDA);
+            ``impl="triton"`` with ``mode="memory"`` is refused. DTensor inputs and ``torch.compile`` are
             refused too.
         filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
             (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.
@@ -150,7 +152,9 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
         return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
     )
-    backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None)
+    backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None, mode=mode,
+                                reduction=reduction, return_lse=return_lse)
+    mode = filtered_mode(mode, backend_name, grad_filter is not None)  # Triton filters in speed mode only
     e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     spec = LossSpec(
         ignore_index=int(ignore_index),

@@ -75,14 +75,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: The backends whose gradients honour ``filter_eps`` (``filtering.py``). For now the torch path only: the
-#: Triton kernels' block-sparse backward is not written yet. When it is, add "triton" here and both rules of
-#: :func:`_filtering_impl` (auto diverted to torch, triton refused) lift by themselves.
-FILTERING_BACKENDS = ("torch",)
+#: The backends whose gradients honour ``filter_eps`` (``filtering.py``): the torch path in both modes, the Triton
+#: kernels in speed mode only (``fused/speed_mode.py``: the decision needs the masses of the q it stores; memory
+#: mode's recompute has no block-sparse backward), see :func:`_filtering_impl`.
+FILTERING_BACKENDS = ("torch", "triton")
+#: The backends whose memory-mode ``backward`` takes a ``grad_filter``.
+MEMORY_FILTERING_BACKENDS = ("torch",)
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None, *, filtered: bool = False) -> str:
-    """``filtered`` (the call has ``filter_eps``): see :func:`_filtering_impl`. Otherwise ``auto`` picks Triton on
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None, *, filtered: bool = False,
+                 mode: str = "auto", reduction: str = "mean", return_lse: bool = False) -> str:
+    """``filtered`` (the call has ``filter_eps``; ``mode``, ``reduction`` and ``return_lse`` are the call's, read
+    only then): see :func:`_filtering_impl`. Otherwise ``auto`` picks Triton on
     CUDA devices (when Triton is installed) and the torch path elsewhere, except for IEEE fp32 (fp32 inputs,
     TF32 not opted in: ``precision.py``) on CUDA, which takes the torch path.
 
@@ -91,7 +95,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     12.5 s where one cuBLAS SGEMM of the same size takes 181 ms (KERNEL_NOTES.md, v7). The torch path gets its
     logits from cuBLAS SGEMMs, in row chunks large enough for them (``chunked_torch.CUDA_CHUNK_BYTES``)."""
     if filtered:
-        return _filtering_impl(impl, device, dtype)
+        return _filtering_impl(impl, device, dtype, mode, reduction, return_lse)
     ieee_on_cuda = device.type == "cuda" and dtype is not None and is_ieee_fp32(dtype)
     if impl == "auto":
         return "triton" if device.type == "cuda" and _triton_available() and not ieee_on_cuda else "torch"
@@ -113,24 +117,47 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     return impl
 
 
-def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    """The backend of a call with ``filter_eps``: one that filters (``FILTERING_BACKENDS``), never one that would
-    silently compute exact gradients instead. For now ``auto`` takes the torch path on every device (on CUDA
-    that is cuBLAS products plus dense fp32 chunks: slower than the Triton kernels, and it warns), and
-    ``impl="triton"`` is refused before any kernel launch."""
+def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None, mode: str, reduction: str,
+                    return_lse: bool) -> str:
+    """The backend of a call with ``filter_eps``: one that filters this call, never one that would silently
+    compute exact gradients instead. The torch path filters in both modes; the Triton backend in speed mode only
+    (``mode="speed"``, or ``"auto"``, which then takes speed mode: ``filtered_mode``), so where speed mode cannot
+    run the call (``mode="memory"``, ``reduction="none"``, ``return_lse``, fp16) ``impl="auto"`` takes the torch
+    path (warning on CUDA: slower than the fused kernels) and ``impl="triton"`` is refused, before any launch."""
+    choice = resolve_impl(impl, device, dtype)
+    if choice in MEMORY_FILTERING_BACKENDS:
+        return choice
+    problem = _triton_filter_problem(dtype, mode, reduction, return_lse)
+    if problem is None:
+        return choice
     if impl == "auto":
-        choice = resolve_impl("auto", device, dtype)
-        if choice in FILTERING_BACKENDS:
-            return choice
         warnings.warn(
-            f"filter_eps: the {choice} backend does not filter gradients yet; impl='auto' takes the torch path "
-            "for this call (slower on a GPU than the fused kernels; filter_eps=None keeps them)",
+            f"filter_eps: the triton backend filters gradients in speed mode only, and this call cannot use it "
+            f"({problem}); impl='auto' takes the torch path for this call (slower on a GPU than the fused kernels)",
             stacklevel=4,
         )
         return "torch"
-    if impl not in FILTERING_BACKENDS:
-        raise ValueError(
-            f"filter_eps is not implemented by impl={impl!r} yet (filtering backends: {FILTERING_BACKENDS}); use "
-            "impl='torch' or 'auto' (which takes the torch path when filtering), or filter_eps=None"
-        )
-    return resolve_impl(impl, device, dtype)
+    raise ValueError(
+        f"filter_eps with impl='triton' filters in speed mode only, and this call cannot use it ({problem}); use "
+        "mode='speed' or 'auto' (with reduction='mean' or 'sum', no return_lse, bf16 or fp32 inputs), or "
+        "impl='torch' (which filters in both modes), or filter_eps=None"
+    )
+
+
+def _triton_filter_problem(dtype: torch.dtype | None, mode: str, reduction: str, return_lse: bool) -> str | None:
+    """Why the Triton backend cannot filter this call (it filters in speed mode only), or None."""
+    if mode == "memory":
+        return "mode='memory'"
+    if reduction not in ("mean", "sum"):
+        return f"reduction={reduction!r}"
+    if return_lse:
+        return "return_lse=True"
+    if dtype == torch.float16:
+        return "fp16 inputs"
+    return None
+
+
+def filtered_mode(mode: str, backend: str, filtered: bool) -> str:
+    """The mode of a call: ``mode="auto"`` with ``filter_eps`` on the Triton backend is speed mode, the one
+    mode in which that backend filters (:func:`_filtering_impl` has checked that speed mode can run the call)."""
+    return "speed" if filtered and backend == "triton" and mode == "auto" else mode

@@ -12,8 +12,11 @@ multiplies every one of them into dE = dZ @ C, dC = dZ^T @ E and dbias = sum_i d
 The rule (one decision per row block and vocabulary tile, computable from per-(row, tile) statistics):
 
 - Rows (of the flattened (N, D) hidden states; with ``shift`` each row's target is the next position's) are
-  grouped in blocks of ``BM`` consecutive rows (block b: rows [b*BM, (b+1)*BM)), the vocabulary in
-  tiles of ``BV`` consecutive entries (tile k: entries [k*BV, (k+1)*BV), the last one possibly shorter).
+  grouped in blocks of ``BM`` rows, the vocabulary in tiles of ``BV`` consecutive entries (tile k: entries
+  [k*BV, (k+1)*BV), the last one possibly shorter). The blocks are BM consecutive rows of a row order: the
+  torch path takes the rows as they come (block b: rows [b*BM, (b+1)*BM)), the Triton backend sorts each chunk's
+  rows by confidence first, so that confident rows share blocks (``fused/filter_plan.py``). The helpers below
+  take rows already in their order.
 - m_ik = sum_{j in tile k} p_ij, the softmax mass of row i in tile k (0 for a row that does not count).
 - M_bk = max_{i in block b} m_ik, the block's mass bound.
 - Protected: tile k of block b if it holds the target of a counted row of the block. Never skipped.
@@ -21,7 +24,8 @@ The rule (one decision per row block and vocabulary tile, computable from per-(r
   and skipped while the running sum of their M_bk stays <= ``eps * BUDGET_FACTOR``; the first tile that would
   exceed it, and every later one, is kept. (``skipped_from_bounds``.)
 
-Proof of the bound. Let S_b be the skipped tiles of block b and i a row in it. Its dropped mass is
+Proof of the bound. It holds for any partition of the rows into blocks (any row order). Let S_b be the
+skipped tiles of block b and i a row in it. Its dropped mass is
 ``sum_{k in S_b} m_ik <= sum_{k in S_b} M_bk <= eps`` (m_ik <= M_bk by definition of the max). The target term
 and the uniform label-smoothing term are never dropped (the target's tile is protected; ``-g_i a / V`` is kept
 on every entry here, and a block-sparse kernel adds it as the rank-one term it is, whatever it skips:
@@ -58,10 +62,17 @@ be dropped within the bound (speed mode refuses the combination for the same rea
 Where the statistics come from. The chunked torch path (``chunked_torch.py``) forms the probabilities of a chunk
 of whole row blocks anyway, takes m_ik as tile sums of them (``tile_masses``) and zeroes the skipped tiles'
 probabilities before forming dZ (``filter_probs_``): same rule, same bound, but no time saved on CPU (the
-dense products still run). A GPU kernel records, in its forward pass, per row i and tile k the tile's
-log-sum-exp l_ik = log sum_{j in tile k} exp(z_ij) ((N, ceil(V / BV)) fp32, N*V/64 bytes), takes
-m_ik = exp(l_ik - lse_i) once lse is known, and calls ``block_bounds`` and ``skipped_from_bounds`` (plain torch
-ops, any device) for the decision.
+dense products still run). The Triton backend filters in speed mode (``fused/speed_mode.py``): its storing
+forward writes q_ij = exp(z_ij - anchor_i) [* s_ij] (0 at the target) in the input dtype and, per row and
+column tile, the fp32 sum of the q it stored (``lse_kernel.store_tile_mass``; chunk rows x V/64 bytes); with
+a_i = exp(anchor_i - lse_i) known after the chunk, m_ik = a_i * sum_{j in tile k} q_ij is the mass of exactly
+the stored values the gradient is formed from (with a soft cap it carries s_ij <= 1: the quantity the proof
+bounds, sum_j |d_ij| / w_i, not p alone). Per chunk, the rows are sorted by the entropy of their tile masses,
+``block_bounds``, ``protected_tiles`` and ``skipped_from_bounds`` (plain torch ops, on the GPU, no host sync)
+decide, and block-sparse kernels (``fused/sparse_grads.py``) form dE and dC from the kept (block, tile) pairs
+only, or, where most pairs are kept, cuBLAS does on q with the skipped tiles zeroed: the same rule either way.
+Triton's memory mode does not filter (its recompute has no block-sparse backward), so a filtered call there is
+refused or, with ``impl="auto"``, takes the torch path (``backends._filtering_impl``).
 
 Vocabulary order. The rule reads tiles of consecutive entries, and the proof holds for any order of the
 vocabulary; what it can skip depends on the order. The op visits the classifier in decreasing mean logit over
@@ -230,8 +241,9 @@ def _blocks(rows: int) -> int:
 
 
 def block_bounds(masses: torch.Tensor) -> torch.Tensor:
-    """(B, T) block mass bounds M_bk = max over the block's rows of m_ik, from (rows, T) masses whose first row
-    starts a block (the last block may be short). Rows that do not count must have mass 0."""
+    """(B, T) block mass bounds M_bk = max over the block's rows of m_ik, from (rows, T) masses in their row
+    order (block b: rows b*BM .. (b+1)*BM - 1 of it; the last block may be short). Rows that do not count must
+    have mass 0."""
     rows, tiles = masses.shape
     pad = _blocks(rows) * BM - rows
     if pad:
@@ -240,7 +252,8 @@ def block_bounds(masses: torch.Tensor) -> torch.Tensor:
 
 
 def protected_tiles(targets: torch.Tensor, valid: torch.Tensor, tiles: int) -> torch.Tensor:
-    """(B, T) bool: the tiles holding the target of a counted row of each block (never skipped)."""
+    """(B, T) bool: the tiles holding the target of a counted row of each block (never skipped); ``targets`` and
+    ``valid`` in the row order of the blocks (as ``block_bounds``)."""
     rows = targets.shape[0]
     out = torch.zeros(_blocks(rows), tiles, dtype=torch.bool, device=targets.device)
     block = torch.arange(rows, device=targets.device) // BM

@@ -11,7 +11,9 @@ see ``fused/speed_mode.py``), the forward is redone the plain way, the precomput
 backward runs the recompute path instead: same result, slower.
 
 With a gradient filter (``filtering.py``) the backend filters the gradients it forms; the filter is handed to
-it only when there is one, as in memory mode.
+it only when there is one, as in memory mode. If such a call falls back to the recompute path, that path filters
+only on a backend whose memory mode does (the torch path); the Triton backend's recompute forms the exact
+gradients, which are within any filter's bound (the counter keeps what the discarded forward decided).
 
 As in memory mode, the backend runs with autocast off and gradients handed out under ``create_graph=True``
 refuse a second differentiation (``second_order.py``).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .autocast import autocast_off
-from .backends import Backend
+from .backends import MEMORY_FILTERING_BACKENDS, Backend
 from .filtering import GradFilter
 from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
@@ -42,7 +44,10 @@ class SpeedModeFunction(torch.autograd.Function):
             loss_rows, lse, de, dc, db, in_range, weight = backend.forward_with_grads(
                 e2d, c, bias, targets_flat, spec, reduction == "mean", needs, chunk_rows, **filtered)
             loss = loss_rows.sum() * weight  # queued before the sync below, so the GPU has it done by then
-        ctx.spec, ctx.needs, ctx.backend, ctx.weight, ctx.filtered = spec, needs, backend, weight, filtered
+        # The recompute below filters only on a backend whose memory mode does; elsewhere (Triton) it forms the
+        # exact gradients, which are within any filter's bound.
+        ctx.filtered = filtered if backend.name in MEMORY_FILTERING_BACKENDS else {}
+        ctx.spec, ctx.needs, ctx.backend, ctx.weight = spec, needs, backend, weight
         ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db

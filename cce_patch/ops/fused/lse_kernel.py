@@ -84,15 +84,29 @@ def anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM: tl.
 def store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                  HAS_SOFTCAP: tl.constexpr, Q_IS_DESC: tl.constexpr):
     """Write one tile of q with the softcap derivative applied (the target column is already 0: its gradient
-    entry is formed in fp32 on the host)."""
+    entry is formed in fp32 on the host), and return the values written (in q's dtype), which the tile-mass
+    output sums (``store_tile_mass``)."""
     if HAS_SOFTCAP:
         zc = z / softcap
         q = q * (1.0 - zc * zc)
     if Q_IS_DESC:
-        Q.store([m0, n0], q.to(Q.dtype))
+        stored = q.to(Q.dtype)
+        Q.store([m0, n0], stored)
     else:
+        stored = q.to(Q.dtype.element_ty)
         ptrs = Q + offs_m.to(tl.int64)[:, None] * stride_q + offs_n[None, :]
-        tl.store(ptrs, q.to(Q.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < V))
+        tl.store(ptrs, stored, mask=row_ok[:, None] & (offs_n[None, :] < V))
+    return stored
+
+
+@triton.jit
+def store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N: tl.constexpr):
+    """Gradient filtering (``ops/filtering.py``): MASS[i, n0 // BLOCK_N] = sum over the tile's columns of the
+    q_ij just stored, in fp32. Summed from the rounded values the gradient GEMMs read, so the masses the
+    decision uses are exactly those of the gradient's operand (the padding columns past V hold q = 0).
+    One plain store per (row, tile): each tile of a row belongs to exactly one program, no atomics."""
+    mass = tl.sum(stored.to(tl.float32), axis=1)
+    tl.store(MASS + offs_m.to(tl.int64) * stride_mass + n0 // BLOCK_N, mass, mask=row_ok)
 
 
 @triton.jit
@@ -161,12 +175,13 @@ def lse_forward_kernel(
     Q, ANCHOR, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), ANCHOR (N,)
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     logit_scale,  # per-token statistics only (HAS_SCALE): the fp32 factor alpha of ops/stats.py
+    MASS, stride_mass,  # gradient filtering only (STORE_MASS): (N, cdiv(V, BLOCK_N)) fp32 tile sums of q
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
     Q_IS_DESC: tl.constexpr, UPCAST: tl.constexpr,
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STATS: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SQ: tl.constexpr, NEED_TOP1: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, STORE_MASS: tl.constexpr,
 ):
     pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,8 +224,10 @@ def lse_forward_kernel(
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
                 if STORE_Q:
                     q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
-                    store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
-                                 HAS_SOFTCAP, Q_IS_DESC)
+                    stored = store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
+                                          HAS_SOFTCAP, Q_IS_DESC)
+                    if STORE_MASS:
+                        store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
                 elif STATS:
                     m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
                         z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
@@ -227,8 +244,10 @@ def lse_forward_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if STORE_Q:
                 q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
-                store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
-                             HAS_SOFTCAP, Q_IS_DESC)
+                stored = store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
+                                      HAS_SOFTCAP, Q_IS_DESC)
+                if STORE_MASS:
+                    store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
             elif STATS:
                 m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
                     z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
@@ -242,8 +261,10 @@ def lse_forward_kernel(
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for tile in range(0, tl.cdiv(v_hi - v_lo, BLOCK_N)):
                 n0 = v_lo + tile * BLOCK_N
-                store_q_tile(Q, stride_q, zero, zero, offs_m, n0 + tl.arange(0, BLOCK_N), m0, n0, row_ok, V,
-                             softcap, False, Q_IS_DESC)
+                stored = store_q_tile(Q, stride_q, zero, zero, offs_m, n0 + tl.arange(0, BLOCK_N), m0, n0,
+                                      row_ok, V, softcap, False, Q_IS_DESC)
+                if STORE_MASS:
+                    store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:
@@ -313,12 +334,15 @@ def combine_stats(part: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor, sta
 
 def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tensor | None = None,
                        anchor: torch.Tensor | None = None,
-                       stats: StatsSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       stats: StatsSpec | None = None,
+                       mass: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: per-split partials (m, s[, zsum]) and the target logits zt.
 
     With ``q`` and ``anchor`` (speed mode), the kernel also writes q = exp(z - anchor) for every logit into ``q``
     (rows x V view, unit column stride). With ``stats`` (per-token statistics, never with ``q``), the logits are
-    ``softcap(stats.logit_scale * (e . c + b))`` and the partials hold the planes ``combine_stats`` reads."""
+    ``softcap(stats.logit_scale * (e . c + b))`` and the partials hold the planes ``combine_stats`` reads. With
+    ``mass`` (gradient filtering, only with ``q``): (rows, cdiv(V, store_block_n)) fp32, filled with each row's
+    sum of the stored q over each BLOCK_N-wide column tile (``store_tile_mass``)."""
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tiles.tile_config(e2d.dtype, "forward" if q is None else "store")
@@ -346,10 +370,11 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
         q_arg, anchor if store_q else zt, q.stride(0) if store_q else 0,
         n, v, d, e2d.stride(0), c.stride(0), spec.shift_period, spec.ignore_index,
         float(spec.softcap or 1.0), tiles_per_split, splits, cfg.group_m, stats.logit_scale,
+        mass if mass is not None else zt, mass.stride(0) if mass is not None else 0,
         NEED_ZSUM=need_zsum, STORE_Q=store_q, Q_IS_DESC=store_q and q_arg is not q,
         USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tiles.kernel_flags(e2d, bias, spec, cfg),
         STATS=extras, NEED_ENTROPY=stats.entropy, NEED_SQ=stats.log_sum_sq_probs, NEED_TOP1=stats.is_top1,
-        HAS_SCALE=stats.scaled,
+        HAS_SCALE=stats.scaled, STORE_MASS=mass is not None,
     )
     return part, zt

@@ -27,6 +27,13 @@ Range: bf16 and fp32 hold exp(x) for x in about [-87, 88]. With the margin, q_ma
 launcher checks lse_i - anchor_i <= SPEED_RANGE (64) per row, i.e. losses up to 104 nats (p_target > 1e-45);
 beyond that, or on any non-finite value, the call falls back to the recompute path (see ``ops/speed_mode.py``).
 fp16's range (~[-10, 11] in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
+
+Gradient filtering (``filter_eps``, ``ops/filtering.py``): the storing kernel also writes, per row and column
+tile, the sum of the q it stored; after a chunk's combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
+by confidence, decides per (block of 128 sorted rows, 256-entry tile) on the GPU, and the two products above run
+over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT_FRACTION`` of the pairs are
+kept, as the dense GEMMs on q with the skipped tiles zeroed. Choosing between the two costs one host sync per
+chunk (the number of kept pairs), during which the GPU waits for the chunk's gradient launches.
 """
 
 from __future__ import annotations
@@ -34,12 +41,15 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..filtering import GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
+from .filter_plan import decide_chunk, zero_skipped_
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward
 from .row_prep_kernel import prepare_rows
+from .sparse_grads import sparse_dc_accumulate, sparse_de
 
 #: Added to the target logit to place each row's exponent anchor. Since the target logit is at most the row max,
 #: anchor <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
@@ -48,6 +58,10 @@ ANCHOR_MARGIN = 40.0
 #: Largest lse - anchor a row may have: q then stays below e^64 (bf16/fp32 overflow at e^88.7) and the row
 #: scale a = exp(anchor - lse) above e^-64. Together with the margin: losses up to 104 nats.
 SPEED_RANGE = 64.0
+#: Gradient filtering: a chunk whose kept (row block, tile) pairs are at most this fraction of all runs the
+#: block-sparse kernels; above it, the dense cuBLAS GEMMs on q with the skipped tiles zeroed (the pointer-load
+#: sparse kernels run below cuBLAS's rate per kept pair, so they pay only where most pairs are skipped).
+DENSE_KEPT_FRACTION = 0.5
 
 
 def new_q_buffer(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -83,9 +97,15 @@ def forward_with_grads(
     mean: bool,
     needs: tuple[bool, bool, bool],
     chunk_rows: int,
+    grad_filter: GradFilter | None = None,
 ):
     """(loss_rows, lse_rows, dE, dC, dbias, in_range, weight) for the scalar loss ``weight * sum of counted
     rows``, ``weight`` a 0-dim fp32 tensor: 1/n_valid (``mean``) or 1.
+
+    With ``grad_filter`` (``ops/filtering.py``) the gradients are filtered: the storing kernel also writes each
+    row's tile sums of q, each chunk's decision is formed on the GPU (``filter_plan.py``), and the chunk's
+    products run block-sparse (``sparse_grads.py``) or, where most pairs are kept, dense on q with the skipped
+    tiles zeroed (``DENSE_KEPT_FRACTION``); the loss and LSE are the exact ones either way.
 
     ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
     not finite), in which case neither the gradients nor loss/lse are to be used.
@@ -104,8 +124,14 @@ def forward_with_grads(
     q = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)[:, :v]
     chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
 
+    mass = None
+    if grad_filter is not None:
+        mass_cols = triton.cdiv(v, tiles.tile_config(dtype, "store").block_n)
+        mass = torch.empty((min(chunk_rows, n), mass_cols), dtype=torch.float32, device=e2d.device)
+
     def launch(r0: int, r1: int):
-        return launch_lse_forward(e2d[r0:r1], c, bias, tgt[r0:r1], chunk_spec, q=q[: r1 - r0], anchor=anchor_all[r0:r1])
+        return launch_lse_forward(e2d[r0:r1], c, bias, tgt[r0:r1], chunk_spec, q=q[: r1 - r0], anchor=anchor_all[r0:r1],
+                                  mass=mass[: r1 - r0] if mass is not None else None)
 
     first = launch(*chunks[0])
     # Everything below overlaps the first storing kernel.
@@ -134,6 +160,18 @@ def forward_with_grads(
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
         target_coef[r0:r1] = coef
+        if grad_filter is not None:
+            plan = decide_chunk(mass[: r1 - r0], a, t_safe, ok_c, v, tiles.tile_config(dtype, "store").block_n,
+                                grad_filter)
+            # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
+            # pairs are skipped; elsewhere cuBLAS on q with the skipped tiles zeroed is faster (same rule).
+            sparse = int(plan.tile_counts.sum()) <= DENSE_KEPT_FRACTION * plan.skipped.numel()
+            if not sparse or db is not None:  # dbias is a dense column sum of q: zero what is skipped
+                zero_skipped_(qk, plan.row_skipped())
+            if sparse:
+                _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db,
+                                      eps, c_colsum, k == 0, r0, r1)
+                continue
         if de is not None:
             prod = mm_fp32(qk, c).mul_((weight * a)[:, None])
             prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
@@ -161,6 +199,23 @@ def forward_with_grads(
             db -= (weight * eps / v) * valid.sum()
         db = db.to(bias.dtype)
     return loss, lse, de, dc, db, in_range, weight
+
+
+def _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db, eps, c_colsum,
+                          first: bool, r0: int, r1: int) -> None:
+    """One chunk's share of dE, dC and dbias through the block-sparse kernels: the dense path's formulas with
+    Q @ C and Q^T @ AE summed over the kept pairs only (``sparse_grads.py``)."""
+    dtype, v = qk.dtype, c.shape[0]
+    if de is not None:
+        prod = sparse_de(qk, c, plan).mul_((weight * a)[:, None])
+        prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
+        if eps:
+            prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
+        de[r0:r1] = prod.to(dtype)
+    if dc_acc is not None:
+        sparse_dc_accumulate(dc_acc[:v], qk, (e_c.float() * (weight * a)[:, None]).to(dtype), plan, first)
+    if db is not None:  # q's skipped tiles were zeroed
+        db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
 
 
 def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, coef: torch.Tensor,

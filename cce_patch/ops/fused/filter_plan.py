@@ -1,0 +1,115 @@
+"""Gradient filtering on the Triton backend's speed mode: the decision for one chunk of rows, on the GPU.
+
+The storing forward (``lse_kernel.store_tile_mass``) leaves, per row i and BLOCK_N-wide column tile, the sum of
+the q_ij it stored. From those and the row scales a_i = exp(anchor_i - lse_i) this module forms the rule of
+``ops/filtering.py`` and the index lists the block-sparse gradient kernels (``sparse_grads.py``) walk:
+
+1. m_ik = a_i * sum_{j in tile k} q_ij, row i's mass in the BV-wide tile k (BV / BLOCK_N adjacent sums; on
+   the GPU BLOCK_N = BV). q is 0 at the target, and the target's tile is protected anyway; with a soft cap q
+   carries the derivative factor s_ij <= 1, which is exactly the quantity the proof bounds (sum |d_ij|).
+2. A row order (``confidence_order``) that puts rows of similar confidence next to each other; blocks are
+   BM consecutive rows of that order. The proof in filtering.py holds for any partition of the rows.
+3. Per block: bounds, protected target tiles and the skipped set (``filtering.block_bounds``,
+   ``protected_tiles``, ``skipped_from_bounds``: plain torch ops on the GPU), the counter filled as
+   ``filtering.filter_probs_`` fills it.
+4. The kept (block, tile) pairs as padded index lists, no host sync: per block its kept tiles (dE's walk), per
+   tile its kept blocks (dC's walk), each list sorted ascending with a count (a stable sort of the mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..filtering import BM, BV, GradFilter, block_bounds, protected_tiles, skipped_from_bounds
+
+
+@dataclass(frozen=True)
+class ChunkFilter:
+    """The decision for one chunk of ``rows`` rows (chunk-local indices)."""
+
+    order: torch.Tensor  # (rows,) int32: the row order; block b holds order[b*BM : (b+1)*BM]
+    skipped: torch.Tensor  # (B, T) bool, B = cdiv(rows, BM), T = cdiv(V, BV)
+    tiles_of_block: torch.Tensor  # (B, T) int32: block b's kept tiles first, ascending
+    tile_counts: torch.Tensor  # (B,) int32: how many tiles block b keeps
+    blocks_of_tile: torch.Tensor  # (T, B) int32: tile k's kept blocks first, ascending
+    block_counts: torch.Tensor  # (T,) int32: how many blocks keep tile k
+
+    @property
+    def blocks(self) -> int:
+        return self.skipped.shape[0]
+
+    def row_skipped(self) -> torch.Tensor:
+        """(rows, T) bool: the skipped tiles of each row, in the chunk's own row order."""
+        rows = self.order.numel()
+        per_sorted = self.skipped.repeat_interleave(BM, 0)[:rows]
+        return torch.empty_like(per_sorted).index_copy_(0, self.order.long(), per_sorted)
+
+
+def tile_masses_from_sums(sums: torch.Tensor, a: torch.Tensor, vocab: int, block_n: int) -> torch.Tensor:
+    """(rows, T) fp32 m_ik from the kernel's (rows, cdiv(V, block_n)) sums of q and the row scales a (0 on rows
+    that do not count). Groups of BV / block_n adjacent sums make one BV tile (the last group may be short)."""
+    if BV % block_n:
+        raise ValueError(f"the storing kernel's column tile ({block_n}) must divide the filter's tile BV={BV}")
+    rows, narrow = sums.shape
+    tiles = math.ceil(vocab / BV)
+    group = BV // block_n
+    if tiles * group != narrow:  # pad the last group to a whole one (zeros add nothing)
+        sums = torch.cat((sums, sums.new_zeros(rows, tiles * group - narrow)), 1)
+    return sums.view(rows, tiles, group).sum(-1) * a[:, None]
+
+
+def confidence_order(masses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(rows,) int32: rows sorted by the entropy of their tile masses, -sum_k m_ik log m_ik (ascending, stable);
+    rows that do not count first.
+
+    Why this key: a block's bound on tile k is the max over its rows, so one row that spreads its mass over many
+    tiles keeps all of them for the whole block. The entropy of the tile masses is small exactly when a row's
+    mass sits in a few tiles (whichever they are) and large when it is spread, so sorting by it puts the rows
+    that can afford to drop most tiles together, and the spread rows, which skip nothing, in blocks of their own.
+    It needs no threshold (unlike "mass outside the top tiles", which needs to know how many tiles to keep).
+    Rows that do not count (mass 0) go first: their blocks have bound 0 everywhere and skip every tile."""
+    m = masses.clamp_min(0.0)
+    entropy = -(m * torch.log(m.clamp_min(1e-30))).sum(1)
+    key = torch.where(valid, entropy, torch.full_like(entropy, -1.0))
+    return torch.sort(key, stable=True).indices.to(torch.int32)
+
+
+def _kept_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``kept`` (bool), the column indices where it is True first (ascending), and their count."""
+    order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
+    return order.to(torch.int32), kept.sum(1, dtype=torch.int32)
+
+
+def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab: int,
+                 block_n: int, grad_filter: GradFilter) -> ChunkFilter:
+    """The filter of one chunk: ``sums`` the storing kernel's tile sums of q, ``a`` the rows' scales (0 where a
+    row does not count), ``targets`` the rows' targets (anything where not ``valid``). Fills the counter."""
+    masses = tile_masses_from_sums(sums, a, vocab, block_n)
+    order = confidence_order(masses, valid)
+    idx = order.long()
+    sorted_masses = masses[idx]
+    skipped = skipped_from_bounds(block_bounds(sorted_masses),
+                                  protected_tiles(targets[idx], valid[idx], masses.shape[1]), grad_filter.eps)
+    if grad_filter.counter is not None:
+        rows = masses.shape[0]
+        dropped = (sorted_masses * skipped.repeat_interleave(BM, 0)[:rows]).sum(1)
+        grad_filter.counter.add(skipped.numel(), skipped.sum(), dropped.max() if rows else dropped.new_zeros(()))
+    kept = ~skipped
+    tiles_of_block, tile_counts = _kept_lists(kept)
+    blocks_of_tile, block_counts = _kept_lists(kept.T)
+    return ChunkFilter(order, skipped, tiles_of_block.contiguous(), tile_counts, blocks_of_tile.contiguous(),
+                       block_counts)
+
+
+def zero_skipped_(q: torch.Tensor, row_skipped: torch.Tensor) -> None:
+    """Set q's entries of skipped (row, tile) pairs to 0 in place: the dense GEMMs then compute the same filtered
+    gradient as the block-sparse kernels. ``q`` (rows, V), unit column stride; ``row_skipped`` (rows, T)."""
+    rows, vocab = q.shape
+    full = vocab // BV
+    if full:
+        q[:, : full * BV].view(rows, full, BV).masked_fill_(row_skipped[:, :full, None], 0.0)
+    if vocab % BV:
+        q[:, full * BV:].masked_fill_(row_skipped[:, full:], 0.0)

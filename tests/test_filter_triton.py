@@ -1,0 +1,235 @@
+"""Gradient filtering (``filter_eps``) on the Triton backend's speed mode (``fused/filter_plan.py``,
+``fused/sparse_grads.py``): the proven bound of ``ops/filtering.py`` against the fp64 oracle, row by row for dE
+and in norm for dC and dbias; that skipping happens where it should (and the row order groups confident rows),
+and not on flat rows; the block-sparse and the dense-with-zeroed-tiles products agree; the tile masses of the
+storing kernel; the routing of filtered calls.
+
+The Triton path groups rows by confidence, the torch path by position, so their filtered gradients differ;
+each is compared with the exact fp64 gradient and its bound, not with the other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracle import dense_reference, make_inputs
+from test_ops_filter import RTOL, _effective_targets, confident_inputs
+
+from cce_patch import linear_cross_entropy
+from cce_patch.ops import backends, resolve_impl
+from cce_patch.ops.filtering import BM, BV, FilterCounter, GradFilter
+from cce_patch.ops.fused import speed_mode as fused_speed
+from cce_patch.ops.fused import tiles
+from cce_patch.ops.fused.filter_plan import decide_chunk, tile_masses_from_sums
+from cce_patch.ops.fused.lse_kernel import launch_lse_forward
+from cce_patch.ops.spec import LossSpec
+
+UPSTREAM = 1.7
+
+
+def _triton_grads(e, c, t, b, **kw):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in (e, c, b)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], impl="triton", mode="speed", **kw)
+    (loss * UPSTREAM).backward()
+    return loss.detach(), [x.grad if x is not None else None for x in leaves]
+
+
+def check_triton_bound(e, c, t, b, *, eps: float, reduction: str = "mean", shift: bool = False, softcap=None,
+                       label_smoothing: float = 0.0, speed_chunk_bytes: int | None = None):
+    """Filtered Triton speed mode vs the fp64 oracle: every dE row within w_i eps max||c_v||, dC within
+    eps sum_i w_i ||e_i||, dbias within eps sum_i w_i, each plus the dtype's rounding (``test_ops_filter.RTOL``).
+    Returns the counter and the gradients."""
+    kw = dict(reduction=reduction, shift=shift, softcap=softcap, label_smoothing=label_smoothing)
+    ref, _, (e64, c64, b64) = dense_reference(e, c, t, bias=b, **kw)
+    (ref * UPSTREAM).backward()
+    counter = FilterCounter()
+    loss, got = _triton_grads(e, c, t, b, filter_eps=eps, filter_counter=counter,
+                              speed_chunk_bytes=speed_chunk_bytes, **kw)
+    ref_loss = float(ref.detach())
+    assert abs(float(loss) - ref_loss) <= 1e-4 * abs(ref_loss) + 1e-5  # the forward is exact
+
+    valid = _effective_targets(t, shift) != -100
+    scale = UPSTREAM / (max(int(valid.sum()), 1) if reduction == "mean" else 1)
+    w = scale * valid.double()
+    d = e.shape[-1]
+    rt = RTOL[e.dtype]
+    de, de_ref = got[0].double().reshape(-1, d), e64.grad.reshape(-1, d)
+    row_err = (de - de_ref).norm(dim=1)
+    row_bound = w * eps * c.detach().double().norm(dim=1).max()
+    row_tol = rt * (de_ref.norm(dim=1) + de.norm(dim=1)) + rt * 1e-3 * de_ref.norm(dim=1).max()
+    assert torch.all(row_err <= row_bound + row_tol), float(((row_err - row_tol) / row_bound.clamp_min(1e-30)).max())
+    assert torch.count_nonzero(de[~valid]) == 0  # rows that do not count get no gradient
+    dc_err = (got[1].double() - c64.grad).norm()
+    dc_bound = eps * (w * e.detach().double().reshape(-1, d).norm(dim=1)).sum()
+    assert dc_err <= dc_bound + rt * c64.grad.norm(), (float(dc_err), float(dc_bound))
+    if b is not None:
+        db_err = (got[2].double() - b64.grad).abs().sum()
+        assert db_err <= eps * w.sum() + rt * b64.grad.abs().sum(), (float(db_err), float(eps * w.sum()))
+    stats = counter.stats()
+    assert stats.tiles_seen > 0 and stats.max_row_dropped_mass <= eps
+    return counter, got
+
+
+# ------------------------------------------------------------------------------------------------ the bound
+
+
+def test_one_hot_rows_keep_only_target_tiles():
+    """Logits ~40 above the rest at the target: every tile but the targets' is skipped."""
+    e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=40.0, hot=100, ignore_frac=0.0)
+    counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-10)
+    blocks, tiles_ = math.ceil(256 / BM), math.ceil(1000 / BV)
+    assert counter.tiles_skipped == blocks * (tiles_ - 1)  # the 100 hot targets all sit in tile 0
+
+
+def test_flat_rows_skip_nothing_and_equal_exact():
+    """Every tile holds far more than eps of some row: nothing skipped, the dense GEMMs run on an unchanged q,
+    and the gradients are the exact path's bit for bit."""
+    e, c, t, b = make_inputs((256,), 32, 1000, torch.float32, bias=True)
+    counter, got = check_triton_bound(e, c, t, b, eps=2.0**-8)
+    assert counter.tiles_skipped == 0
+    _, exact = _triton_grads(e, c, t, b)
+    assert all(torch.equal(x, y) for x, y in zip(got, exact, strict=True))
+
+
+def test_row_order_groups_confident_rows():
+    """Flat and confident rows interleaved: consecutive blocks (the torch path) all hold a flat row and skip
+    nothing; sorted by confidence, the confident rows fill blocks of their own, which skip."""
+    flat = torch.zeros(256, dtype=torch.bool)
+    flat[::2] = True
+    e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, flat_rows=flat, ignore_frac=0.0)
+    counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-8, speed_chunk_bytes=2**20)  # one chunk, two blocks
+    by_position = FilterCounter()
+    linear_cross_entropy(e, c, t, impl="torch", mode="speed", filter_eps=2.0**-8, filter_counter=by_position).backward()
+    assert by_position.tiles_skipped == 0
+    assert counter.tiles_seen == 2 * 4 and counter.tiles_skipped == 3  # all but the hot targets' tile
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(label_smoothing=0.1, shift=True, reduction="sum"),
+        dict(softcap=50.0),
+        dict(speed_chunk_bytes=64 * 1000 * 2),  # 64-row chunks: several chunks, blocks cut short, fp32 dC
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_bound_with_options(options):
+    shift = options.get("shift", False)
+    dtype = torch.bfloat16 if "speed_chunk_bytes" in options else torch.float32
+    e, c, t, b = confident_inputs(256, 32, 1000, dtype, alpha=24.0, hot=100, bias=True, ignore_frac=0.2)
+    if shift:
+        e, t = e.detach().view(2, 128, 32).requires_grad_(), t.view(2, 128)
+    counter, _ = check_triton_bound(e, c, t, b, eps=2.0**-8, **options)
+    assert counter.skipped_fraction > 0.3, counter
+
+
+def test_sparse_and_dense_products_agree(monkeypatch):
+    """Confident rows (most pairs skipped), the same decision run through the block-sparse kernels and through
+    cuBLAS on q with the skipped tiles zeroed (``DENSE_KEPT_FRACTION`` picks per chunk): both within the bound,
+    the same counts, and gradients equal to fp32 rounding."""
+    e, c, t, b = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, bias=True)
+    results, stats = {}, {}
+    for name, fraction in (("sparse", 1.0), ("dense", -1.0)):
+        monkeypatch.setattr(fused_speed, "DENSE_KEPT_FRACTION", fraction)
+        counter, results[name] = check_triton_bound(e, c, t, b, eps=2.0**-8)
+        stats[name] = counter.stats()
+    assert stats["sparse"] == stats["dense"] and stats["dense"].skipped_fraction > 0.5
+    for x, y in zip(results["sparse"], results["dense"], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ the pieces
+
+
+def test_storing_kernel_tile_masses():
+    """The storing kernel's optional output: per row and BLOCK_N-wide tile, the sum of the q it stored."""
+    e, c, t, _ = make_inputs((96,), 32, 300, torch.float32, regime="peaked")
+    n, v = 96, 300
+    q = torch.full((n, v), math.nan)
+    anchor = torch.where(t != -100, 5.0 + (e.detach() * c.detach()[t.clamp_min(0)]).sum(1), math.inf)
+    tgt = torch.where(t != -100, t, -100)
+    block_n = tiles.tile_config(torch.float32, "store").block_n
+    mass = torch.full((n, math.ceil(v / block_n)), math.nan)
+    launch_lse_forward(e.detach(), c.detach(), None, tgt, LossSpec(), q=q, anchor=anchor, mass=mass)
+    pad = mass.shape[1] * block_n - v
+    want = torch.cat((q, q.new_zeros(n, pad)), 1).view(n, -1, block_n).sum(-1)
+    torch.testing.assert_close(mass, want, rtol=1e-5, atol=0.0)
+    assert torch.all(mass[t == -100] == 0)
+    coarse = tile_masses_from_sums(mass, torch.ones(n), v, block_n)
+    torch.testing.assert_close(coarse, torch.cat((q, q.new_zeros(n, 2 * BV - v)), 1).view(n, 2, BV).sum(-1))
+
+
+def test_decision_lists_follow_the_mask():
+    """``decide_chunk``: rows ordered by the entropy of their tile masses (ignored rows first), the rule applied
+    to blocks of that order, and index lists that hold exactly the kept pairs, ascending."""
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 300, 1800
+    tiles_ = math.ceil(vocab / BV)
+    # per-tile masses: two thirds of the rows concentrated on tile 0 or 1, the rest spread, in a random order
+    logits = 2.0 * torch.randn(rows, tiles_, generator=gen)
+    confident = torch.rand(rows, generator=gen) < 2 / 3
+    logits[torch.arange(rows), torch.arange(rows) % 2] += torch.where(confident, 30.0, 0.0)
+    p = torch.softmax(logits, 1)
+    targets = torch.randint(0, 2 * BV, (rows,), generator=gen)
+    valid = torch.rand(rows, generator=gen) > 0.1
+    a = valid.float()
+    counter = FilterCounter()
+    plan = decide_chunk(p * valid[:, None], a, targets, valid, vocab, BV, GradFilter(2.0**-6, counter))
+    order = plan.order.long()
+    assert sorted(order.tolist()) == list(range(rows))
+    assert torch.all(~valid[order[: int((~valid).sum())]])
+    m = p * valid[:, None]
+    ent = -(m * m.clamp_min(1e-30).log()).sum(1)
+    assert torch.all(ent[order][int((~valid).sum()):].diff() >= 0)
+    kept = ~plan.skipped
+    for blk in range(plan.blocks):
+        want = torch.nonzero(kept[blk]).flatten().tolist()
+        assert plan.tiles_of_block[blk, : int(plan.tile_counts[blk])].tolist() == want
+        members = order[blk * BM:(blk + 1) * BM]
+        for i in members[valid[members]].tolist():
+            assert not plan.skipped[blk, targets[i] // BV]  # target tiles are protected
+        assert m[members][:, plan.skipped[blk]].sum(1).max() <= 2.0**-6
+    for k in range(tiles_):
+        want = torch.nonzero(kept[:, k]).flatten().tolist()
+        assert plan.blocks_of_tile[k, : int(plan.block_counts[k])].tolist() == want
+    row_skip = plan.row_skipped()
+    assert torch.equal(row_skip[order[:BM]], plan.skipped[0].expand(BM, -1))
+    assert counter.tiles_seen == plan.skipped.numel() and counter.tiles_skipped == int(plan.skipped.sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+def test_routing_of_filtered_calls(monkeypatch):
+    """auto on CUDA takes Triton when speed mode can run the call; the torch path (warning) where it cannot;
+    impl='triton' outside speed mode is refused, naming the options."""
+    monkeypatch.setattr(backends, "_triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True) == "triton"
+    assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True, mode="speed") == "triton"
+    assert backends.filtered_mode("auto", "triton", True) == "speed"
+    assert backends.filtered_mode("auto", "torch", True) == "auto"
+    assert backends.filtered_mode("auto", "triton", False) == "auto"
+    for kw in (dict(mode="memory"), dict(reduction="none"), dict(return_lse=True)):
+        with pytest.warns(UserWarning, match="speed mode only"):
+            assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True, **kw) == "torch"
+        with pytest.raises(ValueError, match="mode='speed' or 'auto'.*impl='torch'"):
+            resolve_impl("triton", cuda, torch.bfloat16, filtered=True, **kw)
+    with pytest.warns(UserWarning, match="fp16"):
+        assert resolve_impl("auto", cuda, torch.float16, filtered=True) == "torch"
+    assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16, filtered=True) == "torch"
+
+
+def test_triton_memory_mode_is_refused_before_any_work():
+    e, c, t, _ = make_inputs((5,), 8, 11, torch.float32)
+    with pytest.raises(ValueError, match="mode='memory'"):
+        linear_cross_entropy(e, c, t, impl="triton", mode="memory", filter_eps=0.01)
+
+
+def test_auto_mode_takes_speed_mode_when_filtering_on_triton():
+    """mode='auto' with a filter on Triton: speed mode (the one in which Triton filters), whatever the size."""
+    e, c, t, _ = confident_inputs(128, 32, 600, torch.float32, alpha=24.0)
+    counter = FilterCounter()
+    linear_cross_entropy(e, c, t, impl="triton", filter_eps=2.0**-8, filter_counter=counter).backward()
+    assert counter.tiles_seen % math.ceil(600 / BV) == 0 and counter.tiles_skipped > 0
