@@ -20,6 +20,7 @@ from cce_patch.ops.filter_order import (
     PermuteRows,
     inverse_permutation,
     mean_logit_order,
+    vocabulary_order,
     mean_logit_scores,
     rename_targets,
 )
@@ -62,6 +63,25 @@ def test_order_is_decreasing_mean_logit_over_counted_rows():
     assert kept[17] == 17 and torch.equal(kept[kept != 17], order[order != 17])  # the rest in the same order
     nobody = mean_logit_scores(e, c, b, torch.zeros(40, dtype=torch.bool))
     assert torch.equal(nobody, b)  # all rows ignored: the bias orders alone, no NaN
+
+
+def test_the_calls_targets_come_first():
+    """The counted targets' entries lead (their tiles are protected anyway), each group by mean logit; the
+    targets of rows that do not count are not promoted."""
+    gen = torch.Generator().manual_seed(3)
+    e, c = torch.randn(40, 6, generator=gen), torch.randn(300, 6, generator=gen)
+    targets = torch.randint(0, 300, (40,), generator=gen)
+    valid = torch.rand(40, generator=gen) < 0.6
+    order = mean_logit_order(e, c, None, valid, targets=targets)
+    assert torch.equal(order.sort().values, torch.arange(300))
+    lead = set(targets[valid].tolist())
+    assert set(order[: len(lead)].tolist()) == lead
+    scores = mean_logit_scores(e, c, None, valid)
+    for group in (order[: len(lead)], order[len(lead):]):
+        assert torch.all(scores[group][:-1] >= scores[group][1:])
+    spec = LossSpec(ignore_index=-100, shift_period=0)
+    t = torch.where(valid, targets, -100)
+    assert torch.equal(vocabulary_order(e, c, None, t, spec), order)
 
 
 def test_rename_targets_keeps_what_is_not_a_class():
@@ -121,8 +141,8 @@ def test_nothing_skipped_is_the_exact_call(options):
 
     # the exact op on the problem permuted by hand, gradients of c and bias gathered back
     spec = LossSpec(ignore_index=ignore_index, shift_period=t.shape[-1] if shift else 0)
-    order = mean_logit_order(e.detach().reshape(-1, 32), c.detach(), b.detach() if b is not None else None,
-                             valid_rows(t.reshape(-1), spec), keep=ignore_index)
+    order = vocabulary_order(e.detach().reshape(-1, 32), c.detach(), b.detach() if b is not None else None,
+                             t.reshape(-1), spec)
     assert not torch.equal(order, torch.arange(700))  # the order really permutes
     new_id = inverse_permutation(order)
     t_p = rename_targets(t, new_id, ignore_index)

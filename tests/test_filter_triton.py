@@ -36,16 +36,19 @@ def _triton_grads(e, c, t, b, **kw):
 
 
 def check_triton_bound(e, c, t, b, *, eps: float, reduction: str = "mean", shift: bool = False, softcap=None,
-                       label_smoothing: float = 0.0, speed_chunk_bytes: int | None = None):
+                       label_smoothing: float = 0.0, speed_chunk_bytes: int | None = None,
+                       vocab_order: str = "natural"):
     """Filtered Triton speed mode vs the fp64 oracle: every dE row within w_i eps max||c_v||, dC within
     eps sum_i w_i ||e_i||, dbias within eps sum_i w_i, each plus the dtype's rounding (``test_ops_filter.RTOL``).
-    Returns the counter and the gradients."""
+    Returns the counter and the gradients. The vocabulary stays in the given order by default, so that the
+    tile counts these tests assert are those of the inputs as written (the op's own reordering is tested
+    in test_filter_order.py, and here by ``test_vocabulary_order_on_triton_keeps_the_bound``)."""
     kw = dict(reduction=reduction, shift=shift, softcap=softcap, label_smoothing=label_smoothing)
     ref, _, (e64, c64, b64) = dense_reference(e, c, t, bias=b, **kw)
     (ref * UPSTREAM).backward()
     counter = FilterCounter()
     loss, got = _triton_grads(e, c, t, b, filter_eps=eps, filter_counter=counter,
-                              speed_chunk_bytes=speed_chunk_bytes, **kw)
+                              speed_chunk_bytes=speed_chunk_bytes, filter_vocab_order=vocab_order, **kw)
     ref_loss = float(ref.detach())
     assert abs(float(loss) - ref_loss) <= 1e-4 * abs(ref_loss) + 1e-5  # the forward is exact
 
@@ -80,6 +83,14 @@ def test_one_hot_rows_keep_only_target_tiles():
     counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-10)
     blocks, tiles_ = math.ceil(256 / BM), math.ceil(1000 / BV)
     assert counter.tiles_skipped == blocks * (tiles_ - 1)  # the 100 hot targets all sit in tile 0
+
+
+def test_vocabulary_order_on_triton_keeps_the_bound():
+    """The default order (mean logit) on the Triton path: a permutation of c's rows around the filtered call,
+    undone on dC; the bound holds against the oracle of the inputs as given, and LM-like rows skip."""
+    e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=40.0, hot=100, ignore_frac=0.1)
+    counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-10, vocab_order="mean_logit")
+    assert counter.tiles_skipped > 0
 
 
 def test_flat_rows_skip_nothing_and_equal_exact():

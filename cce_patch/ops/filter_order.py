@@ -46,6 +46,15 @@ V=4096). Command::
 
     python -m cce_patch.bench.filter_stats --order-cost
 
+The call's own targets come first. Their tiles are protected (never skipped) in every block holding one of
+their rows, so wherever the targets sit, those tiles are kept. Sorted by mean logit alone they can land all
+over the vocabulary: with many distinct targets of moderate frequency (a small vocabulary, or a hundred hot
+tokens each the target of ~1% of the rows) a target's mean logit is no larger than the noise of the other
+entries', every tile then holds a target of some row of every block, and nothing is skippable (measured in
+``tests/test_filter_triton.py``: 0 of 8 tiles by mean logit alone, every non-target tile with the targets
+first). So the order is: the distinct counted targets of the call (by decreasing mean logit among
+themselves), then every other entry by decreasing mean logit. One ``bincount``-sized mask on top of the GEMV.
+
 The order is ``"mean_logit"`` by default whenever ``filter_eps`` is set; ``"natural"`` keeps the vocabulary
 as it is (e.g. to measure what the order buys). Without ``filter_eps`` the op never reorders, and a
 non-default value is refused (it would be a silent no-op). ``CCEConfig.filter_vocab_order`` carries the
@@ -56,7 +65,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import LossSpec, valid_rows
+from .spec import LossSpec, effective_targets
 
 #: The vocabulary orders a filtered call can use (the first is the default).
 FILTER_VOCAB_ORDERS = ("mean_logit", "natural")
@@ -99,15 +108,34 @@ def mean_logit_scores(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | N
 
 @torch.no_grad()
 def mean_logit_order(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, valid: torch.Tensor,
-                     keep: int | None = None) -> torch.Tensor:
+                     keep: int | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
     """(V,) int64 ``order``: position k of the reordered vocabulary holds entry ``order[k]``; decreasing mean
-    logit (stable: ties keep their ids' order). ``keep``, a vocabulary id, stays at its own position (used for
-    an ``ignore_index`` inside [0, V))."""
-    order = torch.sort(mean_logit_scores(e2d, c, bias, valid), descending=True, stable=True).indices
+    logit (stable: ties keep their ids' order), the entries among ``targets`` (the rows' targets after any
+    shift; only those of ``valid`` rows count) before all others. ``keep``, a vocabulary id, stays at its own
+    position (used for an ``ignore_index`` inside [0, V))."""
+    scores = mean_logit_scores(e2d, c, bias, valid)
+    if targets is not None and targets.numel():
+        counted = torch.where(valid, targets, 0).long()  # rows that do not count vote 0 ("not a target")
+        is_target = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device).scatter_reduce_(
+            0, counted, valid.to(torch.int32), "amax").bool()  # no host sync (a boolean index would need one)
+        # the targets' group first, whatever the scores: an offset above the spread of the finite scores
+        finite = torch.where(torch.isfinite(scores), scores, 0.0)
+        offset = (finite.max() - finite.min()).abs() + 1.0
+        scores = torch.where(is_target, scores + offset, scores)
+    order = torch.sort(scores, descending=True, stable=True).indices
     if keep is not None and 0 <= keep < order.numel():
         rest = order[order != keep]
         order = torch.cat((rest[:keep], order.new_tensor([keep]), rest[keep:]))
     return order
+
+
+def vocabulary_order(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, targets_flat: torch.Tensor,
+                     spec: LossSpec) -> torch.Tensor:
+    """The ``"mean_logit"`` order of one call (module docstring): its counted targets (after any shift) first,
+    then the rest, each group by decreasing mean logit over the counted rows; ``ignore_index`` in place."""
+    targets = effective_targets(targets_flat, spec)
+    valid = (targets != spec.ignore_index) & (targets >= 0) & (targets < c.shape[0])
+    return mean_logit_order(e2d, c, bias, valid, keep=spec.ignore_index, targets=targets)
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -152,7 +180,7 @@ def order_vocabulary(
     they are."""
     if how == "natural" or c.shape[0] == 0:
         return c, bias, targets_flat
-    order = mean_logit_order(e2d, c, bias, valid_rows(targets_flat, spec), keep=spec.ignore_index)
+    order = vocabulary_order(e2d, c, bias, targets_flat, spec)
     new_id = inverse_permutation(order)
     c_sorted = PermuteRows.apply(c, order, new_id)
     bias_sorted = PermuteRows.apply(bias, order, new_id) if bias is not None else None
