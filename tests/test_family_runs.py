@@ -15,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
+import alpaca_prompts  # noqa: E402
 import family_report  # noqa: E402
 import family_runs  # noqa: E402
 import finetune_alpaca  # noqa: E402
@@ -106,3 +107,14 @@ def test_stand_in_tokenizer_and_missing_chat_template_are_said(tmp_path):
     assert flags == ["--use_chat_template", "false"] and "no chat template" in why
     qwen, _ = family_runs.pick_tokenizer(family_runs.FAMILIES["qwen2.5-7b"], data)
     assert family_runs.chat_template_override(family_runs.FAMILIES["qwen2.5-7b"], qwen) == ([], None)
+
+
+def test_full_length_rows_are_exact_rows_of_real_tokens():
+    examples = [{"input_ids": list(range(10 * i, 10 * i + n)), "labels": [-100] * 2 + list(range(10 * i + 2, 10 * i + n)),
+                 "attention_mask": [1] * n} for i, n in enumerate([5, 7, 3, 9])]  # 24 tokens
+    rows = alpaca_prompts.full_length_rows(examples, 8, min_rows=5)
+    assert len(rows) == 5 and all(len(r["input_ids"]) == len(r["labels"]) == sum(r["attention_mask"]) == 8 for r in rows)
+    assert rows[0]["input_ids"] == [0, 1, 2, 3, 4, 10, 11, 12] and rows[0]["labels"] == [-100, -100, 2, 3, 4, -100, -100, 12]
+    assert rows[3] == rows[0] and rows[4] == rows[1]  # repeated in order to reach min_rows
+    with pytest.raises(ValueError, match="fewer than one row"):
+        alpaca_prompts.full_length_rows(examples, 25)
