@@ -19,6 +19,7 @@ import alpaca_prompts  # noqa: E402
 import family_report  # noqa: E402
 import family_runs  # noqa: E402
 import finetune_alpaca  # noqa: E402
+import max_batch  # noqa: E402
 
 SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -118,3 +119,93 @@ def test_full_length_rows_are_exact_rows_of_real_tokens():
     assert rows[3] == rows[0] and rows[4] == rows[1]  # repeated in order to reach min_rows
     with pytest.raises(ValueError, match="fewer than one row"):
         alpaca_prompts.full_length_rows(examples, 25)
+
+
+# ---- the largest-batch probe (recipes/max_batch.py, family_runs.py --max-batch) ----
+
+CAPTURED = ROOT / "tests" / "data" / "max_batch"
+
+
+def _rule(largest: int, error_at: int | None = None, calls: list[int] | None = None):
+    """A batch fits up to ``largest`` and runs out of memory above it (peak 1 + b/4 GiB); at ``error_at`` the run
+    crashes instead. Records the batches asked, in order."""
+    def fits(batch: int) -> max_batch.Outcome:
+        if calls is not None:
+            calls.append(batch)
+        if batch == error_at:
+            return max_batch.Outcome(max_batch.ERROR, detail="RuntimeError: boom")
+        if batch <= largest:
+            return max_batch.Outcome(max_batch.FITS, peak_gib=1 + batch / 4)
+        return max_batch.Outcome(max_batch.OOM, detail="torch.OutOfMemoryError: CUDA out of memory.")
+    return fits
+
+
+@pytest.mark.parametrize("largest", [1, 2, 3, 7, 8, 9, 23, 64, 100, 129])
+@pytest.mark.parametrize("start", [1, 4, 8, 200])
+def test_search_finds_the_exact_largest_batch(largest, start):
+    calls: list[int] = []
+    result = max_batch.search_largest(_rule(largest, calls=calls), start=start)
+    assert (result.largest, result.smallest_failing, result.bound) == (largest, largest + 1, "oom")
+    assert result.peak_gib == 1 + largest / 4 and len(calls) == len(set(calls)), calls  # never the same batch twice
+    assert calls[0] == start and [b for b, _ in result.tries] == calls
+    span = max(largest, start)
+    assert len(calls) <= 2 * span.bit_length() + 2  # doubling then bisection: logarithmic in the batch
+
+
+def test_search_reports_batch_one_out_of_memory_as_none():
+    result = max_batch.search_largest(_rule(0), start=8)
+    assert (result.largest, result.smallest_failing, result.bound, result.peak_gib) == (0, 1, "none", None)
+    assert [b for b, _ in result.tries] == [8, 4, 2, 1]
+
+
+def test_search_stops_at_the_cap_and_says_it_was_the_cap():
+    calls: list[int] = []
+    result = max_batch.search_largest(_rule(1000, calls=calls), start=1, limit=12)
+    assert (result.largest, result.smallest_failing, result.bound) == (12, None, "cap")
+    assert calls == [1, 2, 4, 8, 12] and "not memory" in result.detail
+    below = max_batch.search_largest(_rule(5), start=1, limit=12)  # memory ends it before the cap: the cap is silent
+    assert (below.largest, below.bound) == (5, "oom")
+
+
+def test_search_stops_at_a_crash_which_is_not_does_not_fit():
+    calls: list[int] = []
+    result = max_batch.search_largest(_rule(100, error_at=16, calls=calls), start=1)
+    assert calls == [1, 2, 4, 8, 16] and (result.largest, result.smallest_failing, result.bound) == (8, None, "error")
+    assert "batch 16: RuntimeError: boom" in result.detail
+    timed_out = max_batch.search_largest(lambda b: max_batch.Outcome(max_batch.TIMEOUT if b > 2 else max_batch.FITS))
+    assert (timed_out.largest, timed_out.bound) == (2, "timeout")
+
+
+def test_search_tolerance_leaves_a_bracket_within_it():
+    calls: list[int] = []
+    result = max_batch.search_largest(_rule(150, calls=calls), start=8, rel_tol=1 / 16)
+    assert result.bound == "oom" and result.largest <= 150 < result.smallest_failing
+    assert result.smallest_failing - result.largest <= max(1, int(result.largest / 16))
+    assert len(calls) < len(max_batch.search_largest(_rule(150), start=8).tries)
+
+
+def _captured(name: str) -> str:
+    return (CAPTURED / name).read_text()
+
+
+def test_classify_a_crash_and_a_killed_child_as_errors():
+    """Real stderr of the recipe through accelerate launch on CPU: an ImportError at model construction (after a
+    chain of network errors: a broken setup, not the batch's answer), and a child the host's kernel killed with
+    SIGKILL at batch 30000 (no Python exception at all: the machine's memory, not CUDA's, stops the search)."""
+    kind, why = max_batch.classify(1, _captured("crash_accelerate.txt"))
+    assert kind == max_batch.ERROR and why.startswith("ImportError: FlashAttention2")
+    kind, why = max_batch.classify(1, _captured("host_killed_accelerate.txt"))
+    assert kind == max_batch.ERROR and "no Python exception" in why and "SIGKILL" in why
+    assert max_batch.classify(0, _captured("crash_accelerate.txt"))[0] == max_batch.FITS  # exit 0 decides
+    assert max_batch.classify("timeout", "")[0] == max_batch.TIMEOUT
+
+
+def test_a_run_that_exited_0_with_short_batches_does_not_fit(tmp_path):
+    log = tmp_path / "c.steps.jsonl"
+    rows = [{"start": True}, {"step": 1, "seconds": 1.0, "tokens_seen": 512, "peak_gib": 3.0},
+            {"step": 2, "seconds": 1.0, "tokens_seen": 1024, "peak_gib": 3.5}, {"done": True, "peak_gib": 3.5}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    read = max_batch.read_candidate_log(log)
+    assert read["peak_gib"] == 3.5 and max_batch.check_full_steps(read, 2, 512) is None
+    assert "not [640, 1280]" in max_batch.check_full_steps(read, 2, 640)
+    assert "1 of 2 steps" in max_batch.check_full_steps({**read, "steps": read["steps"][:1]}, 2, 512)
