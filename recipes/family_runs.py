@@ -275,6 +275,8 @@ def max_batch_family(args: argparse.Namespace, name: str, family: Family, full: 
     setup = family_setup(args, name, family, full)
     label, out, tokenizer, template_flags = setup["label"], setup["out"], setup["tokenizer"], setup["template_flags"]
     meta = {k: v for k, v in setup["meta"].items() if k not in ("steps", "skip")}
+    meta["overrides"] += ("; --max-batch: --full_length_rows, per_device_train_batch_size searched, "
+                          f"--max_steps {args.max_batch_steps}")
     meta_path = out / "meta.json"
     if meta_path.is_file():  # the arms' runs wrote it: theirs is the fuller one (steps, skip)
         meta = json.loads(meta_path.read_text())
@@ -321,10 +323,14 @@ def max_batch_family(args: argparse.Namespace, name: str, family: Family, full: 
 
 
 def device_name() -> str:
-    """The GPU the candidates run on (said with the answer: a largest batch belongs to one card), or "cpu"."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    """The GPU the candidates run on and its memory (a largest batch belongs to one card), or "cpu". Asked of
+    nvidia-smi, not torch: a CUDA context in this process would hold memory through every candidate's run."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -31,7 +31,9 @@ reads both). ``family_runs.py --max-batch`` runs this per family and arm.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -207,10 +209,15 @@ def run_candidate(command: list[str], step_log: Path, stderr_path: Path, steps: 
     stderr_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with stderr_path.open("w") as err:
+        # a session of its own: over the time limit the whole group goes (the launcher and the training process
+        # it started), else the orphaned trainer would keep its GPU memory through the next candidate
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=err, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc: int | str = subprocess.run(command, cwd=cwd, env=env, stdout=err, stderr=subprocess.STDOUT,
-                                           timeout=timeout).returncode
+            rc: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = "timeout"
     seconds = round(time.perf_counter() - t0, 1)
     kind, detail = classify(rc, stderr_path.read_text(errors="replace"))

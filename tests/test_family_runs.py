@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,23 @@ def test_max_batch_dry_run_end_to_end(tmp_path):
     data = json.loads((tmp_path / "out" / "qwen2.5-7b.json").read_text())
     assert data["max_batch"]["use_cce"]["bound"] == "cap"
     assert "| use_cce | 2 | - | - | cap (" in (tmp_path / "out" / "qwen2.5-7b.md").read_text()
+
+
+def test_a_candidate_over_its_time_limit_is_killed_with_its_children(tmp_path):
+    """The candidate's launcher starts the training process; at the time limit both go (an orphaned trainer would
+    keep its GPU memory through the next candidate), and the outcome is a timeout, never an OOM."""
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    outcome = max_batch.run_candidate([sys.executable, "-c", launcher], tmp_path / "none.jsonl", tmp_path / "c.log",
+                                      2, 10, timeout=3)
+    assert outcome.kind == max_batch.TIMEOUT and outcome.seconds < 30
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the kernel reaps it shortly after SIGKILL
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the training process {pid} outlived its candidate's time limit")
