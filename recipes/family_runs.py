@@ -286,18 +286,19 @@ def max_batch_family(args: argparse.Namespace, name: str, family: Family, full: 
     work = args.scratch / label / "max_batch"
     codes = []
     for arm in args.arms:
+        def base_command(step_log: Path, arm: str = arm) -> list[str]:
+            return arm_command(args, label, family, arm, setup["model_config"], tokenizer, step_log, full,
+                               output_dir=work / arm) + template_flags
+
         def command_for(batch: int, arm: str = arm) -> tuple[list[str], Path]:
             step_log = work / f"{arm}.b{batch}.steps.jsonl"
-            cmd = arm_command(args, label, family, arm, setup["model_config"], tokenizer, step_log, full,
-                              output_dir=work / arm) + template_flags
-            return cmd + ["--per_device_train_batch_size", str(batch), "--max_steps", str(args.max_batch_steps),
-                          "--full_length_rows", "true"], step_log
+            return base_command(step_log) + ["--per_device_train_batch_size", str(batch), "--max_steps",
+                                             str(args.max_batch_steps), "--full_length_rows", "true"], step_log
 
-        probe_cmd, _ = command_for(0)
-        start = args.max_batch_start or recipe_value(probe_cmd[:-6], "--per_device_train_batch_size",
-                                                     ROOT / family.yaml, 8)
-        length = recipe_value(probe_cmd, "--max_length", ROOT / family.yaml, 512)
-        accumulation = recipe_value(probe_cmd, "--gradient_accumulation_steps", ROOT / family.yaml, 1)
+        base = base_command(work / "unused.jsonl")  # what the recipe sees before the probe's overrides
+        start = args.max_batch_start or recipe_value(base, "--per_device_train_batch_size", ROOT / family.yaml, 8)
+        length = recipe_value(base, "--max_length", ROOT / family.yaml, 512)
+        accumulation = recipe_value(base, "--gradient_accumulation_steps", ROOT / family.yaml, 1)
         header = {"family": label, "yaml": family.yaml, "max_length": length,
                   "gradient_accumulation_steps": accumulation, "steps": args.max_batch_steps,
                   "start": start, "limit": args.max_batch_limit, "rel_tol": args.max_batch_tolerance,
