@@ -88,3 +88,26 @@ def tokenize_rows(
     prompt_ids = tokenizer(prompts, add_special_tokens=not use_chat_template)["input_ids"]
     response_ids = tokenizer([r["output"].strip() for r in rows], add_special_tokens=False)["input_ids"]
     return [_assemble(p, r, tokenizer.eos_token_id, max_length) for p, r in zip(prompt_ids, response_ids, strict=True)]
+
+
+def full_length_rows(examples: list[dict[str, list[int]]], max_length: int, min_rows: int = 1) -> list[dict[str, list[int]]]:
+    """The tokenized examples concatenated in order and cut into rows of exactly ``max_length`` tokens (the
+    tail shorter than that is dropped), each example keeping its labels (-100 on its prompt); repeated in order
+    until there are at least ``min_rows`` rows.
+
+    Why: the recipe pads each batch to its longest example (Alpaca's are ~100-300 tokens), so a batch at the
+    YAML's ``max_length`` never happens with real rows; the largest-batch probe (``max_batch.py``) needs every
+    batch to be the worst case, ``batch x max_length`` real tokens with no padding and a full attention mask.
+    Examples run into each other inside a row (no separator, attention crosses the boundary): for memory that
+    is the same as one long example. ``min_rows`` makes every batch full: a batch larger than the dataset
+    would otherwise come out short.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, not {max_length}")
+    ids = [t for ex in examples for t in ex["input_ids"]]
+    labels = [t for ex in examples for t in ex["labels"]]
+    rows = [{"input_ids": ids[i:i + max_length], "attention_mask": [1] * max_length,
+             "labels": labels[i:i + max_length]} for i in range(0, len(ids) - max_length + 1, max_length)]
+    if not rows:
+        raise ValueError(f"the examples hold {len(ids)} tokens in all, fewer than one row of {max_length}")
+    return [rows[i % len(rows)] for i in range(max(min_rows, len(rows)))]

@@ -31,7 +31,33 @@ the families whose YAML is LoRA and that fit one 80 GB GPU with AdamW (Phi 3.5; 
 fine-tuning), as the family ``<family>-full``. ``--dry-run``: a tiny version of each family's architecture (its
 vocabulary kept, 2 layers of width 64), 3 steps of 2 sequences of at most 64 tokens, on CPU, arms stock and
 use_cce: the plumbing, in about a minute per family.
+
+The largest batch (issue 22's last row), instead of the timed runs:
+
+    python recipes/family_runs.py --family gemma2-2b --max-batch --arms stock,use_cce --data .gpu_data --out $OUT
+    python recipes/family_runs.py --dry-run --max-batch --family qwen2.5-7b --max-batch-limit 2 --out /tmp/fam
+
+measures, per arm, the largest ``per_device_train_batch_size`` that trains without a CUDA out-of-memory error at
+the YAML's ``max_length``, every batch the worst case: rows of exactly ``max_length`` real Alpaca tokens (the
+recipe's ``--full_length_rows``: examples concatenated, no padding, the recipe's labels; the recipe itself pads
+to the batch's longest example, ~100-300 tokens on Alpaca), everything else as the YAML ships it (gradient
+accumulation, checkpointing, LoRA or full, bf16) and as the arm sets it. Each candidate batch is
+``--max-batch-steps`` (2) optimizer steps of the recipe in its own ``accelerate launch`` process; the batch
+doubles from the YAML's batch while it fits, then the bracket is bisected (``max_batch.py`` says how an OOM is
+told from a crash: a crash or a candidate over ``--max-batch-timeout`` stops that arm's search, reported as a
+lower bound). Results go to ``<out>/<family>/max_batch.jsonl`` as each candidate ends, and the family's report
+gets a "largest per-device batch" table (largest batch, its peak memory, the smallest that ran out of memory,
+what ended the search, the ratio to stock's). ``--dry-run`` needs ``--max-batch-limit N``: on CPU nothing runs
+out of CUDA memory, and reaching the cap is reported as the cap. ``--full`` / ``--full-only`` work as above.
+
+Device time, estimated from the steps (not yet measured on the device): a candidate costs the process start and
+the random init of the model (~30-60 s for Gemma 2 2B) plus 2 optimizer steps of ``batch x 4 x 1024`` tokens
+(about 6 x 2.6e9 x 4/3 FLOP per token with checkpointing, ~40% of an H100's bf16 peak: ~0.2 s per sequence of
+1024, plus the head's 2 x 1024 x 2304 x 256000 x 3 FLOP), so ~45-70 s at batch 8-64; a search takes
+``log2(largest / 8)`` doublings plus ``log2`` of the bracket bisections (stock: ~5 candidates, use_cce: ~8-9;
+``--max-batch-tolerance 0.125`` stops ~3 bisections earlier): ~5 and ~9 minutes, one arm per 10-minute call.
 """
+
 
 from __future__ import annotations
 
@@ -46,6 +72,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import family_report  # noqa: E402
+import max_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS: dict[str, list[str]] = {
@@ -146,7 +173,7 @@ def tiny_config(family: Family, out: Path) -> Path:
 
 
 def arm_command(args: argparse.Namespace, name: str, family: Family, arm: str, model_config: str,
-                tokenizer: Path, log: Path, full: bool) -> list[str]:
+                tokenizer: Path, log: Path, full: bool, output_dir: Path | None = None) -> list[str]:
     accelerate = ROOT / "configs" / "accelerate" / ("cpu.yaml" if args.dry_run else "single-gpu.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate),
            str(ROOT / "recipes" / "timed_finetune.py"), "--step_log", str(log), str(ROOT / family.yaml),
@@ -154,7 +181,7 @@ def arm_command(args: argparse.Namespace, name: str, family: Family, arm: str, m
            "--dataset_path", str(args.data / "alpaca_5000.json"), "--max_steps", str(args.steps),
            "--logging_steps", "1", "--save_strategy", "no", "--save_final_model", "false", "--eval_strategy", "no",
            "--eval_fraction", "0",
-           "--include_num_input_tokens_seen", "true", "--output_dir", str(args.scratch / name / arm),
+           "--include_num_input_tokens_seen", "true", "--output_dir", str(output_dir or args.scratch / name / arm),
            "--report_to", "none", "--seed", str(args.seed), *ARMS[arm]]
     if full:
         cmd += ["--lora_r", "0"]
@@ -164,8 +191,9 @@ def arm_command(args: argparse.Namespace, name: str, family: Family, arm: str, m
     return cmd + args.extra
 
 
-def run_family(args: argparse.Namespace, name: str, family: Family, full: bool = False) -> list:
-    """Every arm of one family in turn; their exit codes (0, a code, or "timeout")."""
+def family_setup(args: argparse.Namespace, name: str, family: Family, full: bool) -> dict:
+    """What every run of one family shares: its label and output folder, the tokenizer (and the notes on a
+    stand-in or a missing chat template), the recipe flags that follow from them, the model config, and meta."""
     label = f"{name}-full" if full else name
     out = args.out / label
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +210,28 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
             "skip": args.skip, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if note:
         print(f"[{label}] {note}", flush=True)
+    return {"label": label, "out": out, "tokenizer": tokenizer, "template_flags": template_flags,
+            "model_config": model_config, "meta": meta}
+
+
+def child_env() -> dict[str, str]:
+    """The recipe's environment: this one, with the repository on ``PYTHONPATH`` (``cce_patch`` importable)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def rewrite_report(args: argparse.Namespace, label: str, meta: dict) -> list[Path]:
+    """The family's JSON / table / plot from everything under ``--out`` now: the arms' step logs and the
+    largest-batch probe's results."""
+    arms = family_report.collect([args.out]).get(label, {})
+    largest = family_report.collect_max_batch([args.out]).get(label, {})
+    return family_report.write_family(args.out, label, arms, meta, largest)
+
+
+def run_family(args: argparse.Namespace, name: str, family: Family, full: bool = False) -> list:
+    """Every arm of one family in turn; their exit codes (0, a code, or "timeout")."""
+    setup = family_setup(args, name, family, full)
+    label, out, tokenizer, template_flags = setup["label"], setup["out"], setup["tokenizer"], setup["template_flags"]
+    model_config, meta = setup["model_config"], setup["meta"]
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     codes = []
     for arm in args.arms:
@@ -190,21 +240,98 @@ def run_family(args: argparse.Namespace, name: str, family: Family, full: bool =
         cmd = arm_command(args, label, family, arm, model_config, tokenizer, log, full) + template_flags
         print(f"[{label}] {arm}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.arm_timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=child_env(), timeout=args.arm_timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         codes.append(rc)
         record = {"arm": arm, "command": cmd, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
         with log.open("a") as f:  # the run's record closes its step log: one file per arm comes back
             f.write(json.dumps({"run": record}) + "\n")
-        arms = family_report.collect([args.out]).get(label, {})
-        written = family_report.write_family(args.out, label, arms, meta)
+        written = rewrite_report(args, label, meta)
         print(f"[{label}] {arm}: rc {rc} in {record['seconds']} s; wrote {', '.join(p.name for p in written)}",
               flush=True)
-    print(family_report.markdown(label, family_report.family_report(family_report.collect([args.out])[label]), meta))
+    print(family_report.markdown(label, family_report.family_report(family_report.collect([args.out])[label]), meta,
+                                 family_report.collect_max_batch([args.out]).get(label)))
     return codes
+
+
+def recipe_value(command: list[str], flag: str, yaml_path: Path, default: int) -> int:
+    """The value the recipe will see for ``flag``: its last occurrence in ``command`` (argparse keeps the last),
+    else the YAML's, else ``default`` (the recipe's own)."""
+    import yaml
+
+    for i in range(len(command) - 2, -1, -1):
+        if command[i] == flag:
+            return int(command[i + 1])
+    raw = yaml.safe_load(yaml_path.read_text()) or {}
+    return int(raw.get(flag.removeprefix("--"), default))
+
+
+def max_batch_family(args: argparse.Namespace, name: str, family: Family, full: bool = False) -> list:
+    """The largest-batch probe (``max_batch.py``) for every arm of one family in turn, into
+    ``<out>/<family>/max_batch.jsonl``; the report is rewritten after each candidate. Returns 0 per arm whose
+    search ended at an OOM bracket, the cap or batch 1's OOM, 1 for one that a failure or a time limit ended."""
+    setup = family_setup(args, name, family, full)
+    label, out, tokenizer, template_flags = setup["label"], setup["out"], setup["tokenizer"], setup["template_flags"]
+    meta = {k: v for k, v in setup["meta"].items() if k not in ("steps", "skip")}
+    meta["overrides"] += ("; --max-batch: --full_length_rows, per_device_train_batch_size searched, "
+                          f"--max_steps {args.max_batch_steps}")
+    meta_path = out / "meta.json"
+    if meta_path.is_file():  # the arms' runs wrote it: theirs is the fuller one (steps, skip)
+        meta = json.loads(meta_path.read_text())
+    else:
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    results = out / "max_batch.jsonl"
+    work = args.scratch / label / "max_batch"
+    codes = []
+    for arm in args.arms:
+        def base_command(step_log: Path, arm: str = arm) -> list[str]:
+            return arm_command(args, label, family, arm, setup["model_config"], tokenizer, step_log, full,
+                               output_dir=work / arm) + template_flags
+
+        def command_for(batch: int, arm: str = arm) -> tuple[list[str], Path]:
+            step_log = work / f"{arm}.b{batch}.steps.jsonl"
+            return base_command(step_log) + ["--per_device_train_batch_size", str(batch), "--max_steps",
+                                             str(args.max_batch_steps), "--full_length_rows", "true"], step_log
+
+        base = base_command(work / "unused.jsonl")  # what the recipe sees before the probe's overrides
+        start = args.max_batch_start or recipe_value(base, "--per_device_train_batch_size", ROOT / family.yaml, 8)
+        length = recipe_value(base, "--max_length", ROOT / family.yaml, 512)
+        accumulation = recipe_value(base, "--gradient_accumulation_steps", ROOT / family.yaml, 1)
+        header = {"family": label, "yaml": family.yaml, "max_length": length,
+                  "gradient_accumulation_steps": accumulation, "steps": args.max_batch_steps,
+                  "start": start, "limit": args.max_batch_limit, "rel_tol": args.max_batch_tolerance,
+                  "timeout_s": args.max_batch_timeout, "dry_run": args.dry_run, "device": device_name(),
+                  "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                  "measured": f"per_device_train_batch_size at max_length {length}: rows of exactly {length} "
+                              "Alpaca tokens (--full_length_rows: examples concatenated, no padding, the recipe's "
+                              f"labels), gradient accumulation {accumulation}, {args.max_batch_steps} optimizer "
+                              "steps per candidate in its own process; does not fit = CUDA out of memory only",
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        print(f"[{label}] max-batch {arm}: {header['measured']}", flush=True)
+        result = max_batch.probe_arm(
+            command_for, results, arm, header, args.max_batch_steps, accumulation * length, work,
+            start=start, limit=args.max_batch_limit, rel_tol=args.max_batch_tolerance,
+            timeout=args.max_batch_timeout, env=child_env(), cwd=ROOT,
+            on_candidate=lambda: rewrite_report(args, label, meta))
+        print(f"[{label}] max-batch {arm}: largest {result.largest} (ended by {result.bound}"
+              + (f": {result.detail}" if result.detail else "") + ")", flush=True)
+        codes.append(0 if result.bound in ("oom", "cap", "none") else 1)
+    print(family_report.markdown(label, family_report.family_report(family_report.collect([args.out]).get(label, {})),
+                                 meta, family_report.collect_max_batch([args.out]).get(label)))
+    return codes
+
+
+def device_name() -> str:
+    """The GPU the candidates run on and its memory (a largest batch belongs to one card), or "cpu". Asked of
+    nvidia-smi, not torch: a CUDA context in this process would hold memory through every candidate's run."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -226,6 +353,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    f"(default {family_report.SKIP}; 1 with --dry-run)")
     p.add_argument("--arm-timeout", type=float, default=None, help="seconds per arm before it is killed")
     p.add_argument("--dry-run", action="store_true", help="tiny architectures, 3 steps, on CPU (see above)")
+    p.add_argument("--max-batch", action="store_true", help="instead of the timed runs: the largest per-device "
+                   "batch that fits per arm (max_batch.py; see above)")
+    p.add_argument("--max-batch-start", type=int, default=None,
+                   help="first batch tried; it doubles from there (default: the YAML's per_device_train_batch_size; "
+                        "1 with --dry-run)")
+    p.add_argument("--max-batch-limit", type=int, default=None, help="largest batch tried; reaching it is reported "
+                   "as the cap, not a memory limit (needed with --dry-run: a CPU never runs out of CUDA memory)")
+    p.add_argument("--max-batch-steps", type=int, default=2, help="optimizer steps per candidate (default 2: the "
+                   "second runs with the optimizer states allocated)")
+    p.add_argument("--max-batch-tolerance", type=float, default=0.0, help="stop bisecting once the bracket is "
+                   "within this fraction of the batch (default 0: the exact largest)")
+    p.add_argument("--max-batch-timeout", type=float, default=600.0,
+                   help="seconds per candidate; one over it stops the search (slow is not out of memory)")
     p.add_argument("extra", nargs="*", help="after --: more recipe flags, appended to every arm")
     args = p.parse_args(argv)
     args.families = args.family or list(FAMILIES)
@@ -238,6 +378,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.data is None:
         local = ROOT / ".gpu_data"
         args.data = local if local.is_dir() else Path(os.environ.get("CCE_SHARED_DATA", local))
+    if args.max_batch and args.dry_run and args.max_batch_limit is None:
+        p.error("--max-batch --dry-run needs --max-batch-limit N: on CPU nothing runs out of CUDA memory")
+    if args.max_batch_start is None and args.dry_run:
+        args.max_batch_start = 1  # else the YAML's batch (the dry run's 2 is the dry run's, not the YAML's)
     if not (args.data / "alpaca_5000.json").is_file():
         p.error(f"{args.data / 'alpaca_5000.json'} not found (--data, or CCE_SHARED_DATA)")
     return args
@@ -246,12 +390,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     codes = []
+    run = max_batch_family if args.max_batch else run_family
     for name in args.families:
         family = FAMILIES[name]
         if not args.full_only:
-            codes += run_family(args, name, family)
+            codes += run(args, name, family)
         if (args.full or args.full_only) and family.full_fine_tune == "option":
-            codes += run_family(args, name, family, full=True)
+            codes += run(args, name, family, full=True)
         elif args.full or args.full_only:
             print(f"[{name}] no separate full fine-tuning run: "
                   + ("its YAML already trains all weights" if family.full_fine_tune == "yaml"

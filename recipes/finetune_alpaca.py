@@ -31,7 +31,13 @@ import yaml
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alpaca_prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, load_local_rows, tokenize_rows  # noqa: E402
+from alpaca_prompts import (  # noqa: E402
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    full_length_rows,
+    load_local_rows,
+    tokenize_rows,
+)
 from offline_default import build_model, build_tokenizer, generate_dataset, sample_answers  # noqa: E402
 
 from cce_patch.integrations.trainer import CCETrainer, CCETrainingArguments  # noqa: E402
@@ -63,6 +69,12 @@ class ScriptArguments:
     packing: bool = field(
         default=False,
         metadata={"help": "Padding-free batches: each batch is one flat row with per-example position_ids."},
+    )
+    full_length_rows: bool = field(
+        default=False,
+        metadata={"help": "Concatenate the examples and cut them into rows of exactly max_length tokens, so every "
+                          "batch is batch x max_length real tokens (the worst case for memory: the largest-batch "
+                          "probe, recipes/max_batch.py); not for training a model."},
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
     lora_alpha: int = 16
@@ -214,6 +226,19 @@ def prepare_data(script: ScriptArguments, train: CCETrainingArguments, rows: lis
                        len(examples) - len(kept), len(examples), script.max_length)
     if not kept:
         raise SystemExit("error: no example keeps a response token; raise --max_length")
+    if script.full_length_rows:
+        if script.packing:
+            raise SystemExit("error: full_length_rows and packing are two ways to lay out a batch; choose one")
+        # enough rows that no batch of the run comes out short (the Trainer would hand over what is left)
+        need = train.per_device_train_batch_size * train.gradient_accumulation_steps * max(1, train.max_steps)
+        try:
+            full = full_length_rows(kept, script.max_length, need)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        logger.info("full_length_rows: %d examples -> %d rows of exactly %d tokens (%.0f%% of labels trained)",
+                    len(kept), len(full), script.max_length,
+                    100 * sum(t != -100 for r in full for t in r["labels"]) / (len(full) * script.max_length))
+        kept = full
     if script.eval_fraction <= 0:
         return kept, None
     random.Random(train.seed).shuffle(kept)

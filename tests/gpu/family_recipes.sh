@@ -5,6 +5,16 @@
 #   bash tests/gpu/family_recipes.sh --family phi3.5-mini --full-only --arms stock --steps 200 --arm-timeout 540
 #   PYTHON=.venv/bin/python bash tests/gpu/family_recipes.sh --dry-run --family qwen2.5-7b     # CPU plumbing
 #
+# The largest per-device batch at the YAML's length (issue 22's last row; family_runs.py's doc says what is
+# measured), one arm per call (a 10-minute call holds ~9 candidates of Gemma 2 2B):
+#   bash tests/gpu/family_recipes.sh --family gemma2-2b --max-batch --arms stock --max-batch-timeout 240
+#   bash tests/gpu/family_recipes.sh --family gemma2-2b --max-batch --arms use_cce --max-batch-timeout 240 \
+#        --max-batch-tolerance 0.125
+#   PYTHON=.venv/bin/python bash tests/gpu/family_recipes.sh --dry-run --max-batch --family gemma2-2b --max-batch-limit 2
+# It writes <family>/max_batch.jsonl (one line per candidate as it ends) and the <family>.json / .md with a
+# "largest per-device batch" table; merge the calls locally with recipes/family_report.py CALL1_DIR CALL2_DIR.
+# MAX_BATCH=1 adds --max-batch to the arguments (for a caller that passes the rest unchanged).
+#
 # Arguments go to recipes/family_runs.py (its --help lists them). Needs, carried: .gpu_data/ (alpaca_5000.json and
 # tokenizers/{qwen2.5,llama3.1,phi3-mini}: TOKENIZERS="qwen2.5 llama3.1 phi3-mini" bash tests/gpu/fetch_wheels.sh)
 # and .whl/ (liger-kernel, for the two Liger arms; the image has accelerate, peft and matplotlib).
@@ -36,4 +46,4 @@ for mod in ("torch", "triton", "transformers", "accelerate", "peft", "liger_kern
     except Exception as exc:  # noqa: BLE001
         print(f"{mod:14s} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
 PYEOF
-"$PY" recipes/family_runs.py --out "$OUT" "$@"
+"$PY" recipes/family_runs.py --out "$OUT" ${MAX_BATCH:+--max-batch} "$@"
