@@ -209,6 +209,36 @@ def test_decision_lists_follow_the_mask():
     assert counter.tiles_seen == plan.skipped.numel() and counter.tiles_skipped == int(plan.skipped.sum()) > 0
 
 
+def test_split_de_product_equals_unsplit_and_dense():
+    """``sparse_de`` with a block's kept tiles shared by several programs (``de_splits``): the same product as one
+    program per block and as the dense product over the kept pairs, on a plan whose counts are as uneven as
+    rows grouped by confidence make them (one block keeps every tile, the others one or two)."""
+    from cce_patch.ops.fused.filter_plan import ChunkFilter, _kept_lists
+    from cce_patch.ops.fused.sparse_grads import de_splits, sparse_de
+
+    gen = torch.Generator().manual_seed(4)
+    rows, vocab, d = 3 * BM + 40, 7 * BV + 50, 48
+    tiles_, blocks = math.ceil(vocab / BV), math.ceil(rows / BM)
+    q, c = torch.rand(rows, vocab, generator=gen), torch.randn(vocab, d, generator=gen)
+    skipped = torch.ones(blocks, tiles_, dtype=torch.bool)
+    skipped[0] = False  # the flat block keeps everything
+    skipped[1, 3] = skipped[2, 0] = skipped[2, 7] = skipped[3, 5] = False
+    order = torch.randperm(rows, generator=gen).to(torch.int32)
+    tiles_of_block, tile_counts = _kept_lists(~skipped)
+    blocks_of_tile, block_counts = _kept_lists((~skipped).T)
+    plan = ChunkFilter(order, skipped, tiles_of_block, tile_counts, blocks_of_tile, block_counts)
+    kept_q = q.clone()
+    row_skip = plan.row_skipped().repeat_interleave(BV, 1)[:, :vocab]
+    kept_q[row_skip] = 0.0
+    dense = kept_q.double() @ c.double()
+    splits = de_splits(int(tile_counts.sum()), int(tile_counts.max()), blocks)
+    assert splits > 1
+    one, split = sparse_de(q, c, plan), sparse_de(q, c, plan, splits)
+    torch.testing.assert_close(one.double(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.double(), dense, rtol=1e-5, atol=1e-5)
+    assert de_splits(8, 2, 4) == 1  # even counts: one program per block
+
+
 # ------------------------------------------------------------------------------------------------ routing
 
 

@@ -22,6 +22,7 @@ copy engine's rectangular tiles do not apply to Q's rows here).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ from ..filtering import BM, BV
 from ..precision import is_ieee_fp32
 from . import tiles
 from .filter_plan import ChunkFilter
+
+
+#: Most programs that share one row block's kept tiles in ``sparse_de`` (see ``de_splits``): 8 shares of a
+#: 4096-row chunk at D = 2304 hold a 302 MB fp32 buffer of partial sums, next to that chunk's 2 GB of q.
+MAX_DE_SPLITS = 8
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,12 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr):
 @triton.jit
 def sparse_de_kernel(
     Q, C, OUT, ORDER, TILES_OF_BLOCK, TILE_COUNTS,
-    rows, V, D, T, stride_q, stride_c, stride_out,
+    rows, V, D, T, stride_q, stride_c, stride_out, stride_split, SPLITS,
     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
     pid_d = tl.program_id(1)
     offs_r = b * BM + tl.arange(0, BM)
     r_ok = offs_r < rows
@@ -82,17 +89,21 @@ def sparse_de_kernel(
     d_ok = offs_d < D
     k_steps = BV // BLOCK_K  # constexpr: K steps per vocabulary tile
     count = tl.load(TILE_COUNTS + b)
+    per_split = tl.cdiv(count, SPLITS)  # this program's contiguous share of the block's kept tiles
+    first = split * per_split
+    mine = tl.minimum(count - first, per_split)
     acc = tl.zeros((BM, BLOCK_D), dtype=tl.float32)
-    for it in range(0, count * k_steps):
-        i = it // k_steps
+    for it in range(0, tl.maximum(mine, 0) * k_steps):
+        i = first + it // k_steps
         tile = tl.load(TILES_OF_BLOCK + b.to(tl.int64) * T + i)
-        offs_v = tile * BV + (it - i * k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_v = tile * BV + (it % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
         v_ok = offs_v < V
         q = tl.load(Q + row[:, None] * stride_q + offs_v[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0)
         c = tl.load(C + offs_v.to(tl.int64)[:, None] * stride_c + offs_d[None, :],
                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot(q, c, acc, UPCAST, IEEE_FP32)
-    tl.store(OUT + row[:, None] * stride_out + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(OUT + split.to(tl.int64) * stride_split + row[:, None] * stride_out + offs_d[None, :], acc,
+             mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -134,20 +145,39 @@ def _flags(q: torch.Tensor) -> dict:
     return dict(UPCAST=tiles.INTERPRETING and q.dtype != torch.float32, IEEE_FP32=is_ieee_fp32(q.dtype), BM=BM, BV=BV)
 
 
-def sparse_de(q: torch.Tensor, c: torch.Tensor, plan: ChunkFilter) -> torch.Tensor:
+def de_splits(kept_pairs: int, most_kept: int, blocks: int) -> int:
+    """How many programs share one row block's kept tiles in ``sparse_de``.
+
+    Why: rows grouped by confidence make the kept counts very uneven (H100, lm regime, paper shape, eps 2^-12:
+    median 7 tiles per block, the flattest block all 1000), and a block's programs walk its list serially, so the
+    kernel took as long as that one block's walk (4.6 ms a chunk for 16% of the dense work, which cuBLAS does in
+    6.1 ms). Splitting every block's list into ``splits`` contiguous shares cuts that walk by as much, at the cost
+    of a (splits, rows, D) fp32 buffer of partial sums, added up in a fixed order (deterministic). The split is
+    sized so that the longest share is about twice the mean count, at most ``MAX_DE_SPLITS``."""
+    mean = max(1.0, kept_pairs / max(blocks, 1))
+    return max(1, min(MAX_DE_SPLITS, math.ceil(most_kept / (2.0 * mean))))
+
+
+def sparse_de(q: torch.Tensor, c: torch.Tensor, plan: ChunkFilter, splits: int = 1) -> torch.Tensor:
     """(rows, D) fp32: Q @ C over the kept pairs of ``plan`` only (rows in the chunk's own order; a row whose
-    block keeps nothing gets 0). ``q`` (rows, V) and ``c`` (V, D) with unit column stride."""
+    block keeps nothing gets 0). ``q`` (rows, V) and ``c`` (V, D) with unit column stride. ``splits`` programs
+    share each block's list (``de_splits``); their partial sums are added in split order."""
     rows, vocab = q.shape
     d = c.shape[1]
-    out = torch.empty((rows, d), dtype=torch.float32, device=q.device)
+    out = torch.empty((splits, rows, d), dtype=torch.float32, device=q.device)
     cfg = sparse_tiles(q.dtype)
-    grid = (plan.blocks, triton.cdiv(d, cfg.block_d))
+    grid = (plan.blocks * splits, triton.cdiv(d, cfg.block_d))
     sparse_de_kernel[grid](
         q, c, out, plan.order, plan.tiles_of_block, plan.tile_counts,
-        rows, vocab, d, plan.skipped.shape[1], q.stride(0), c.stride(0), out.stride(0),
+        rows, vocab, d, plan.skipped.shape[1], q.stride(0), c.stride(0), out.stride(1), out.stride(0), splits,
         BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_flags(q),
     )
-    return out
+    if splits == 1:
+        return out[0]
+    total = out[0]
+    for k in range(1, splits):  # a fixed order: the same sums on every run
+        total += out[k]
+    return total
 
 
 def sparse_dc_accumulate(out: torch.Tensor, q: torch.Tensor, ae: torch.Tensor, plan: ChunkFilter, first: bool) -> None:

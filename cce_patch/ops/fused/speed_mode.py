@@ -32,8 +32,9 @@ Gradient filtering (``filter_eps``, ``ops/filtering.py``): the storing kernel al
 tile, the sum of the q it stored; after a chunk's combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
 by confidence, decides per (block of 128 sorted rows, 256-entry tile) on the GPU, and the two products above run
 over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT_FRACTION`` of the pairs are
-kept, as the dense GEMMs on q with the skipped tiles zeroed. Choosing between the two costs one host sync per
-chunk (the number of kept pairs), during which the GPU waits for the chunk's gradient launches.
+kept, as the dense GEMMs on q with the skipped tiles zeroed (no pass over q when nothing is skipped). Choosing
+between the two costs one host sync per chunk (the number of kept pairs and the largest count of a block,
+which also sizes the dE kernel's split), during which the GPU waits for the chunk's gradient launches.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .filter_plan import decide_chunk, zero_skipped_
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward
 from .row_prep_kernel import prepare_rows
-from .sparse_grads import sparse_dc_accumulate, sparse_de
+from .sparse_grads import de_splits, sparse_dc_accumulate, sparse_de
 
 #: Added to the target logit to place each row's exponent anchor. Since the target logit is at most the row max,
 #: anchor <= max + 40, so every logit that matters (within 40 nats of the max) has q >= e^-80, a normal bf16/fp32
@@ -165,12 +166,14 @@ def forward_with_grads(
                                 grad_filter)
             # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
             # pairs are skipped; elsewhere cuBLAS on q with the skipped tiles zeroed is faster (same rule).
-            sparse = int(plan.tile_counts.sum()) <= DENSE_KEPT_FRACTION * plan.skipped.numel()
-            if not sparse or db is not None:  # dbias is a dense column sum of q: zero what is skipped
+            kept, most_kept = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max())).tolist()
+            sparse = kept <= DENSE_KEPT_FRACTION * plan.skipped.numel()
+            # dbias is a dense column sum of q: zero what is skipped (a pass over q: only if something is)
+            if (not sparse or db is not None) and kept < plan.skipped.numel():
                 zero_skipped_(qk, plan.row_skipped())
             if sparse:
                 _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db,
-                                      eps, c_colsum, k == 0, r0, r1)
+                                      eps, c_colsum, k == 0, r0, r1, de_splits(kept, most_kept, plan.blocks))
                 continue
         if de is not None:
             prod = mm_fp32(qk, c).mul_((weight * a)[:, None])
@@ -202,12 +205,12 @@ def forward_with_grads(
 
 
 def _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db, eps, c_colsum,
-                          first: bool, r0: int, r1: int) -> None:
+                          first: bool, r0: int, r1: int, splits: int = 1) -> None:
     """One chunk's share of dE, dC and dbias through the block-sparse kernels: the dense path's formulas with
     Q @ C and Q^T @ AE summed over the kept pairs only (``sparse_grads.py``)."""
     dtype, v = qk.dtype, c.shape[0]
     if de is not None:
-        prod = sparse_de(qk, c, plan).mul_((weight * a)[:, None])
+        prod = sparse_de(qk, c, plan, splits).mul_((weight * a)[:, None])
         prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
         if eps:
             prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
