@@ -148,11 +148,11 @@ def _scan(fn: Any) -> tuple[tuple[str, str, str] | None, Callable | None]:
 
 
 def _is_ours(fn: Any) -> bool:
-    """cce_patch's patched forward: an instance's ``PatchedForward``, or a class patch's wrapper, which carries the
-    original's name and module (``functools.update_wrapper``) and is recognised by where its code lives."""
-    from .forward import PatchedForward  # imported here: forward.py's imports reach far into this room
-
-    if isinstance(fn, PatchedForward):
+    """cce_patch's patched forward: an instance's ``PatchedForward`` (a callable object of a class defined in this
+    package: recognised by its class's module, so that this file need not import forward.py, whose imports reach
+    back here through the interception), or a class patch's wrapper, which carries the original's name and
+    module (``functools.update_wrapper``) and is recognised by where its code lives."""
+    if not isinstance(fn, types.FunctionType | types.MethodType) and type(fn).__module__.startswith("cce_patch."):
         return True
     code = getattr(fn, "__code__", None)
     return code is not None and Path(code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
