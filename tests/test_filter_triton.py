@@ -104,16 +104,19 @@ def test_flat_rows_skip_nothing_and_equal_exact():
 
 
 def test_row_order_groups_confident_rows():
-    """Flat and confident rows interleaved: consecutive blocks (the torch path) all hold a flat row and skip
-    nothing; sorted by confidence, the confident rows fill blocks of their own, which skip."""
+    """Flat and confident rows interleaved: consecutive blocks would all hold a flat row and skip nothing;
+    sorted by confidence, the confident rows fill blocks of their own, which skip, on both backends (one rule)."""
     flat = torch.zeros(256, dtype=torch.bool)
     flat[::2] = True
     e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, flat_rows=flat, ignore_frac=0.0)
     counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-8, speed_chunk_bytes=2**20)  # one chunk, two blocks
-    by_position = FilterCounter()
-    linear_cross_entropy(e, c, t, impl="torch", mode="speed", filter_eps=2.0**-8, filter_counter=by_position).backward()
-    assert by_position.tiles_skipped == 0
+    torch_path = FilterCounter()
+    linear_cross_entropy(e, c, t, impl="torch", mode="speed", filter_eps=2.0**-8, filter_counter=torch_path,
+                         filter_vocab_order="natural").backward()
     assert counter.tiles_seen == 2 * 4 and counter.tiles_skipped == 3  # all but the hot targets' tile
+    ours, theirs = torch_path.stats(), counter.stats()
+    assert (ours.tiles_seen, ours.tiles_skipped) == (theirs.tiles_seen, theirs.tiles_skipped)
+    assert ours.max_row_dropped_mass == pytest.approx(theirs.max_row_dropped_mass, rel=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ same (tanh is monotone), so the uncapped score serves. Measured on LM-like logit
 confidence: ~75% of tiles skip at eps = 2^-12 in this order, none in the natural one (``filter_stats.py``).
 The order is half of it: with the rows as drawn (confident and flat rows mixed in every block of 128), the
 flat rows keep every tile and nothing skips in either order on those inputs; grouping rows by confidence is
-the backends' part (the row order inside a kernel path), this module's is the vocabulary.
+the rule's part (``filtering.confidence_order``, on every backend), this module's is the vocabulary.
 
 How it is applied, for every backend: the op runs on ``c[order]`` (and ``bias[order]``) with targets renamed
 to the new positions (``new_id[t]``; ``ignore_index`` and any value outside [0, V) kept as they are, so a

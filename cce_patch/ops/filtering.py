@@ -13,10 +13,12 @@ The rule (one decision per row block and vocabulary tile, computable from per-(r
 
 - Rows (of the flattened (N, D) hidden states; with ``shift`` each row's target is the next position's) are
   grouped in blocks of ``BM`` rows, the vocabulary in tiles of ``BV`` consecutive entries (tile k: entries
-  [k*BV, (k+1)*BV), the last one possibly shorter). The blocks are BM consecutive rows of a row order: the
-  torch path takes the rows as they come (block b: rows [b*BM, (b+1)*BM)), the Triton backend sorts each chunk's
-  rows by confidence first, so that confident rows share blocks (``fused/filter_plan.py``). The helpers below
-  take rows already in their order.
+  [k*BV, (k+1)*BV), the last one possibly shorter). The blocks are BM consecutive rows of a row order: each
+  chunk of rows a backend processes (a chunk is whole blocks) is sorted by confidence first
+  (``confidence_order``: the entropy of the rows' tile masses, rows that do not count first), so that
+  confident rows share blocks; one flat row in a block of confident ones would keep every tile for all of them.
+  Both backends use this order (the torch path in ``filter_probs_``, Triton in ``fused/filter_plan.py``); their
+  decisions differ only where their chunks do. The helpers below take rows already in their order.
 - m_ik = sum_{j in tile k} p_ij, the softmax mass of row i in tile k (0 for a row that does not count).
 - M_bk = max_{i in block b} m_ik, the block's mass bound.
 - Protected: tile k of block b if it holds the target of a counted row of the block. Never skipped.
@@ -240,6 +242,22 @@ def _blocks(rows: int) -> int:
     return -(-rows // BM)
 
 
+def confidence_order(masses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(rows,) int64: rows sorted by the entropy of their tile masses, -sum_k m_ik log m_ik (ascending, stable);
+    rows that do not count first.
+
+    Why this key: a block's bound on tile k is the max over its rows, so one row that spreads its mass over many
+    tiles keeps all of them for the whole block. The entropy of the tile masses is small exactly when a row's
+    mass sits in a few tiles (whichever they are) and large when it is spread, so sorting by it puts the rows
+    that can afford to drop most tiles together, and the spread rows, which skip nothing, in blocks of their own.
+    It needs no threshold (unlike "mass outside the top tiles", which needs to know how many tiles to keep).
+    Rows that do not count (mass 0) go first: their blocks have bound 0 everywhere and skip every tile."""
+    m = masses.clamp_min(0.0)
+    entropy = -(m * torch.log(m.clamp_min(1e-30))).sum(1)
+    key = torch.where(valid, entropy, torch.full_like(entropy, -1.0))
+    return torch.sort(key, stable=True).indices
+
+
 def block_bounds(masses: torch.Tensor) -> torch.Tensor:
     """(B, T) block mass bounds M_bk = max over the block's rows of m_ik, from (rows, T) masses in their row
     order (block b: rows b*BM .. (b+1)*BM - 1 of it; the last block may be short). Rows that do not count must
@@ -272,13 +290,16 @@ def skipped_from_bounds(bounds: torch.Tensor, protected: torch.Tensor, eps: floa
 
 
 def filter_probs_(p: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, grad_filter: GradFilter) -> None:
-    """Apply the rule to one chunk of whole row blocks: ``p`` (rows, V) fp32 probabilities, 0 on rows that do
-    not count; the skipped tiles' entries are set to 0 in place, and the counter, if any, is filled."""
+    """Apply the rule to one chunk of rows: ``p`` (rows, V) fp32 probabilities, 0 on rows that do not count; the
+    rows ordered by ``confidence_order`` and taken in blocks of BM of that order (as the Triton backend does);
+    the skipped tiles' entries are set to 0 in place, and the counter, if any, is filled."""
     rows, vocab = p.shape
     masses = tile_masses(p)
-    skipped = skipped_from_bounds(block_bounds(masses), protected_tiles(targets, valid, masses.shape[1]),
-                                  grad_filter.eps)
-    per_row = skipped.repeat_interleave(BM, 0)[:rows]  # (rows, T)
+    order = confidence_order(masses, valid)  # the blocks are BM consecutive rows of this order
+    skipped = skipped_from_bounds(block_bounds(masses[order]),
+                                  protected_tiles(targets[order], valid[order], masses.shape[1]), grad_filter.eps)
+    per_row = torch.empty((rows, masses.shape[1]), dtype=torch.bool, device=p.device)
+    per_row[order] = skipped.repeat_interleave(BM, 0)[:rows]  # (rows, T), back in the chunk's own row order
     full = vocab // BV
     if full:
         p[:, : full * BV].view(rows, full, BV).masked_fill_(per_row[:, :full, None], 0.0)

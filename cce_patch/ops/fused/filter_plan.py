@@ -7,7 +7,7 @@ the q_ij it stored. From those and the row scales a_i = exp(anchor_i - lse_i) th
 1. m_ik = a_i * sum_{j in tile k} q_ij, row i's mass in the BV-wide tile k (BV / BLOCK_N adjacent sums; on
    the GPU BLOCK_N = BV). q is 0 at the target, and the target's tile is protected anyway; with a soft cap q
    carries the derivative factor s_ij <= 1, which is exactly the quantity the proof bounds (sum |d_ij|).
-2. A row order (``confidence_order``) that puts rows of similar confidence next to each other; blocks are
+2. A row order (``filtering.confidence_order``, the same on every backend) that puts rows of similar confidence next to each other; blocks are
    BM consecutive rows of that order. The proof in filtering.py holds for any partition of the rows.
 3. Per block: bounds, protected target tiles and the skipped set (``filtering.block_bounds``,
    ``protected_tiles``, ``skipped_from_bounds``: plain torch ops on the GPU), the counter filled as
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..filtering import BM, BV, GradFilter, block_bounds, protected_tiles, skipped_from_bounds
+from ..filtering import BM, BV, GradFilter, block_bounds, confidence_order, protected_tiles, skipped_from_bounds
 
 
 @dataclass(frozen=True)
@@ -61,22 +61,6 @@ def tile_masses_from_sums(sums: torch.Tensor, a: torch.Tensor, vocab: int, block
     return sums.view(rows, tiles, group).sum(-1) * a[:, None]
 
 
-def confidence_order(masses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(rows,) int32: rows sorted by the entropy of their tile masses, -sum_k m_ik log m_ik (ascending, stable);
-    rows that do not count first.
-
-    Why this key: a block's bound on tile k is the max over its rows, so one row that spreads its mass over many
-    tiles keeps all of them for the whole block. The entropy of the tile masses is small exactly when a row's
-    mass sits in a few tiles (whichever they are) and large when it is spread, so sorting by it puts the rows
-    that can afford to drop most tiles together, and the spread rows, which skip nothing, in blocks of their own.
-    It needs no threshold (unlike "mass outside the top tiles", which needs to know how many tiles to keep).
-    Rows that do not count (mass 0) go first: their blocks have bound 0 everywhere and skip every tile."""
-    m = masses.clamp_min(0.0)
-    entropy = -(m * torch.log(m.clamp_min(1e-30))).sum(1)
-    key = torch.where(valid, entropy, torch.full_like(entropy, -1.0))
-    return torch.sort(key, stable=True).indices.to(torch.int32)
-
-
 def _kept_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``kept`` (bool), the column indices where it is True first (ascending), and their count."""
     order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices
@@ -88,8 +72,8 @@ def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, val
     """The filter of one chunk: ``sums`` the storing kernel's tile sums of q, ``a`` the rows' scales (0 where a
     row does not count), ``targets`` the rows' targets (anything where not ``valid``). Fills the counter."""
     masses = tile_masses_from_sums(sums, a, vocab, block_n)
-    order = confidence_order(masses, valid)
-    idx = order.long()
+    idx = confidence_order(masses, valid)
+    order = idx.to(torch.int32)
     sorted_masses = masses[idx]
     skipped = skipped_from_bounds(block_bounds(sorted_masses),
                                   protected_tiles(targets[idx], valid[idx], masses.shape[1]), grad_filter.eps)
