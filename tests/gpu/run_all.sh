@@ -260,8 +260,9 @@ fi
 
 # === issue 23: gradient filtering (filter_eps) against exact gradients (opt-in) ================================
 # filter          python -m cce_patch.bench.filter_bench: paper shape N=8192 D=2304 V=256000 bf16, flat/peaked/lm; exact
-#                 ours (auto/speed/memory), torch.compile, apple's cce (from .whl/), ours with filter_eps 2^-12 and 2^-10
-#                 (auto, speed): fwd+bwd ms, peak MB, dE/dC error vs fp32, tiles skipped, the backend that ran.
+#                 ours (auto/speed/memory), torch.compile, apple's cce (from .whl/), ours with filter_eps 2^-12 (mode
+#                 auto) in both vocabulary orders (mean_logit, natural: whether the order pays, BENCHMARKS.md): fwd+bwd
+#                 ms, peak MB, dE/dC error vs fp32, tiles skipped, the backend that ran (~3 min on an H100).
 #                 The JSON is rewritten after every cell, so a timed-out run keeps its rows.
 # filter_trained  python -m cce_patch.bench.filter_trained: Qwen2.5-0.5B architecture, random init, trained 2.5 min on
 #                 .gpu_data/alpaca_5000.json (Qwen2.5 tokenizer), then the same cells on 8192 held-out response tokens'
@@ -281,7 +282,8 @@ fi
 if want filter; then
   # shellcheck disable=SC2086  # CCE_FILTER_ARGS is a list of words on purpose
   run_section filter "${CCE_TIMEOUT_FILTER:-360}" \
-    "$PY" -m cce_patch.bench.filter_bench --out "$SCRATCH/filter" --name filter_bench ${CCE_FILTER_ARGS:-}
+    "$PY" -m cce_patch.bench.filter_bench --out "$SCRATCH/filter" --name filter_bench \
+    ${CCE_FILTER_ARGS:---eps 2^-12 --filter-modes auto --vocab-order mean_logit,natural --rep-ms 25 --warmup-ms 10}
   keep "$SCRATCH/filter/filter_bench.json" "$SCRATCH/filter/filter_bench.png"
 fi
 if want filter_trained; then
