@@ -102,15 +102,20 @@ def plan_triton(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | N
     if chunk_bytes is not None:
         return make(_rows_for_budget(n, row_bytes, int(chunk_bytes), block))
     candidates = []
-    for chunks in range(1, max(1, math.ceil(n / block)) + 1):
+    # Fewer chunks than this hold a q chunk above SPEED_CHUNK_BYTES (skipped below anyway): start there, so that
+    # a call of 2^30 rows (mode_choice bisects N that far) does not walk 2^25 chunk counts first.
+    fewest = max(1, math.ceil(n * row_bytes / SPEED_CHUNK_BYTES))
+    floor = n * d * 4  # the working set's chunk term never goes below the final fp32 N x D buffer
+    for chunks in range(fewest, max(1, math.ceil(n / block)) + 1):
         rows = max(block, _round_up(math.ceil(n / chunks), block))
         if candidates and rows == candidates[-1].rows:
             continue
         if rows * row_bytes > SPEED_CHUNK_BYTES:
             continue
         candidates.append(make(rows))
-        if candidates[-1].rows <= block:
-            break
+        held = min(rows, n)
+        if candidates[-1].rows <= block or held * row_bytes + 3 * held * d * 4 <= floor:
+            break  # smaller chunks hold no less (the floor), and have fewer rows: never a better plan
     for plan in candidates:
         if plan.rows >= min(MIN_FAST_ROWS, n) and plan.working_set <= STRICT_COMPILE_FRACTION * tc:
             return plan
