@@ -316,5 +316,18 @@ def _run(argv: list[str] | None, callbacks: list | None = None) -> CCETrainer:
     return trainer
 
 
+def close_distributed() -> None:
+    """Destroy the process group a distributed launch (torchrun, accelerate launch) set up, once training is
+    over. Why: a gloo group left to the interpreter's exit can abort a rank at shutdown ("terminate called
+    without an active exception", SIGABRT) after a run that finished, which fails the whole launch; PyTorch
+    asks for an explicit destroy_process_group() for that reason."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank done (rank 0 may still be writing its files) before the group goes
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    close_distributed()

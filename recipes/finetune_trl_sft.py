@@ -33,6 +33,7 @@ from alpaca_prompts import format_prompt  # noqa: E402
 from finetune_alpaca import (  # noqa: E402
     OFFLINE_CONFIG,
     add_lora,
+    close_distributed,
     dataset_name,
     load_model_and_tokenizer,
     load_rows,
@@ -139,3 +140,4 @@ def _run(argv: list[str] | None):
 
 if __name__ == "__main__":
     main()
+    close_distributed()

@@ -102,3 +102,4 @@ def main(argv: list[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    finetune_alpaca.close_distributed()

@@ -15,6 +15,7 @@ tests/gpu/multi_gpu.sh).
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 import time
@@ -88,8 +89,8 @@ def main() -> None:
     out, recipe_args = Path(sys.argv[1]), sys.argv[2:]
     transformers.Trainer.train = _record(transformers.Trainer.train)
     sys.argv = [str(ROOT / "recipes" / "finetune_alpaca.py"), *recipe_args]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    runpy.run_path(sys.argv[0], run_name="__main__")  # the recipe destroys its process group when it is done
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     if rank == 0:
         out.write_text(json.dumps(FACTS, indent=1))
 
