@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import speed_mode_problem
 from .precision import is_ieee_fp32
 from .speed_plan import SpeedPlan, plan_torch, speed_chunk_budget
 
@@ -145,16 +146,13 @@ def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None, 
 
 
 def _triton_filter_problem(dtype: torch.dtype | None, mode: str, reduction: str, return_lse: bool) -> str | None:
-    """Why the Triton backend cannot filter this call (it filters in speed mode only), or None."""
+    """Why the Triton backend cannot filter this call (it filters in speed mode only), or None: memory mode, or
+    whatever keeps speed mode from the call (``options.speed_mode_problem``; softcap with label smoothing never
+    gets here: the filter refuses it first)."""
     if mode == "memory":
         return "mode='memory'"
-    if reduction not in ("mean", "sum"):
-        return f"reduction={reduction!r}"
-    if return_lse:
-        return "return_lse=True"
-    if dtype == torch.float16:
-        return "fp16 inputs"
-    return None
+    problem = speed_mode_problem(dtype, reduction, return_lse, None, 0.0) if dtype is not None else None
+    return problem[1].split("; use ")[0] if problem is not None else None  # the reason, not its memory-mode advice
 
 
 def filtered_mode(mode: str, backend: str, filtered: bool) -> str:
