@@ -68,6 +68,14 @@ def dot_step(
         else:
             a = tl.load(e_ptrs, mask=(offs_m[:, None] < N) & (offs_k[None, :] < D), other=0.0)
             b = tl.load(c_ptrs, mask=(offs_n[None, :] < V) & (offs_k[:, None] < D), other=0.0)
+    return accumulate_dot(a, b, acc, UPCAST, IEEE_FP32)
+
+
+@triton.jit
+def accumulate_dot(a, b, acc, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr):
+    """acc + a @ b in fp32 (inlined where it is called): tiles upcast to fp32 in the interpreter (its
+    half-precision dot is unreliable), IEEE products for fp32 inputs unless TF32 was opted into
+    (``precision.py``)."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)

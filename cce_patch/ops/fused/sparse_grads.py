@@ -33,7 +33,7 @@ from ..filtering import BM, BV
 from ..precision import is_ieee_fp32
 from . import tiles
 from .filter_plan import ChunkFilter
-
+from .jit_common import accumulate_dot
 
 #: Most programs that share one row block's kept tiles in ``sparse_de`` (see ``de_splits``): 8 shares of a
 #: 4096-row chunk at D = 2304 hold a 302 MB fp32 buffer of partial sums, next to that chunk's 2 GB of q.
@@ -58,18 +58,6 @@ def sparse_tiles(dtype: torch.dtype) -> SparseTiles:
     if dtype == torch.float32:
         return SparseTiles(128, 32, 8, 3)
     return SparseTiles(128, 64, 8, 3)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr):
-    """acc + a @ b in fp32; upcast in the interpreter (its half-precision dot is unreliable), IEEE for fp32
-    inputs unless TF32 was opted into (``precision.py``)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -101,7 +89,7 @@ def sparse_de_kernel(
         q = tl.load(Q + row[:, None] * stride_q + offs_v[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0)
         c = tl.load(C + offs_v.to(tl.int64)[:, None] * stride_c + offs_d[None, :],
                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(q, c, acc, UPCAST, IEEE_FP32)
+        acc = accumulate_dot(q, c, acc, UPCAST, IEEE_FP32)
     tl.store(OUT + split.to(tl.int64) * stride_split + row[:, None] * stride_out + offs_d[None, :], acc,
              mask=r_ok[:, None] & d_ok[None, :])
 
@@ -130,7 +118,7 @@ def sparse_dc_kernel(
         row = tl.load(ORDER + offs_r, mask=r_ok, other=0).to(tl.int64)
         qt = tl.load(Q + row[None, :] * stride_q + offs_v[:, None], mask=v_ok[:, None] & r_ok[None, :], other=0.0)
         ae = tl.load(AE + row[:, None] * stride_ae + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(qt, ae, acc, UPCAST, IEEE_FP32)
+        acc = accumulate_dot(qt, ae, acc, UPCAST, IEEE_FP32)
     ptrs = OUT + offs_v.to(tl.int64)[:, None] * stride_out + offs_d[None, :]
     mask = v_ok[:, None] & d_ok[None, :]
     if FIRST:  # zeros where no block keeps the tile
