@@ -289,6 +289,14 @@ def skipped_from_bounds(bounds: torch.Tensor, protected: torch.Tensor, eps: floa
     return torch.zeros_like(take).scatter_(1, order, take)
 
 
+def rows_skipped(skipped: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(rows, T) bool: each row's skipped tiles, in the rows' own order, from the (B, T) decision on blocks of
+    BM consecutive rows of ``order`` (row ``order[i]`` sits at position i)."""
+    rows = order.numel()
+    per_sorted = skipped.repeat_interleave(BM, 0)[:rows]
+    return torch.empty_like(per_sorted).index_copy_(0, order.long(), per_sorted)
+
+
 def filter_probs_(p: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, grad_filter: GradFilter) -> None:
     """Apply the rule to one chunk of rows: ``p`` (rows, V) fp32 probabilities, 0 on rows that do not count; the
     rows ordered by ``confidence_order`` and taken in blocks of BM of that order (as the Triton backend does);
@@ -298,8 +306,7 @@ def filter_probs_(p: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, g
     order = confidence_order(masses, valid)  # the blocks are BM consecutive rows of this order
     skipped = skipped_from_bounds(block_bounds(masses[order]),
                                   protected_tiles(targets[order], valid[order], masses.shape[1]), grad_filter.eps)
-    per_row = torch.empty((rows, masses.shape[1]), dtype=torch.bool, device=p.device)
-    per_row[order] = skipped.repeat_interleave(BM, 0)[:rows]  # (rows, T), back in the chunk's own row order
+    per_row = rows_skipped(skipped, order)
     full = vocab // BV
     if full:
         p[:, : full * BV].view(rows, full, BV).masked_fill_(per_row[:, :full, None], 0.0)

@@ -7,8 +7,8 @@ the q_ij it stored. From those and the row scales a_i = exp(anchor_i - lse_i) th
 1. m_ik = a_i * sum_{j in tile k} q_ij, row i's mass in the BV-wide tile k (BV / BLOCK_N adjacent sums; on
    the GPU BLOCK_N = BV). q is 0 at the target, and the target's tile is protected anyway; with a soft cap q
    carries the derivative factor s_ij <= 1, which is exactly the quantity the proof bounds (sum |d_ij|).
-2. A row order (``filtering.confidence_order``, the same on every backend) that puts rows of similar confidence next to each other; blocks are
-   BM consecutive rows of that order. The proof in filtering.py holds for any partition of the rows.
+2. A row order (``filtering.confidence_order``, as on every backend) that puts rows of similar confidence next
+   to each other; blocks are BM consecutive rows of that order. The proof in filtering.py holds for any partition of the rows.
 3. Per block: bounds, protected target tiles and the skipped set (``filtering.block_bounds``,
    ``protected_tiles``, ``skipped_from_bounds``: plain torch ops on the GPU), the counter filled as
    ``filtering.filter_probs_`` fills it.
@@ -23,7 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..filtering import BM, BV, GradFilter, block_bounds, confidence_order, protected_tiles, skipped_from_bounds
+from ..filtering import (
+    BM,
+    BV,
+    GradFilter,
+    block_bounds,
+    confidence_order,
+    protected_tiles,
+    rows_skipped,
+    skipped_from_bounds,
+)
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,7 @@ class ChunkFilter:
 
     def row_skipped(self) -> torch.Tensor:
         """(rows, T) bool: the skipped tiles of each row, in the chunk's own row order."""
-        rows = self.order.numel()
-        per_sorted = self.skipped.repeat_interleave(BM, 0)[:rows]
-        return torch.empty_like(per_sorted).index_copy_(0, self.order.long(), per_sorted)
+        return rows_skipped(self.skipped, self.order)
 
 
 def tile_masses_from_sums(sums: torch.Tensor, a: torch.Tensor, vocab: int, block_n: int) -> torch.Tensor:
