@@ -20,13 +20,13 @@ from cce_patch.ops.filter_order import (
     PermuteRows,
     inverse_permutation,
     mean_logit_order,
-    vocabulary_order,
     mean_logit_scores,
     rename_targets,
+    vocabulary_order,
 )
 from cce_patch.ops.filtering import FilterCounter
 from cce_patch.ops.second_order import DoubleBackwardError
-from cce_patch.ops.spec import LossSpec, effective_targets, valid_rows
+from cce_patch.ops.spec import LossSpec, effective_targets
 
 # ------------------------------------------------------------------------------------------------ the pieces
 

@@ -1,7 +1,7 @@
 """Gradient filtering on the Triton backend (``fused/filter_plan.py``, ``fused/sparse_grads.py``) on CUDA, bf16,
 at a shape where the kernels run their GPU tiles (128x256 store tiles, 128-row blocks, 128x64 sparse steps):
 each dE row, dC and the counter against the proven bound of ``ops/filtering.py`` (fp64 oracle on the GPU),
-on LM-like logits (vocabulary sorted by mean logit, rows in their drawn order: the op groups them itself)
+on LM-like logits (as drawn: the op orders the vocabulary and groups the rows itself)
 and on confident rows (nearly every tile skipped: the block-sparse kernels); and flat logits, where nothing is
 skipped and the result is the exact speed mode's bit for bit.
 
@@ -35,14 +35,8 @@ def _inputs(kind: str):
         e = 24.0 * c[t] + 0.1 * torch.randn(n, d, device="cuda", generator=g)
         t[torch.rand(n, device="cuda", generator=g) < 0.1] = -100
         return e.bfloat16(), c.bfloat16(), t
-    e, c, t = regime_inputs(kind, n, d, v, device="cuda", dtype=torch.bfloat16)
-    if kind == "lm":  # the vocabulary by decreasing mean logit (as bench/filter_stats.sorted_problem), rows as drawn
-        vocab = (c.float() @ e.float().mean(0)).argsort(descending=True)
-        new_id = torch.empty_like(vocab)
-        new_id[vocab] = torch.arange(v, device="cuda")
-        c = c[vocab].contiguous()
-        t = torch.where(t >= 0, new_id[t.clamp_min(0)], t)
-    return e, c, t
+    # as drawn: the op orders the vocabulary (filter_vocab_order's default) and groups the rows itself
+    return regime_inputs(kind, n, d, v, device="cuda", dtype=torch.bfloat16)
 
 
 def _op_grads(e, c, t, **kw):
