@@ -31,6 +31,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 import cce_patch  # noqa: E402
 import cce_patch.ops.token_stats as token_stats  # noqa: E402
 from cce_patch.integrations import trl as cce_trl  # noqa: E402
+from cce_patch.integrations import trl_wrappers  # noqa: E402
 from cce_patch.integrations.fused_head import (  # noqa: E402
     CCEBypassWarning,
     FusedHeadOptions,
@@ -303,7 +304,7 @@ def test_unpatched_models_get_trls_own_head():
     trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
     assert fused_head_options(model) is None
     assert model.forward.__func__.__code__.co_name == "_fused_forward"  # TRL's, under functools.wraps' name
-    assert cce_trl._trl_head_arguments(model)["outputs"] == ("log_probs", "entropy")
+    assert trl_wrappers._trl_head_arguments(model)["outputs"] == ("log_probs", "entropy")
 
 
 def test_a_trl_head_on_a_patched_model_is_adopted(kernels):

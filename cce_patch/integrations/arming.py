@@ -4,8 +4,9 @@ library process-wide.
 Why at patch time and not at import: ``import cce_patch`` must change nothing outside the package (no
 ``sys.meta_path`` finder, no warnings filter, no logging handler, no torch setting), as the peers' imports do
 not. A process that patches a model has asked for cce_patch's kernel wherever that model's loss is computed,
-TRL's fused LM head included (``trl.py``), so patching is what arms the TRL hook (``trl_hook.py``): TRL modules
-already imported are wrapped at once, the others when they load. The wrappers act only on patched models, so
+TRL's fused LM head included (``trl.py``), so patching is what arms the TRL hook (``trl_hook.py``) with the
+wrappers it installs (``trl_wrappers.py``): TRL modules already imported are wrapped at once, the others when
+they load. The wrappers act only on patched models, so
 arming changes nothing for any other model.
 
 Why a layer of its own: the model room may not import this one (``tests/test_layering.py``), so
@@ -25,7 +26,9 @@ from . import trl_hook
 def arm() -> None:
     """Arm the integrations that wait for a library's import (today TRL's). Idempotent and cheap; imports
     nothing outside the package."""
-    trl_hook.install()
+    from . import trl_wrappers  # imports no TRL; lazily so that ``import cce_patch`` stays light
+
+    trl_hook.install(trl_wrappers.on_module_loaded)
 
 
 def patch(target: Any, config: CCEConfig | None = None, **options: Any) -> Any:

@@ -124,6 +124,11 @@ class CCETrainingArguments(TrainingArguments):
         if self.use_cce:
             compose_with_liger(self)  # before any Trainer applies Liger, whichever transformers version
 
+    def with_cce_callback(self, callbacks: list | None) -> list:
+        """``callbacks`` with a ``CCECallback`` added unless one is there: what a trainer given these arguments
+        must run. TRL's trainers ask the arguments (``trl_wrappers.py`` may not import this module)."""
+        return with_cce_callback(callbacks)
+
 
 def cce_config_from_args(args: Any) -> CCEConfig:
     """CCEConfig from training arguments.
@@ -203,6 +208,15 @@ class CCECallback(TrainerCallback):
                 state.log_history[-1].update(entries)
 
 
+def with_cce_callback(callbacks: list | None, config: CCEConfig | None = None) -> list:
+    """``callbacks`` (instances or classes, as a Trainer takes them) plus ``CCECallback(config)`` unless one is
+    there already."""
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, CCECallback) or c is CCECallback for c in callbacks):
+        callbacks.append(CCECallback(config))
+    return callbacks
+
+
 class CCETrainer(Trainer):
     """A ``Trainer`` that honours ``args.use_cce`` by itself.
 
@@ -218,9 +232,7 @@ class CCETrainer(Trainer):
     def __init__(self, *args: Any, cce_config: CCEConfig | None = None, **kwargs: Any) -> None:
         self._cce_overrides = cce_config
         self._token_sums: torch.Tensor | None = None  # (counted tokens, entropy sum, correct) of the log window
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(c, CCECallback) or c is CCECallback for c in callbacks):
-            callbacks.append(CCECallback(cce_config))
+        callbacks = with_cce_callback(kwargs.pop("callbacks", None), cce_config)
         for cb in callbacks:
             if isinstance(cb, CCECallback):
                 cb.logs_token_metrics = True

@@ -4,8 +4,9 @@ Why an import hook: TRL's trainers install their fused LM head inside ``__init__
 from a function each trainer module imported by name. A user who patches a model and then builds a trainer
 must get cce_patch's kernel without any further step, and cce_patch must not pay for importing TRL (seconds)
 in programs that never use it. So ``install()`` arms a finder on ``sys.meta_path`` that does nothing but wait
-for the TRL modules below: right after one of them has executed, ``trl.py`` wraps what it needs in it
-(``on_module_loaded``). Modules already imported are handled at once, so TRL may be imported before or after.
+for the TRL modules below: right after one of them has executed, the handler it was given wraps what it needs
+in it (``trl_wrappers.on_module_loaded``, handed over by ``arming.py``: this module imports nothing of the
+package, so the hook and what it installs do not import each other). Modules already imported are handled at once, so TRL may be imported before or after.
 
 When: ``install()`` runs when a model is patched (``arming.py``: ``cce_patch.patch``, the Trainer flag, the
 ``CCE*Config`` classes), never at ``import cce_patch``, which changes nothing outside the package.
@@ -20,6 +21,7 @@ import importlib.abc
 import logging
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("cce_patch")
@@ -35,11 +37,15 @@ WATCHED = (
 )
 
 
-def _arm(module: types.ModuleType) -> None:
-    try:
-        from . import trl as integration
+#: What runs on each watched module once it has executed: set by the first ``install``.
+_handler: Callable[[types.ModuleType], None] | None = None
 
-        integration.on_module_loaded(module)
+
+def _arm(module: types.ModuleType) -> None:
+    if _handler is None:
+        return
+    try:
+        _handler(module)
     except Exception as exc:  # noqa: BLE001 - never break TRL's import; say so instead
         logger.warning("cce_patch could not arm its TRL integration on %s: %s: %s", module.__name__,
                        type(exc).__name__, exc)
@@ -73,9 +79,12 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install() -> None:
-    """Arm the integration once per process: now for the watched modules already imported, later for the rest.
-    Called by ``arming.arm`` (a patch, the Trainer flag, a ``CCE*Config``); calling it again changes nothing."""
+def install(handler: Callable[[types.ModuleType], None]) -> None:
+    """Arm the integration once per process: ``handler`` runs now on the watched modules already imported, later
+    on the rest. Called by ``arming.arm`` (a patch, the Trainer flag, a ``CCE*Config``) with the same handler
+    each time; calling it again only re-applies it, which the handler makes a no-op."""
+    global _handler
+    _handler = handler
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
     for name in WATCHED:  # utils first: the trainers' checks expect the fused head to be wrapped already
