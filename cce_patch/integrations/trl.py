@@ -9,7 +9,8 @@ backbone and TRL's ``ChunkedLogProbFunction`` on ``lm_head.weight`` and returns 
 patched with cce_patch would train on TRL's kernel, silently.
 
 What this module does. ``add_fused_lm_head`` is wrapped where TRL defines it and wherever a trainer module
-imported it (``trl_wrappers.py``, installed by ``trl_hook.py`` when TRL is imported; patching a model arms the hook: ``arming.py``). For a model
+imported it (``trl_wrappers.py``, installed by ``trl_hook.py`` when TRL is imported; patching a model arms the
+hook: ``arming.py``). For a model
 patched with cce_patch (the instance, through PEFT, or its class) the head installed is
 :func:`add_cce_fused_lm_head`: the same protocol and output type, computed by ``cce_patch.linear_log_probs``
 in one fused pass (no logits, exact gradients; ``fused_head.py``). Every other model gets TRL's own head,

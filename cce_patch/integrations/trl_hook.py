@@ -6,7 +6,8 @@ must get cce_patch's kernel without any further step, and cce_patch must not pay
 in programs that never use it. So ``install()`` arms a finder on ``sys.meta_path`` that does nothing but wait
 for the TRL modules below: right after one of them has executed, the handler it was given wraps what it needs
 in it (``trl_wrappers.on_module_loaded``, handed over by ``arming.py``: this module imports nothing of the
-package, so the hook and what it installs do not import each other). Modules already imported are handled at once, so TRL may be imported before or after.
+package, so the hook and what it installs do not import each other). Modules already imported are handled at
+once, so TRL may be imported before or after.
 
 When: ``install()`` runs when a model is patched (``arming.py``: ``cce_patch.patch``, the Trainer flag, the
 ``CCE*Config`` classes), never at ``import cce_patch``, which changes nothing outside the package.

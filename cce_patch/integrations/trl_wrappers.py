@@ -16,6 +16,7 @@ import os
 import sys
 import types
 import warnings
+from typing import Any
 
 import torch.nn as nn
 from packaging.version import Version
