@@ -91,3 +91,32 @@ def test_unscored_first_position_is_not_checked(impl):
     t[0, 1] = 999
     with pytest.raises(ValueError, match=r"outside \[0, 11\)"):
         linear_cross_entropy(e, c, t, shift=True, impl=impl)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("bad", [11, -3])
+def test_triton_speed_mode_reads_the_target_check_at_its_one_sync(shift, bad, monkeypatch):
+    """The Triton speed path checks the targets at the host sync it makes after its forward anyway
+    (``validation.scored_targets_ok``), not with a sync of its own before the first launch; a bad target still
+    raises the same ValueError, before any result reaches the caller. The torch path checks before it starts."""
+    import cce_patch.ops.api as api
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU: the interpreter (conftest)
+    from cce_patch.ops.validation import check_scored_targets, scored_targets_ok
+
+    eager, late = [], []
+    monkeypatch.setattr(api, "check_scored_targets", lambda *a: eager.append(a) or check_scored_targets(*a))
+    monkeypatch.setattr(api, "scored_targets_ok", lambda *a: late.append(a) or scored_targets_ok(*a))
+
+    e, c, t = (x.to(device) for x in _ok())
+    e.requires_grad_(True)
+    loss = linear_cross_entropy(e, c, t, impl="triton", mode="speed", shift=shift)
+    loss.backward()
+    assert eager == [] and len(late) == 1 and e.grad is not None and torch.isfinite(loss)
+    t[1, 3] = bad
+    with pytest.raises(ValueError, match=r"outside \[0, 11\)" if bad == 11 else "not ignore_index"):
+        linear_cross_entropy(e, c, t, impl="triton", mode="speed", shift=shift)
+    assert eager == [] and len(late) == 2
+    with pytest.raises(ValueError, match=r"outside \[0, 11\)" if bad == 11 else "not ignore_index"):
+        linear_cross_entropy(e, c, t, impl="torch", mode="speed", shift=shift)
+    assert len(eager) == 1

@@ -21,7 +21,7 @@ from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, flat_operands, valid_rows
 from .speed_mode import SpeedModeFunction
-from .validation import validate_inputs
+from .validation import check_scored_targets, scored_targets_ok, validate_inputs
 from .vocab_parallel import dtensor_vocab_parallel, has_dtensor, replicated_local, vocab_dim
 
 
@@ -147,10 +147,10 @@ def linear_cross_entropy(
             speed_chunk_bytes=speed_chunk_bytes, check_targets=check_targets,
         )
     compiling = torch.compiler.is_compiling()
-    validate_inputs(
+    validate_inputs(  # every check but the target values, which come after the mode is known (below)
         e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap, reduction=reduction, shift=shift,
         label_smoothing=label_smoothing, impl=impl, check_targets=check_targets, mode=mode,
-        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=not compiling,
+        return_lse=return_lse, speed_chunk_bytes=speed_chunk_bytes, read_values=False,
     )
     backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None, mode=mode,
                                 reduction=reduction, return_lse=return_lse)
@@ -162,8 +162,6 @@ def linear_cross_entropy(
         label_smoothing=float(label_smoothing),
         shift_period=targets.shape[-1] if shift else 0,
     )
-    if grad_filter is not None:  # high-mass vocabulary entries side by side (filter_order.py); loss unchanged
-        c_in, bias_in, targets_flat = order_vocabulary(e2d, c_in, bias_in, targets_flat, spec, filter_vocab_order)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (e2d, c_in, bias_in)
     )
@@ -172,6 +170,14 @@ def linear_cross_entropy(
         mode = choose_mode(e2d, c_in, backend_name, wants_grad=wants_grad, reduction=reduction, return_lse=return_lse,
                            softcap=softcap, label_smoothing=label_smoothing, speed_chunk_bytes=speed_chunk_bytes)
     speed = mode == "speed" and wants_grad and e2d.shape[0] > 0
+    targets_ok = None  # the target check: here (a host sync), or at the Triton speed path's own sync
+    if check_targets and not compiling:
+        if speed and grad_filter is None and get_backend(backend_name).speed_checks_targets_late:
+            targets_ok = scored_targets_ok(targets_flat, c_in.shape[0], spec.ignore_index, spec.shift_period)
+        else:
+            check_scored_targets(targets_flat, c_in.shape[0], spec.ignore_index, spec.shift_period)
+    if grad_filter is not None:  # high-mass vocabulary entries side by side (filter_order.py); loss unchanged
+        c_in, bias_in, targets_flat = order_vocabulary(e2d, c_in, bias_in, targets_flat, spec, filter_vocab_order)
     if compiling:  # one custom op node per direction (compiled.py); the target check runs inside it
         if speed:
             return compiled.speed_loss(e2d, c_in, bias_in, targets_flat, spec, backend_name, reduction,
@@ -181,7 +187,7 @@ def linear_cross_entropy(
     elif speed:
         try:
             return SpeedModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec, get_backend(backend_name),
-                                           reduction, speed_chunk_bytes, grad_filter)
+                                           reduction, speed_chunk_bytes, grad_filter, targets_ok)
         except torch.OutOfMemoryError:
             if not auto:
                 raise

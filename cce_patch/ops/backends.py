@@ -43,6 +43,10 @@ class Backend:
     forward_with_grads: Callable
     speed_plan: Callable[[int, int, int, torch.dtype, int | None], SpeedPlan]
     stats_forward: Callable
+    #: Its ``forward_with_grads`` reads no class row through a target outside [0, V) (such a row counts as
+    #: ignored), so the op may check the targets at that path's one host sync instead of before it
+    #: (``validation.scored_targets_ok``): a bad target still raises before the caller sees any result.
+    speed_checks_targets_late: bool = False
 
 
 @functools.cache
@@ -60,7 +64,7 @@ def get_backend(name: str) -> Backend:
         from .fused import memory_mode, speed_mode
 
         return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
-                       speed_mode.speed_plan, memory_mode.stats_forward)
+                       speed_mode.speed_plan, memory_mode.stats_forward, speed_checks_targets_late=True)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 

@@ -8,7 +8,8 @@ N x D x V); backward multiplies by g when g != 1. The price is memory for one ch
 
 If the Triton path reports a row outside its range (a loss above ``ANCHOR_MARGIN + SPEED_RANGE`` = 104 nats,
 see ``fused/speed_mode.py``), the forward is redone the plain way, the precomputed gradients are dropped and
-backward runs the recompute path instead: same result, slower.
+backward runs the recompute path instead: same result, slower. The same host sync reads the target check of a
+Triton call (``validation.scored_targets_ok``), so the call syncs once, after its kernels are queued, not before.
 
 With a gradient filter (``filtering.py``) the backend filters the gradients it forms; the filter is handed to
 it only when there is one, as in memory mode. If such a call falls back to the recompute path, that path filters
@@ -28,6 +29,15 @@ from .backends import MEMORY_FILTERING_BACKENDS, Backend
 from .filtering import GradFilter
 from .second_order import guard_second_order
 from .spec import LossSpec, valid_rows
+from .validation import raise_bad_targets
+
+
+def all_true(*flags: torch.Tensor | None) -> bool:
+    """Whether every given 0-dim bool tensor is True, read in one host sync (None counts as True)."""
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return True
+    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
 
 
 class SpeedModeFunction(torch.autograd.Function):
@@ -35,7 +45,8 @@ class SpeedModeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend, reduction: str,
-                chunk_bytes: int | None, grad_filter: GradFilter | None = None):
+                chunk_bytes: int | None, grad_filter: GradFilter | None = None,
+                targets_ok: torch.Tensor | None = None):
         ctx.set_materialize_grads(False)
         needs = (e2d.requires_grad, c.requires_grad, bias is not None and bias.requires_grad)
         chunk_rows = backend.speed_plan(e2d.shape[0], e2d.shape[1], c.shape[0], e2d.dtype, chunk_bytes).rows
@@ -48,7 +59,9 @@ class SpeedModeFunction(torch.autograd.Function):
         # exact gradients, which are within any filter's bound.
         ctx.filtered = filtered if backend.name in MEMORY_FILTERING_BACKENDS else {}
         ctx.spec, ctx.needs, ctx.backend, ctx.weight = spec, needs, backend, weight
-        ctx.fallback = in_range is not None and not bool(in_range)  # one host sync per call
+        ctx.fallback = not all_true(in_range, targets_ok)  # the call's one host sync
+        if targets_ok is not None and not bool(targets_ok):  # checked late (api.py): raise before returning
+            raise_bad_targets(targets_flat, c.shape[0], spec.ignore_index, spec.shift_period)
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db
             with autocast_off(e2d.device):
@@ -65,7 +78,7 @@ class SpeedModeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None, None
         if ctx.grads is None:  # out of range, or the precomputed gradients were handed out already
             e2d, c, bias, targets_flat, lse = ctx.saved_tensors
             with torch.no_grad(), autocast_off(e2d.device):
@@ -77,4 +90,4 @@ class SpeedModeFunction(torch.autograd.Function):
             if float(grad) != 1.0:  # the common loss.backward() needs no extra pass over dC
                 with torch.no_grad():
                     grads = tuple(g.mul_(grad) if g is not None else None for g in grads)
-        return *guard_second_order(grads), None, None, None, None, None, None
+        return *guard_second_order(grads), None, None, None, None, None, None, None

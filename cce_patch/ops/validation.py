@@ -125,24 +125,36 @@ def check_scored_targets(targets: torch.Tensor, vocab: int, ignore_index: int, s
 
     Under the shift (``shift_period`` = T > 0) position 0 of each sequence is never scored (row t reads target
     t + 1): only the targets that are read are checked, as stock's shifted cross-entropy never looks at
-    ``labels[..., 0]``."""
+    ``labels[..., 0]``. One small reduction and a host sync on GPU; a caller that syncs later anyway may take
+    :func:`scored_targets_ok` instead and call :func:`raise_bad_targets` when it reads False."""
+    ok = scored_targets_ok(targets, vocab, ignore_index, shift_period)
+    if ok is not None and not bool(ok):
+        raise_bad_targets(targets, vocab, ignore_index, shift_period)
+
+
+def scored_targets_ok(targets: torch.Tensor, vocab: int, ignore_index: int, shift_period: int) -> torch.Tensor | None:
+    """A 0-dim bool tensor on the targets' device, True when every scored target is in [0, V) or
+    ``ignore_index`` (None when no target is scored). Not synced: on a GPU the host runs on.
+
+    Why a deferred form: a host sync before the first kernel drains the whole queue (the model's forward) and
+    leaves the GPU idle while the loss's launches are issued. The Triton speed path syncs once after its forward
+    anyway (its range check) and reads no class row through an unchecked target (``fused/row_prep_kernel.py``
+    counts such a row as ignored), so it reads this flag at that sync and raises before returning anything."""
     if targets.numel() == 0 or (shift_period and shift_period < 2):
-        return
+        return None
     if shift_period:
         targets = targets.reshape(-1, shift_period)[:, 1:]
-    _check_target_range(targets, vocab, ignore_index)
-
-
-def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every target is in [0, V) or equals ignore_index. One small reduction (and a host sync on GPU), in as
-    few launches as possible: the GPU idles from here until the op's first kernel, and on a GPU each small
-    op costs more host time than device time."""
     lo, hi = torch.aminmax(targets.masked_fill(targets == ignore_index, 0))
-    lo, hi = torch.stack((lo, hi)).tolist()
-    if lo < 0 or hi >= vocab:
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        first = targets[bad][0].item()
-        raise ValueError(
-            f"targets contain {int(bad.sum())} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index} "
-            f"(first: {first}). Check the tokenizer's vocabulary against the model's lm_head."
-        )
+    return (lo >= 0) & (hi < vocab)
+
+
+def raise_bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int, shift_period: int) -> None:
+    """The ``ValueError`` for scored targets outside [0, V): how many, and the first (error path only)."""
+    if shift_period:
+        targets = targets.reshape(-1, shift_period)[:, 1:]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    first = targets[bad][0].item()
+    raise ValueError(
+        f"targets contain {int(bad.sum())} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index} "
+        f"(first: {first}). Check the tokenizer's vocabulary against the model's lm_head."
+    )
