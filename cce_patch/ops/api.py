@@ -90,8 +90,9 @@ def linear_cross_entropy(
             memory and more, smaller GEMMs. None (default): the chunks ``speed_plan.py`` plans, the fewest whose
             working set stays below what ``torch.compile`` of the plain loss holds (0.6x of it where chunks of
             >= 2048 rows allow), each at most 2 GiB.
-        check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU). Turning it
-            off is faster and unsafe: an out-of-range target is then undefined behaviour.
+        check_targets: verify target values lie in ``[0, V)`` (one reduction; a host sync on GPU, which the
+            Triton speed path shares with its own after the forward). Turning it off is faster and unsafe: an
+            out-of-range target is then undefined behaviour.
         filter_eps: ``None`` (default): exact gradients. A number in (0, 1) opts into gradient filtering
             (``filtering.py`` states the rule and proves the bound): per row block of 128 rows and vocabulary
             tile of 256 entries, tiles whose softmax mass is negligible are left out of the gradients, never a
