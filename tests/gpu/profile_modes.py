@@ -13,10 +13,13 @@ and prices each host sync of speed mode by timing the op without it.
 one SGEMM, both modes on each backend (Triton kernels, the chunked torch path on cuBLAS) and plain torch.
 ``--trace [regime ...]`` instead profiles both modes with torch.profiler: GPU time per kernel, host time per
 call, and the wall time per call (their difference is the time the GPU waits on the host).
+``--trace`` and ``--gaps`` profile the shape in ``CCE_PROFILE_SHAPE`` ("N,D,V", default the paper's), e.g.
+``CCE_PROFILE_SHAPE=2048,3072,32064`` for Phi 3.5's head at 2k tokens, where per-call host work is most of the time.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -33,6 +36,10 @@ from cce_patch.ops.fused import speed_mode as ts
 from cce_patch.ops.fused import tiles as tb
 from cce_patch.ops.fused.row_prep_kernel import prepare_rows
 from cce_patch.ops.spec import LossSpec
+
+
+#: The shape ``--trace`` and ``--gaps`` profile (N, D, V).
+SHAPE = tuple(int(x) for x in os.environ.get("CCE_PROFILE_SHAPE", "8192,2304,256000").split(","))
 
 
 def bench(fn, rep=400) -> float:
@@ -76,7 +83,7 @@ def trace(regime: str, mode: str) -> None:
     (the gap is launch latency and host syncs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
+    e, c, t = make_inputs(regime, *SHAPE, device="cuda", dtype=torch.bfloat16)
     st = step_fn(e, c, t, mode=mode)
     for _ in range(3):
         st()
@@ -91,7 +98,7 @@ def trace(regime: str, mode: str) -> None:
     wall = start.elapsed_time(end) / 5
     events = [ev for ev in prof.key_averages() if ev.device_time_total > 0]
     busy = sum(ev.self_device_time_total for ev in events) / 1e3 / 5
-    print(f"== trace {regime} mode={mode}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
+    print(f"== trace {regime} N,D,V={SHAPE} mode={mode}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
     for ev in sorted(events, key=lambda ev: -ev.self_device_time_total)[:12]:
         print(f"  {ev.self_device_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
     print("  host side (self CPU time per call):")
@@ -109,7 +116,7 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    e, c, t = make_inputs(regime, 8192, 2304, 256000, device="cuda", dtype=torch.bfloat16)
+    e, c, t = make_inputs(regime, *SHAPE, device="cuda", dtype=torch.bfloat16)
     st = step_fn(e, c, t, mode=mode)
     for _ in range(3):
         st()
@@ -128,7 +135,7 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
     ks = kernels[half - 1:]  # with the last op of call 1: the gap before call 2 is its host prelude
     busy = sum(k["dur"] for k in ks)
     span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
-    print(f"== gaps {regime} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span")
+    print(f"== gaps {regime} N,D,V={SHAPE} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span")
     total = 0.0
     for prev, nxt in zip(ks, ks[1:], strict=False):
         gap = nxt["ts"] - (prev["ts"] + prev["dur"])
