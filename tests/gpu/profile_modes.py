@@ -37,7 +37,6 @@ from cce_patch.ops.fused import tiles as tb
 from cce_patch.ops.fused.row_prep_kernel import prepare_rows
 from cce_patch.ops.spec import LossSpec
 
-
 #: The shape ``--trace`` and ``--gaps`` profile (N, D, V).
 SHAPE = tuple(int(x) for x in os.environ.get("CCE_PROFILE_SHAPE", "8192,2304,256000").split(","))
 
