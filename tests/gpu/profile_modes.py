@@ -134,7 +134,8 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
     ks = kernels[half - 1:]  # with the last op of call 1: the gap before call 2 is its host prelude
     busy = sum(k["dur"] for k in ks)
     span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
-    print(f"== gaps {regime} N,D,V={SHAPE} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span")
+    print(f"== gaps {regime} N,D,V={SHAPE} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms "
+          f"of a {span / 1e3:.2f} ms span")
     total = 0.0
     for prev, nxt in zip(ks, ks[1:], strict=False):
         gap = nxt["ts"] - (prev["ts"] + prev["dur"])
