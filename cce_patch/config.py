@@ -40,7 +40,8 @@ class CCEConfig:
             ``skip_logits``); evaluation otherwise runs the stock forward and returns logits as usual.
         return_logits: on the CCE path, also compute and return the logits (costs the memory CCE saves; for
             users whose code reads ``outputs.logits`` during training).
-        check_targets: validate label values against the vocabulary before the kernel (one host sync).
+        check_targets: validate label values against the vocabulary (one host sync before the kernels; the Triton
+            speed path reads it at its own sync after the forward).
         label_smoothing: in [0, 1], as in ``torch.nn.functional.cross_entropy``, applied inside the kernel.
             Stock transformers models have no such option (the Trainer's ``label_smoothing_factor`` smooths the
             logits outside the model, which a patched model does not return), so this is where it goes.
