@@ -223,6 +223,26 @@ def test_out_of_memory_in_speed_mode_reruns_in_memory_mode_and_sticks(free_memor
         linear_cross_entropy(e, c, t, impl="torch", mode="speed")
 
 
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+def test_out_of_memory_rerun_still_checks_the_targets(free_memory, monkeypatch):
+    """The Triton speed path checks the targets late, at its own host sync; when it runs out of memory before
+    that sync, the memory-mode rerun must check them itself: a bad target raises, never a silently wrong loss."""
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_WORK", 0)
+    monkeypatch.setattr(mode_choice, "SPEED_MIN_HIDDEN", 0)
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(api.SpeedModeFunction, "apply", no_memory)
+    e, c, t = inputs(n=64, d=32, v=300)
+    t[5] = 300
+    with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
+        linear_cross_entropy(e, c, t, impl="triton")
+    t[5] = 7
+    loss = linear_cross_entropy(e, c, t, impl="triton")  # the shape now stays in memory mode
+    assert not ran_speed(loss) and torch.isfinite(loss)
+
+
 def test_patched_model_default_runs_auto(free_memory):
     """A model patched with the default config gets speed mode for its (mean) loss where it fits."""
     pytest.importorskip("transformers")

@@ -194,6 +194,8 @@ def linear_cross_entropy(
                 raise
             note_speed_oom(e2d, c_in, backend_name, speed_chunk_bytes)  # this call, and the shape from now on
             speed = False
+            if targets_ok is not None:  # the late check never ran: memory mode checks before its launches
+                check_scored_targets(targets_flat, c_in.shape[0], spec.ignore_index, spec.shift_period)
     if not compiling and not speed:
         loss_rows, lse_rows = MemoryModeFunction.apply(e2d, c_in, bias_in, targets_flat, spec,
                                                        get_backend(backend_name), grad_filter)
