@@ -19,6 +19,9 @@ skips. It is a cheap proxy (the exact per-tile masses are known only after the f
 a sort of V, in fp32 under no_grad, before the forward. With a soft cap the order of the capped logits is the
 same (tanh is monotone), so the uncapped score serves. Measured on LM-like logits with rows grouped by
 confidence: ~75% of tiles skip at eps = 2^-12 in this order, none in the natural one (``filter_stats.py``).
+On the GPU benchmark's lm regime the natural order did far better than that CPU estimate (H100, paper shape,
+2026-12-07: 78.5% against this order's 83.9%), and this order still made the call 11% faster (35.6 vs 40.0
+ms), at the price of its copy of c (+1.2 GB) and ~2 ms where nothing skips (BENCHMARKS.md).
 The order is half of it: with the rows as drawn (confident and flat rows mixed in every block of 128), the
 flat rows keep every tile and nothing skips in either order on those inputs; grouping rows by confidence is
 the rule's part (``filtering.confidence_order``, on every backend), this module's is the vocabulary.
