@@ -103,12 +103,13 @@ def test_flat_rows_skip_nothing_and_equal_exact():
     assert all(torch.equal(x, y) for x, y in zip(got, exact, strict=True))
 
 
-def test_row_order_groups_confident_rows():
+def test_row_order_groups_confident_rows(monkeypatch):
     """Flat and confident rows interleaved: consecutive blocks would all hold a flat row and skip nothing;
     sorted by confidence, the confident rows fill blocks of their own, which skip, on both backends (one rule)."""
     flat = torch.zeros(256, dtype=torch.bool)
     flat[::2] = True
     e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, flat_rows=flat, ignore_frac=0.0)
+    monkeypatch.setattr(fused_speed, "DENSE_KEPT_FRACTION", 1.0)  # apply every skip the rule allows, as torch does
     counter, _ = check_triton_bound(e, c, t, None, eps=2.0**-8, speed_chunk_bytes=2**20)  # one chunk, two blocks
     torch_path = FilterCounter()
     linear_cross_entropy(e, c, t, impl="torch", mode="speed", filter_eps=2.0**-8, filter_counter=torch_path,
@@ -138,19 +139,23 @@ def test_bound_with_options(options):
     assert counter.skipped_fraction > 0.3, counter
 
 
-def test_sparse_and_dense_products_agree(monkeypatch):
-    """Confident rows (most pairs skipped), the same decision run through the block-sparse kernels and through
-    cuBLAS on q with the skipped tiles zeroed (``DENSE_KEPT_FRACTION`` picks per chunk): both within the bound,
-    the same counts, and gradients equal to fp32 rounding."""
+def test_dense_chunks_are_exact_and_counted_as_such(monkeypatch):
+    """Where a chunk keeps most pairs (``DENSE_KEPT_FRACTION``), cuBLAS forms its gradients from all of q:
+    skipping there would save no time, so nothing is skipped, the gradients are bit for bit those of the exact
+    call, and the counter says 0 skipped. The same decision run through the block-sparse kernels skips (and
+    counts) the pairs, within the bound."""
     e, c, t, b = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, bias=True)
-    results, stats = {}, {}
-    for name, fraction in (("sparse", 1.0), ("dense", -1.0)):
-        monkeypatch.setattr(fused_speed, "DENSE_KEPT_FRACTION", fraction)
-        counter, results[name] = check_triton_bound(e, c, t, b, eps=2.0**-8)
-        stats[name] = counter.stats()
-    assert stats["sparse"] == stats["dense"] and stats["dense"].skipped_fraction > 0.5
-    for x, y in zip(results["sparse"], results["dense"], strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(fused_speed, "DENSE_KEPT_FRACTION", 1.0)
+    sparse, sparse_grads = check_triton_bound(e, c, t, b, eps=2.0**-8)
+    assert sparse.skipped_fraction > 0.5
+    monkeypatch.setattr(fused_speed, "DENSE_KEPT_FRACTION", -1.0)
+    dense, dense_grads = check_triton_bound(e, c, t, b, eps=2.0**-8)
+    assert dense.tiles_seen == sparse.tiles_seen and dense.tiles_skipped == 0
+    assert dense.stats().max_row_dropped_mass == 0.0
+    _, exact = _triton_grads(e, c, t, b)
+    assert all(torch.equal(x, y) for x, y in zip(dense_grads, exact, strict=True))
+    assert not torch.equal(sparse_grads[0], exact[0])  # the sparse path did leave pairs out
+    torch.testing.assert_close(sparse_grads[2], exact[2], rtol=0, atol=0)  # dbias: exact on both paths
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
@@ -190,6 +195,7 @@ def test_decision_lists_follow_the_mask():
     a = valid.float()
     counter = FilterCounter()
     plan = decide_chunk(p * valid[:, None], a, targets, valid, vocab, BV, GradFilter(2.0**-6, counter))
+    plan.count(counter, applied=True)
     order = plan.order.long()
     assert sorted(order.tolist()) == list(range(rows))
     assert torch.all(~valid[order[: int((~valid).sum())]])
@@ -229,7 +235,7 @@ def test_split_de_product_equals_unsplit_and_dense():
     order = torch.randperm(rows, generator=gen).to(torch.int32)
     tiles_of_block, tile_counts = _kept_lists(~skipped)
     blocks_of_tile, block_counts = _kept_lists((~skipped).T)
-    plan = ChunkFilter(order, skipped, tiles_of_block, tile_counts, blocks_of_tile, block_counts)
+    plan = ChunkFilter(order, skipped, tiles_of_block, tile_counts, blocks_of_tile, block_counts, torch.zeros(()))
     kept_q = q.clone()
     row_skip = plan.row_skipped().repeat_interleave(BV, 1)[:, :vocab]
     kept_q[row_skip] = 0.0

@@ -72,7 +72,8 @@ the stored values the gradient is formed from (with a soft cap it carries s_ij <
 bounds, sum_j |d_ij| / w_i, not p alone). Per chunk, the rows are sorted by the entropy of their tile masses,
 ``block_bounds``, ``protected_tiles`` and ``skipped_from_bounds`` (plain torch ops, on the GPU, no host sync)
 decide, and block-sparse kernels (``fused/sparse_grads.py``) form dE and dC from the kept (block, tile) pairs
-only, or, where most pairs are kept, cuBLAS does on q with the skipped tiles zeroed: the same rule either way.
+only, or, where most pairs are kept, cuBLAS forms them exactly from all of q (no faster skipped, so not skipped;
+the counter says so). dbias is exact on both (one column sum of all of q costs what a filtered one would).
 Triton's memory mode does not filter (its recompute has no block-sparse backward), so a filtered call there is
 refused or, with ``impl="auto"``, takes the torch path (``backends._filtering_impl``).
 

@@ -26,6 +26,7 @@ import torch
 from ..filtering import (
     BM,
     BV,
+    FilterCounter,
     GradFilter,
     block_bounds,
     confidence_order,
@@ -45,6 +46,7 @@ class ChunkFilter:
     tile_counts: torch.Tensor  # (B,) int32: how many tiles block b keeps
     blocks_of_tile: torch.Tensor  # (T, B) int32: tile k's kept blocks first, ascending
     block_counts: torch.Tensor  # (T,) int32: how many blocks keep tile k
+    max_dropped: torch.Tensor  # 0-dim fp32: the largest mass a row drops if the skipped pairs are left out
 
     @property
     def blocks(self) -> int:
@@ -53,6 +55,17 @@ class ChunkFilter:
     def row_skipped(self) -> torch.Tensor:
         """(rows, T) bool: the skipped tiles of each row, in the chunk's own row order."""
         return rows_skipped(self.skipped, self.order)
+
+    def count(self, counter: FilterCounter | None, applied: bool) -> None:
+        """Add this chunk to ``counter``: its pairs, and the skipped ones and the largest dropped row mass only if
+        the skip was ``applied`` (a chunk run dense keeps every pair: its gradients are the exact ones)."""
+        if counter is None:
+            return
+        if applied:
+            counter.add(self.skipped.numel(), self.skipped.sum(), self.max_dropped)
+        else:
+            counter.add(self.skipped.numel(), self.skipped.new_zeros((), dtype=torch.int64),
+                        torch.zeros_like(self.max_dropped))
 
 
 def tile_masses_from_sums(sums: torch.Tensor, a: torch.Tensor, vocab: int, block_n: int) -> torch.Tensor:
@@ -77,30 +90,22 @@ def _kept_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab: int,
                  block_n: int, grad_filter: GradFilter) -> ChunkFilter:
     """The filter of one chunk: ``sums`` the storing kernel's tile sums of q, ``a`` the rows' scales (0 where a
-    row does not count), ``targets`` the rows' targets (anything where not ``valid``). Fills the counter."""
+    row does not count), ``targets`` the rows' targets (anything where not ``valid``). The caller counts it
+    (``ChunkFilter.count``) once it knows whether the skip is applied."""
     masses = tile_masses_from_sums(sums, a, vocab, block_n)
     idx = confidence_order(masses, valid)
     order = idx.to(torch.int32)
     sorted_masses = masses[idx]
     skipped = skipped_from_bounds(block_bounds(sorted_masses),
                                   protected_tiles(targets[idx], valid[idx], masses.shape[1]), grad_filter.eps)
-    if grad_filter.counter is not None:
-        rows = masses.shape[0]
-        dropped = (sorted_masses * skipped.repeat_interleave(BM, 0)[:rows]).sum(1)
-        grad_filter.counter.add(skipped.numel(), skipped.sum(), dropped.max() if rows else dropped.new_zeros(()))
+    rows = masses.shape[0]
+    if grad_filter.counter is not None and rows:
+        max_dropped = (sorted_masses * skipped.repeat_interleave(BM, 0)[:rows]).sum(1).max()
+    else:  # nobody reads it
+        max_dropped = masses.new_zeros(())
     kept = ~skipped
     tiles_of_block, tile_counts = _kept_lists(kept)
     blocks_of_tile, block_counts = _kept_lists(kept.T)
     return ChunkFilter(order, skipped, tiles_of_block.contiguous(), tile_counts, blocks_of_tile.contiguous(),
-                       block_counts)
+                       block_counts, max_dropped)
 
-
-def zero_skipped_(q: torch.Tensor, row_skipped: torch.Tensor) -> None:
-    """Set q's entries of skipped (row, tile) pairs to 0 in place: the dense GEMMs then compute the same filtered
-    gradient as the block-sparse kernels. ``q`` (rows, V), unit column stride; ``row_skipped`` (rows, T)."""
-    rows, vocab = q.shape
-    full = vocab // BV
-    if full:
-        q[:, : full * BV].view(rows, full, BV).masked_fill_(row_skipped[:, :full, None], 0.0)
-    if vocab % BV:
-        q[:, full * BV:].masked_fill_(row_skipped[:, full:], 0.0)

@@ -32,9 +32,12 @@ Gradient filtering (``filter_eps``, ``ops/filtering.py``): the storing kernel al
 tile, the sum of the q it stored; after a chunk's combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
 by confidence, decides per (block of 128 sorted rows, 256-entry tile) on the GPU, and the two products above run
 over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT_FRACTION`` of the pairs are
-kept, as the dense GEMMs on q with the skipped tiles zeroed (no pass over q when nothing is skipped). Choosing
-between the two costs one host sync per chunk (the number of kept pairs and the largest count of a block,
-which also sizes the dE kernel's split), during which the GPU waits for the chunk's gradient launches.
+kept, as the dense GEMMs on the whole of q: that chunk's gradients are the exact ones (within any bound), and
+the counter says nothing was skipped there. Zeroing the skipped tiles of q first would make the dense products
+no faster, only less exact, at the price of a pass over q (6.25 ms a call at the paper shape, H100). dbias is
+one column sum of q, exact on either path for the same reason. Choosing between the two costs one host sync per
+chunk (the number of kept pairs and the largest count of a block, which also sizes the dE kernel's split),
+during which the GPU waits for the chunk's gradient launches.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from ..filtering import GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
-from .filter_plan import decide_chunk, zero_skipped_
+from .filter_plan import decide_chunk
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward
 from .row_prep_kernel import prepare_rows
@@ -60,8 +63,8 @@ ANCHOR_MARGIN = 40.0
 #: scale a = exp(anchor - lse) above e^-64. Together with the margin: losses up to 104 nats.
 SPEED_RANGE = 64.0
 #: Gradient filtering: a chunk whose kept (row block, tile) pairs are at most this fraction of all runs the
-#: block-sparse kernels; above it, the dense cuBLAS GEMMs on q with the skipped tiles zeroed (the pointer-load
-#: sparse kernels run below cuBLAS's rate per kept pair, so they pay only where most pairs are skipped).
+#: block-sparse kernels; above it, the dense cuBLAS GEMMs on all of q, exact (the pointer-load sparse kernels
+#: run below cuBLAS's rate per kept pair, so they pay only where most pairs are skipped).
 DENSE_KEPT_FRACTION = 0.5
 
 
@@ -105,8 +108,8 @@ def forward_with_grads(
 
     With ``grad_filter`` (``ops/filtering.py``) the gradients are filtered: the storing kernel also writes each
     row's tile sums of q, each chunk's decision is formed on the GPU (``filter_plan.py``), and the chunk's
-    products run block-sparse (``sparse_grads.py``) or, where most pairs are kept, dense on q with the skipped
-    tiles zeroed (``DENSE_KEPT_FRACTION``); the loss and LSE are the exact ones either way.
+    products run block-sparse (``sparse_grads.py``) or, where most pairs are kept, dense and exact on all of q
+    (``DENSE_KEPT_FRACTION``); the loss and LSE are the exact ones either way.
 
     ``in_range`` is a 0-dim bool tensor (not synced here): False when some row is outside SPEED_RANGE (or
     not finite), in which case neither the gradients nor loss/lse are to be used.
@@ -165,12 +168,10 @@ def forward_with_grads(
             plan = decide_chunk(mass[: r1 - r0], a, t_safe, ok_c, v, tiles.tile_config(dtype, "store").block_n,
                                 grad_filter)
             # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
-            # pairs are skipped; elsewhere cuBLAS on q with the skipped tiles zeroed is faster (same rule).
+            # pairs are skipped; elsewhere cuBLAS on all of q is faster, and exact.
             kept, most_kept = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max())).tolist()
             sparse = kept <= DENSE_KEPT_FRACTION * plan.skipped.numel()
-            # dbias is a dense column sum of q: zero what is skipped (a pass over q: only if something is)
-            if (not sparse or db is not None) and kept < plan.skipped.numel():
-                zero_skipped_(qk, plan.row_skipped())
+            plan.count(grad_filter.counter, applied=sparse)  # a dense chunk skips nothing: exact
             if sparse:
                 _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db,
                                       eps, c_colsum, k == 0, r0, r1, de_splits(kept, most_kept, plan.blocks))
@@ -217,7 +218,7 @@ def _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, d
         de[r0:r1] = prod.to(dtype)
     if dc_acc is not None:
         sparse_dc_accumulate(dc_acc[:v], qk, (e_c.float() * (weight * a)[:, None]).to(dtype), plan, first)
-    if db is not None:  # q's skipped tiles were zeroed
+    if db is not None:  # one column sum of the whole of q: exact, as cheap as a filtered one
         db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
 
 
