@@ -34,7 +34,7 @@ import weakref
 
 import torch.nn as nn
 
-from ..ops.vocab_parallel import has_dtensor
+from ..ops.dtensor_layouts import has_dtensor
 
 logger = logging.getLogger("cce_patch")
 

@@ -15,6 +15,7 @@ import torch
 from . import compiled
 from .autocast import autocast_inputs
 from .backends import filtered_mode, get_backend, resolve_impl
+from .dtensor_layouts import has_dtensor, replicated_local, vocab_dim
 from .filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order, order_vocabulary
 from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
@@ -22,7 +23,7 @@ from .mode_choice import choose_mode, note_speed_oom
 from .spec import LossSpec, flat_operands, valid_rows
 from .speed_mode import SpeedModeFunction
 from .validation import check_scored_targets, scored_targets_ok, validate_inputs
-from .vocab_parallel import dtensor_vocab_parallel, has_dtensor, replicated_local, vocab_dim
+from .vocab_parallel import dtensor_vocab_parallel
 
 
 def linear_cross_entropy(

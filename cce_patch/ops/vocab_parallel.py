@@ -21,14 +21,13 @@ dE is all-reduced (a sum over the shards' contributions), dC and dbias stay loca
 
 Public entry points: :func:`vocab_parallel_linear_cross_entropy` (plain tensors plus a process group) and
 :func:`dtensor_vocab_parallel`, which ``linear_cross_entropy`` calls for a ``Shard(0)`` DTensor classifier. The
-op itself reads the layout of DTensor inputs with :func:`vocab_dim` and :func:`replicated_local` (a replicated
-classifier is the ordinary op on the local copy; every other layout is refused, naming it, before any compute),
-so this module never imports the op (``api.py``): the imports run one way.
+op itself reads the layout of DTensor inputs with ``dtensor_layouts.vocab_dim`` and ``replicated_local`` (a
+replicated classifier is the ordinary op on the local copy; every other layout is refused, naming it, before any
+compute), so this module never imports the op (``api.py``): the imports run one way.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from .autocast import autocast_inputs, autocast_off
 from .backends import Backend, get_backend, resolve_impl
+from .dtensor_layouts import describe_placements, has_dtensor
 from .second_order import guard_second_order
 from .spec import LossSpec, effective_targets, flat_operands, valid_rows
 from .validation import check_scored_targets, validate_inputs
@@ -59,75 +59,6 @@ class VocabShard:
     vocab: int
 
 
-def has_dtensor(*tensors: torch.Tensor | None) -> bool:
-    """True when any argument is a DTensor. Never imports ``torch.distributed.tensor`` (seconds of import time):
-    if nothing imported it, no DTensor exists."""
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is None:
-        return False
-    return any(t is not None and isinstance(t, module.DTensor) for t in tensors)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layouts of DTensor inputs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _describe(t: Any) -> str:
-    return f"placements {tuple(t.placements)} on mesh {tuple(t.device_mesh.shape)} (dims {t.device_mesh.mesh_dim_names})"
-
-
-def vocab_dim(c: Any) -> int | None:
-    """The mesh dimension over which a DTensor classifier is split by rows (None: replicated); raises for any
-    other layout, naming it."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    shard_dims = []
-    for dim, placement in enumerate(c.placements):
-        if type(placement) is Shard and placement.dim == 0:
-            shard_dims.append(dim)
-        elif not isinstance(placement, Replicate):
-            raise ValueError(
-                f"linear_cross_entropy: the classifier is a DTensor with {_describe(c)}; supported layouts are "
-                f"Shard(0) (split over the vocabulary: vocab-parallel CCE) on one mesh dimension, the others "
-                f"Replicate, or fully Replicate. {placement!r} is not supported"
-                + (" (a head split over the hidden size, e.g. RowwiseParallel, needs its partial logits summed "
-                   "before the softmax: shard lm_head column-wise instead)" if isinstance(placement, Shard) else "")
-            )
-    if len(shard_dims) > 1:
-        raise ValueError(
-            f"linear_cross_entropy: the classifier is a DTensor with {_describe(c)}, split over the vocabulary on "
-            f"{len(shard_dims)} mesh dimensions (FSDP on top of a tensor-parallel head?); vocab-parallel CCE "
-            "splits over one dimension. Gather the head over the data-parallel dimension before the loss "
-            "(e.g. keep lm_head in the FSDP root unit)"
-        )
-    return shard_dims[0] if shard_dims else None
-
-
-def replicated_local(name: str, t: Any, feature_dim: bool = False) -> Any:
-    """The local tensor of ``t`` gathered to every rank (differentiable), or ``t`` itself if it is no DTensor.
-
-    Replicated DTensors are used as they are; DTensors split over token dimensions (sequence parallelism: a
-    final norm with ``SequenceParallel``) are all-gathered first, which is exact because the op's gradient for
-    them is the same on every rank. A split of e's last (hidden) dimension, or a ``Partial`` placement, is
-    refused, naming the layout."""
-    if not has_dtensor(t):
-        return t
-    from torch.distributed.tensor import Replicate, Shard
-
-    for placement in t.placements:
-        split_features = feature_dim and isinstance(placement, Shard) and placement.dim % t.dim() == t.dim() - 1
-        if split_features or not isinstance(placement, (Replicate, Shard)):
-            raise ValueError(
-                f"linear_cross_entropy: {name} is a DTensor with {_describe(t)}; supported are replicated ones "
-                f"and ones split over token dimensions (gathered first), not {placement!r}"
-                + (" on the hidden dimension" if split_features else "")
-            )
-    if all(isinstance(p, Replicate) for p in t.placements):
-        return t.to_local()
-    return t.redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim).to_local()
-
-
 def _chunk_range(vocab: int, world: int, index: int) -> tuple[int, int]:
     """(start, rows) of block ``index`` of ``torch.chunk(range(vocab), world)``: the split of a Shard(0) DTensor."""
     size = -(-vocab // world)
@@ -147,8 +78,8 @@ def dtensor_vocab_parallel(e: torch.Tensor, c: Any, targets: torch.Tensor, dim: 
         if not has_dtensor(bias) or tuple(bias.placements) != tuple(c.placements) or bias.device_mesh != c.device_mesh:
             raise ValueError(
                 "linear_cross_entropy: a vocab-parallel classifier needs its bias split the same way "
-                f"(a DTensor with {_describe(c)}), got "
-                + (_describe(bias) if has_dtensor(bias) else "a plain tensor")
+                f"(a DTensor with {describe_placements(c)}), got "
+                + (describe_placements(bias) if has_dtensor(bias) else "a plain tensor")
             )
         bias = bias.to_local()
     mesh = c.device_mesh
@@ -158,7 +89,7 @@ def dtensor_vocab_parallel(e: torch.Tensor, c: Any, targets: torch.Tensor, dim: 
     c_local = c.to_local()
     if c_local.shape[0] != rows:
         raise ValueError(
-            f"linear_cross_entropy: the classifier DTensor ({_describe(c)}, global shape {tuple(c.shape)}) holds "
+            f"linear_cross_entropy: the classifier DTensor ({describe_placements(c)}, global shape {tuple(c.shape)}) holds "
             f"{c_local.shape[0]} local rows on this rank where torch.chunk's even split gives {rows}; uneven "
             "custom shards are supported through vocab_parallel_linear_cross_entropy(vocab_start=...)"
         )
