@@ -32,12 +32,11 @@ from .spec import LossSpec, valid_rows
 from .validation import raise_bad_targets
 
 
-def all_true(*flags: torch.Tensor | None) -> bool:
-    """Whether every given 0-dim bool tensor is True, read in one host sync (None counts as True)."""
-    flags = [f for f in flags if f is not None]
-    if not flags:
-        return True
-    return bool(flags[0] if len(flags) == 1 else torch.stack(flags).all())
+def read_flags(*flags: torch.Tensor | None) -> list[bool]:
+    """The values of 0-dim bool tensors, read in one host sync (None reads as True)."""
+    given = [f for f in flags if f is not None]
+    values = iter(torch.stack(given).tolist() if given else [])
+    return [True if f is None else bool(next(values)) for f in flags]
 
 
 class SpeedModeFunction(torch.autograd.Function):
@@ -59,9 +58,10 @@ class SpeedModeFunction(torch.autograd.Function):
         # exact gradients, which are within any filter's bound.
         ctx.filtered = filtered if backend.name in MEMORY_FILTERING_BACKENDS else {}
         ctx.spec, ctx.needs, ctx.backend, ctx.weight = spec, needs, backend, weight
-        ctx.fallback = not all_true(in_range, targets_ok)  # the call's one host sync
-        if targets_ok is not None and not bool(targets_ok):  # checked late (api.py): raise before returning
+        rows_in_range, targets_in_range = read_flags(in_range, targets_ok)  # the call's one host sync
+        if not targets_in_range:  # checked late (api.py): raise before returning anything
             raise_bad_targets(targets_flat, c.shape[0], spec.ignore_index, spec.shift_period)
+        ctx.fallback = not rows_in_range
         if ctx.fallback:  # some row is outside the stored range: drop everything, redo it the memory-mode way
             del de, dc, db
             with autocast_off(e2d.device):
