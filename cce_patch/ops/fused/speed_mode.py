@@ -164,27 +164,30 @@ def forward_with_grads(
         if cap is not None:
             coef = coef * (1.0 - (zt / cap) ** 2)
         target_coef[r0:r1] = coef
+        sparse, splits = None, 1  # the chunk's filter plan where its products run block-sparse
         if grad_filter is not None:
             plan = decide_chunk(mass[: r1 - r0], a, t_safe, ok_c, v, tiles.tile_config(dtype, "store").block_n,
                                 grad_filter)
             # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
             # pairs are skipped; elsewhere cuBLAS on all of q is faster, and exact.
             kept, most_kept = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max())).tolist()
-            sparse = kept <= DENSE_KEPT_FRACTION * plan.skipped.numel()
-            plan.count(grad_filter.counter, applied=sparse)  # a dense chunk skips nothing: exact
-            if sparse:
-                _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db,
-                                      eps, c_colsum, k == 0, r0, r1, de_splits(kept, most_kept, plan.blocks))
-                continue
-        if de is not None:
-            prod = mm_fp32(qk, c).mul_((weight * a)[:, None])
+            if kept <= DENSE_KEPT_FRACTION * plan.skipped.numel():
+                sparse, splits = plan, de_splits(kept, most_kept, plan.blocks)
+            plan.count(grad_filter.counter, applied=sparse is not None)  # a dense chunk skips nothing: exact
+        if de is not None:  # Q @ C over the kept pairs (all of them without a sparse plan), then the row terms
+            qc = mm_fp32(qk, c) if sparse is None else sparse_de(qk, c, sparse, splits)
+            prod = qc.mul_((weight * a)[:, None])
             prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
             if eps:
                 prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
             de[r0:r1] = prod.to(dtype)
         if dc is not None:
-            mm_accumulate(dc_acc[:v], qk.T, (e_c.float() * (weight * a)[:, None]).to(dtype), first=k == 0)
-        if db is not None:
+            ae = (e_c.float() * (weight * a)[:, None]).to(dtype)
+            if sparse is None:
+                mm_accumulate(dc_acc[:v], qk.T, ae, first=k == 0)
+            else:
+                sparse_dc_accumulate(dc_acc[:v], qk, ae, sparse, first=k == 0)
+        if db is not None:  # one column sum of the whole of q: exact, and as cheap as a filtered one
             db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
     # NaN propagates through max: a NaN anywhere means out of range
     in_range = (gaps[0] if len(gaps) == 1 else torch.stack(gaps).max()) <= SPEED_RANGE
@@ -203,23 +206,6 @@ def forward_with_grads(
             db -= (weight * eps / v) * valid.sum()
         db = db.to(bias.dtype)
     return loss, lse, de, dc, db, in_range, weight
-
-
-def _filtered_chunk_grads(qk, c, e_c, a, coef, weight, ok_c, t_safe, plan, de, dc_acc, db, eps, c_colsum,
-                          first: bool, r0: int, r1: int, splits: int = 1) -> None:
-    """One chunk's share of dE, dC and dbias through the block-sparse kernels: the dense path's formulas with
-    Q @ C and Q^T @ AE summed over the kept pairs only (``sparse_grads.py``)."""
-    dtype, v = qk.dtype, c.shape[0]
-    if de is not None:
-        prod = sparse_de(qk, c, plan, splits).mul_((weight * a)[:, None])
-        prod.addcmul_((weight * coef)[:, None], c[t_safe].float())
-        if eps:
-            prod.sub_((weight * eps / v) * ok_c.float()[:, None] * c_colsum)
-        de[r0:r1] = prod.to(dtype)
-    if dc_acc is not None:
-        sparse_dc_accumulate(dc_acc[:v], qk, (e_c.float() * (weight * a)[:, None]).to(dtype), plan, first)
-    if db is not None:  # one column sum of the whole of q: exact, as cheap as a filtered one
-        db += weight * mm_fp32(qk.T, a[:, None].to(dtype)).squeeze(1)
 
 
 def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tensor, coef: torch.Tensor,
