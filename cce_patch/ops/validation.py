@@ -125,10 +125,14 @@ def check_scored_targets(targets: torch.Tensor, vocab: int, ignore_index: int, s
 
     Under the shift (``shift_period`` = T > 0) position 0 of each sequence is never scored (row t reads target
     t + 1): only the targets that are read are checked, as stock's shifted cross-entropy never looks at
-    ``labels[..., 0]``. One small reduction and a host sync on GPU; a caller that syncs later anyway may take
+    ``labels[..., 0]``. One small reduction and a host sync on GPU, in as few launches as possible: the GPU
+    idles from here until the op's first kernel. A caller that syncs later anyway may take
     :func:`scored_targets_ok` instead and call :func:`raise_bad_targets` when it reads False."""
-    ok = scored_targets_ok(targets, vocab, ignore_index, shift_period)
-    if ok is not None and not bool(ok):
+    extremes = _scored_extremes(targets, ignore_index, shift_period)
+    if extremes is None:
+        return
+    lo, hi = extremes.tolist()
+    if lo < 0 or hi >= vocab:
         raise_bad_targets(targets, vocab, ignore_index, shift_period)
 
 
@@ -140,12 +144,19 @@ def scored_targets_ok(targets: torch.Tensor, vocab: int, ignore_index: int, shif
     leaves the GPU idle while the loss's launches are issued. The Triton speed path syncs once after its forward
     anyway (its range check) and reads no class row through an unchecked target (``fused/row_prep_kernel.py``
     counts such a row as ignored), so it reads this flag at that sync and raises before returning anything."""
+    extremes = _scored_extremes(targets, ignore_index, shift_period)
+    if extremes is None:
+        return None
+    return (extremes[0] >= 0) & (extremes[1] < vocab)
+
+
+def _scored_extremes(targets: torch.Tensor, ignore_index: int, shift_period: int) -> torch.Tensor | None:
+    """(2,) tensor: the smallest and largest scored target, ``ignore_index`` read as 0; None if none is scored."""
     if targets.numel() == 0 or (shift_period and shift_period < 2):
         return None
     if shift_period:
         targets = targets.reshape(-1, shift_period)[:, 1:]
-    lo, hi = torch.aminmax(targets.masked_fill(targets == ignore_index, 0))
-    return (lo >= 0) & (hi < vocab)
+    return torch.stack(torch.aminmax(targets.masked_fill(targets == ignore_index, 0)))
 
 
 def raise_bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int, shift_period: int) -> None:
