@@ -73,7 +73,6 @@ from .spec import LossSpec, effective_targets
 #: The vocabulary orders a filtered call can use (the first is the default).
 FILTER_VOCAB_ORDERS = ("mean_logit", "natural")
 DEFAULT_FILTER_VOCAB_ORDER = FILTER_VOCAB_ORDERS[0]
-#: Largest fp32 copy of a row chunk of e or c while forming the mean and the scores.
 
 
 def check_filter_vocab_order(value: object, filter_eps: object) -> str:
