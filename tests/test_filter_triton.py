@@ -5,7 +5,10 @@ and not on flat rows; the block-sparse and the dense-with-zeroed-tiles products 
 storing kernel; the routing of filtered calls.
 
 The Triton path groups rows by confidence, the torch path by position, so their filtered gradients differ;
-each is compared with the exact fp64 gradient and its bound, not with the other."""
+each is compared with the exact fp64 gradient and its bound, not with the other.
+
+Under TRITON_INTERPRET=1 the tensors live on the CPU; on a CUDA machine without it (tests/gpu/run_all.sh's
+native pass) they live on the GPU and the kernels run compiled."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import math
 
 import pytest
 import torch
+from conftest import HAS_CUDA, INTERPRETING
 from oracle import dense_reference, make_inputs
-from test_ops_filter import RTOL, _effective_targets, confident_inputs
+from test_ops_filter import RTOL, _effective_targets
+from test_ops_filter import confident_inputs as _confident_inputs
 
 from cce_patch import linear_cross_entropy
 from cce_patch.ops import backends, resolve_impl
@@ -26,6 +31,13 @@ from cce_patch.ops.fused.lse_kernel import launch_lse_forward
 from cce_patch.ops.spec import LossSpec
 
 UPSTREAM = 1.7
+DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
+pytestmark = pytest.mark.skipif(not (INTERPRETING or HAS_CUDA), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def confident_inputs(*args, **kw):
+    """``test_ops_filter.confident_inputs`` on the device the Triton kernels run on here."""
+    return _confident_inputs(*args, device=DEVICE, **kw)
 
 
 def _triton_grads(e, c, t, b, **kw):
@@ -96,7 +108,7 @@ def test_vocabulary_order_on_triton_keeps_the_bound():
 def test_flat_rows_skip_nothing_and_equal_exact():
     """Every tile holds far more than eps of some row: nothing skipped, the dense GEMMs run on an unchanged q,
     and the gradients are the exact path's bit for bit."""
-    e, c, t, b = make_inputs((256,), 32, 1000, torch.float32, bias=True)
+    e, c, t, b = make_inputs((256,), 32, 1000, torch.float32, bias=True, device=DEVICE)
     counter, got = check_triton_bound(e, c, t, b, eps=2.0**-8)
     assert counter.tiles_skipped == 0
     _, exact = _triton_grads(e, c, t, b)
@@ -163,19 +175,19 @@ def test_dense_chunks_are_exact_and_counted_as_such(monkeypatch):
 
 def test_storing_kernel_tile_masses():
     """The storing kernel's optional output: per row and BLOCK_N-wide tile, the sum of the q it stored."""
-    e, c, t, _ = make_inputs((96,), 32, 300, torch.float32, regime="peaked")
+    e, c, t, _ = make_inputs((96,), 32, 300, torch.float32, regime="peaked", device=DEVICE)
     n, v = 96, 300
-    q = torch.full((n, v), math.nan)
+    q = torch.full((n, v), math.nan, device=DEVICE)
     anchor = torch.where(t != -100, 5.0 + (e.detach() * c.detach()[t.clamp_min(0)]).sum(1), math.inf)
     tgt = torch.where(t != -100, t, -100)
     block_n = tiles.tile_config(torch.float32, "store").block_n
-    mass = torch.full((n, math.ceil(v / block_n)), math.nan)
+    mass = torch.full((n, math.ceil(v / block_n)), math.nan, device=DEVICE)
     launch_lse_forward(e.detach(), c.detach(), None, tgt, LossSpec(), q=q, anchor=anchor, mass=mass)
     pad = mass.shape[1] * block_n - v
     want = torch.cat((q, q.new_zeros(n, pad)), 1).view(n, -1, block_n).sum(-1)
     torch.testing.assert_close(mass, want, rtol=1e-5, atol=0.0)
     assert torch.all(mass[t == -100] == 0)
-    coarse = tile_masses_from_sums(mass, torch.ones(n), v, block_n)
+    coarse = tile_masses_from_sums(mass, torch.ones(n, device=DEVICE), v, block_n)
     torch.testing.assert_close(coarse, torch.cat((q, q.new_zeros(n, 2 * BV - v)), 1).view(n, 2, BV).sum(-1))
 
 
@@ -235,7 +247,9 @@ def test_split_de_product_equals_unsplit_and_dense():
     order = torch.randperm(rows, generator=gen).to(torch.int32)
     tiles_of_block, tile_counts = _kept_lists(~skipped)
     blocks_of_tile, block_counts = _kept_lists((~skipped).T)
-    plan = ChunkFilter(order, skipped, tiles_of_block, tile_counts, blocks_of_tile, block_counts, torch.zeros(()))
+    plan = ChunkFilter(*(x.to(DEVICE) for x in (order, skipped, tiles_of_block, tile_counts, blocks_of_tile,
+                                                   block_counts, torch.zeros(()))))
+    q, c = q.to(DEVICE), c.to(DEVICE)
     kept_q = q.clone()
     row_skip = plan.row_skipped().repeat_interleave(BV, 1)[:, :vocab]
     kept_q[row_skip] = 0.0
@@ -272,7 +286,7 @@ def test_routing_of_filtered_calls(monkeypatch):
 
 
 def test_triton_memory_mode_is_refused_before_any_work():
-    e, c, t, _ = make_inputs((5,), 8, 11, torch.float32)
+    e, c, t, _ = make_inputs((5,), 8, 11, torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="mode='memory'"):
         linear_cross_entropy(e, c, t, impl="triton", mode="memory", filter_eps=0.01)
 

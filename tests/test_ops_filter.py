@@ -22,11 +22,12 @@ RTOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-7}
 
 def confident_inputs(n: int, d: int, v: int, dtype: torch.dtype, *, alpha: float = 16.0, hot: int = 300,
                      flat_rows: torch.Tensor | None = None, ignore_frac: float = 0.1, bias: bool = False,
-                     seed: int = 0):
+                     seed: int = 0, device: str = "cpu"):
     """Rows close to their target's (unit) classifier row, targets among the first ``hot`` ids (a Zipf-like
     head, so the target tiles of a block are few): logit ~alpha at the target, ~N(0, (alpha/sqrt(d))^2)
     elsewhere. alpha=16 puts the non-target tiles' masses around 2^-8: some skippable, some not, and a
-    dropped error large enough to see in bf16. ``flat_rows`` get logits ~N(0, 1/d): nothing skippable."""
+    dropped error large enough to see in bf16. ``flat_rows`` get logits ~N(0, 1/d): nothing skippable.
+    Drawn on the CPU (the same numbers everywhere), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     c = torch.randn(v, d, generator=g)
     c /= c.norm(dim=1, keepdim=True)
@@ -37,9 +38,9 @@ def confident_inputs(n: int, d: int, v: int, dtype: torch.dtype, *, alpha: float
                                    generator=g)
     t[torch.rand(n, generator=g) < ignore_frac] = -100
     b = 0.5 * torch.randn(v, generator=g) if bias else None
-    e, c = e.to(dtype).requires_grad_(), c.to(dtype).requires_grad_()
+    e, c, t = e.to(device, dtype).requires_grad_(), c.to(device, dtype).requires_grad_(), t.to(device)
     if b is not None:
-        b = b.to(dtype).requires_grad_()
+        b = b.to(device, dtype).requires_grad_()
     return e, c, t, b
 
 

@@ -5,18 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import HAS_CUDA, INTERPRETING
+
 from cce_patch import linear_cross_entropy
 
+# where impl='triton' gets valid tensors: the GPU natively, the CPU under the interpreter
+TRITON_DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
 
-def _ok():
-    return torch.randn(2, 5, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
+
+def _ok(device: str = "cpu"):
+    return (torch.randn(2, 5, 8, device=device), torch.randn(11, 8, device=device),
+            torch.randint(0, 11, (2, 5), device=device))
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize(
     "mutate,error,match",
     [
-        (lambda e, c, t: (e, torch.randn(11, 9), t), ValueError, "hidden size mismatch"),
+        (lambda e, c, t: (e, torch.randn(11, 9, device=c.device), t), ValueError, "hidden size mismatch"),
         (lambda e, c, t: (e, c, t[:, :4]), ValueError, "targets must have shape"),
         (lambda e, c, t: (e, c, t.float()), TypeError, "integer"),
         (lambda e, c, t: (e, c.double(), t), TypeError, "same dtype"),
@@ -29,7 +35,7 @@ def _ok():
     ],
 )
 def test_input_errors(impl, mutate, error, match):
-    e, c, t = mutate(*_ok())
+    e, c, t = mutate(*_ok(TRITON_DEVICE if impl == "triton" else "cpu"))
     with pytest.raises(error, match=match):
         linear_cross_entropy(e, c, t, impl=impl)
 
