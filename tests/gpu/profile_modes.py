@@ -15,6 +15,9 @@ one SGEMM, both modes on each backend (Triton kernels, the chunked torch path on
 call, and the wall time per call (their difference is the time the GPU waits on the host).
 ``--trace`` and ``--gaps`` profile the shape in ``CCE_PROFILE_SHAPE`` ("N,D,V", default the paper's), e.g.
 ``CCE_PROFILE_SHAPE=2048,3072,32064`` for Phi 3.5's head at 2k tokens, where per-call host work is most of the time.
+``CCE_PROFILE_OPTIONS`` adds options to every profiled call (``--trace``/``--gaps``), and ``CCE_PROFILE_MODES``
+names the modes they profile (default "speed,memory"), e.g. the filter where nothing can be skipped:
+``CCE_PROFILE_OPTIONS=filter_eps=2^-12,filter_vocab_order=natural CCE_PROFILE_MODES=speed ... --trace flat``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ from cce_patch.ops.spec import LossSpec
 
 #: The shape ``--trace`` and ``--gaps`` profile (N, D, V).
 SHAPE = tuple(int(x) for x in os.environ.get("CCE_PROFILE_SHAPE", "8192,2304,256000").split(","))
+#: The modes ``--trace`` and ``--gaps`` profile.
+MODES = os.environ.get("CCE_PROFILE_MODES", "speed,memory").split(",")
+
+
+def _option(value: str) -> float | str:
+    """``2^-12`` or ``0.5`` as a float, anything else as given."""
+    if value.startswith("2^"):
+        return 2.0 ** float(value[2:])
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+#: Options every ``--trace``/``--gaps`` call adds (``CCE_PROFILE_OPTIONS="name=value,..."``).
+OPTIONS = {k: _option(v) for k, v in (item.split("=", 1) for item in
+                                      os.environ.get("CCE_PROFILE_OPTIONS", "").split(",") if item)}
 
 
 def bench(fn, rep=400) -> float:
@@ -83,7 +103,7 @@ def trace(regime: str, mode: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     e, c, t = make_inputs(regime, *SHAPE, device="cuda", dtype=torch.bfloat16)
-    st = step_fn(e, c, t, mode=mode)
+    st = step_fn(e, c, t, mode=mode, **OPTIONS)
     for _ in range(3):
         st()
     torch.cuda.synchronize()
@@ -97,7 +117,7 @@ def trace(regime: str, mode: str) -> None:
     wall = start.elapsed_time(end) / 5
     events = [ev for ev in prof.key_averages() if ev.device_time_total > 0]
     busy = sum(ev.self_device_time_total for ev in events) / 1e3 / 5
-    print(f"== trace {regime} N,D,V={SHAPE} mode={mode}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
+    print(f"== trace {regime} N,D,V={SHAPE} mode={mode} {OPTIONS or ''}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
     for ev in sorted(events, key=lambda ev: -ev.self_device_time_total)[:12]:
         print(f"  {ev.self_device_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
     print("  host side (self CPU time per call):")
@@ -116,7 +136,7 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     e, c, t = make_inputs(regime, *SHAPE, device="cuda", dtype=torch.bfloat16)
-    st = step_fn(e, c, t, mode=mode)
+    st = step_fn(e, c, t, mode=mode, **OPTIONS)
     for _ in range(3):
         st()
     torch.cuda.synchronize()
@@ -134,7 +154,7 @@ def gaps(regime: str, mode: str, min_us: float = 20.0) -> None:
     ks = kernels[half - 1:]  # with the last op of call 1: the gap before call 2 is its host prelude
     busy = sum(k["dur"] for k in ks)
     span = ks[-1]["ts"] + ks[-1]["dur"] - ks[0]["ts"]
-    print(f"== gaps {regime} N,D,V={SHAPE} mode={mode}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms "
+    print(f"== gaps {regime} N,D,V={SHAPE} mode={mode} {OPTIONS or ''}: {len(ks)} GPU ops, busy {busy / 1e3:.2f} ms "
           f"of a {span / 1e3:.2f} ms span")
     total = 0.0
     for prev, nxt in zip(ks, ks[1:], strict=False):
@@ -313,13 +333,13 @@ if __name__ == "__main__":
             store_tiles(regime)
     elif sys.argv[1:2] == ["--gaps"]:
         for regime in sys.argv[2:] or ["flat"]:
-            gaps(regime, "speed")
-            gaps(regime, "memory")
+            for mode in MODES:
+                gaps(regime, mode)
     elif sys.argv[1:2] == ["--fp32-ieee"]:
         fp32_ieee(int(sys.argv[2]) if len(sys.argv) > 2 else 8192)
     elif sys.argv[1:2] == ["--trace"]:
         for regime in sys.argv[2:] or ["flat"]:
-            trace(regime, "speed")
-            trace(regime, "memory")
+            for mode in MODES:
+                trace(regime, mode)
     else:
         main(sys.argv[1:] or ["lm", "flat"])
