@@ -124,7 +124,7 @@ class CCEConfig:
         if self.mode == "speed":
             problem = speed_mode_problem(hidden_dtype, reduction, False, softcap, self.label_smoothing)
             if problem is not None:
-                _warn_once(f"CCEConfig(mode='speed') cannot be used here ({problem[1]}); using mode='memory'")
+                _warn_once(f"CCEConfig(mode='speed') cannot be used here ({problem.reason}); using mode='memory'")
                 options["mode"] = "memory"
             else:
                 options["speed_chunk_bytes"] = self.speed_chunk_bytes

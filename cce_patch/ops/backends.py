@@ -156,7 +156,7 @@ def _triton_filter_problem(dtype: torch.dtype | None, mode: str, reduction: str,
     if mode == "memory":
         return "mode='memory'"
     problem = speed_mode_problem(dtype, reduction, return_lse, None, 0.0) if dtype is not None else None
-    return problem[1].split("; use ")[0] if problem is not None else None  # the reason, not its memory-mode advice
+    return problem.reason if problem is not None else None  # not its advice: memory mode cannot filter
 
 
 def filtered_mode(mode: str, backend: str, filtered: bool) -> str:

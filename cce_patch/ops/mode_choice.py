@@ -184,7 +184,7 @@ def _choose(device_type: str, device_index: int | None, backend: str, n: int, d:
     key = _key(device, backend, n, d, v, dtype, speed_chunk_bytes)
     problem = speed_mode_problem(dtype, reduction, return_lse, softcap, label_smoothing)
     if problem is not None:  # not cached: it depends on options, not on the shape, and costs nothing
-        choice = ModeChoice("memory", f"speed mode cannot compute this call: {problem[1]}", "unsupported")
+        choice = ModeChoice("memory", f"speed mode cannot compute this call: {problem.message}", "unsupported")
         _log(choice, key, detail=True)
         return choice.mode
     choice = _choices.get(key)
@@ -208,7 +208,7 @@ def _speed_rows(device_type: str, device_index: int | None, backend: str, d: int
     problem = speed_mode_problem(dtype, reduction, return_lse, softcap, label_smoothing)
     free = free_memory_bytes(device) if problem is None else None
     if free is None:
-        reason = f"speed mode cannot compute this call: {problem[1]}" if problem else f"free memory on {device} is unknown"
+        reason = f"speed mode cannot compute this call: {problem.message}" if problem else f"free memory on {device} is unknown"
         _log(ModeChoice("memory", reason + " (torch.compile: every N)", "compiled"), key, detail=True)
         return 1, 0
     lo = math.ceil(SPEED_MIN_WORK / (d * v)) if backend == "triton" else 1

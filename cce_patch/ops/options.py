@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 
@@ -71,32 +72,41 @@ def check_speed_chunk_bytes(value: object) -> int | None:
     return value
 
 
+class SpeedModeProblem(NamedTuple):
+    """Why speed mode cannot compute a call: the exception a call that asks for it raises, the reason, and
+    the advice (a mode or option that can). Callers that only route the call read the reason alone."""
+
+    error: type[Exception]
+    reason: str
+    advice: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.reason}; use {self.advice}"
+
+
 def speed_mode_problem(
     dtype: torch.dtype, reduction: str, return_lse: bool, softcap: float | None, label_smoothing: float
-) -> tuple[type[Exception], str] | None:
-    """Why ``mode="speed"`` cannot compute this call, as (exception type, message), or None when it can.
+) -> SpeedModeProblem | None:
+    """Why ``mode="speed"`` cannot compute this call, or None when it can.
 
     Speed mode forms the gradients in the forward pass, so it needs a scalar loss whose per-row weights are
     known there, a dtype whose exponent range holds unnormalised probabilities, and rank-one label-smoothing
     terms."""
     if reduction not in ("mean", "sum"):
-        return ValueError, (
+        return SpeedModeProblem(ValueError, (
             f"mode='speed' forms the gradients in the forward pass, which needs a scalar loss "
-            f"(reduction='mean' or 'sum'), got reduction={reduction!r}; use mode='memory'"
-        )
+            f"(reduction='mean' or 'sum'), got reduction={reduction!r}"), "mode='memory'")
     if return_lse:
-        return ValueError, (
-            "mode='speed' cannot return a differentiable LSE (its gradient is unknown in the forward pass); use "
-            "mode='memory' with return_lse=True"
-        )
+        return SpeedModeProblem(ValueError, (
+            "mode='speed' cannot return a differentiable LSE (its gradient is unknown in the forward pass)"),
+            "mode='memory' with return_lse=True")
     if dtype == torch.float16:
-        return TypeError, (
+        return SpeedModeProblem(TypeError, (
             "mode='speed' needs bf16 or fp32 inputs: it stores unnormalised probabilities, which overflow fp16's "
-            "range (fp16 hidden states); use mode='memory' for fp16"
-        )
+            "range (fp16 hidden states)"), "mode='memory' for fp16")
     if softcap is not None and label_smoothing > 0:
-        return ValueError, (
+        return SpeedModeProblem(ValueError, (
             "mode='speed' does not combine softcap with label_smoothing (the smoothing term is then no longer "
-            "rank one); use mode='memory'"
-        )
+            "rank one)"), "mode='memory'")
     return None

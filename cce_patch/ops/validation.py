@@ -101,8 +101,7 @@ def validate_inputs(
     if mode == "speed":
         problem = speed_mode_problem(e.dtype, reduction, return_lse, softcap, label_smoothing)
         if problem is not None:
-            error, message = problem
-            raise error(message)
+            raise problem.error(problem.message)
     if shift and e.dim() < 2:
         raise ValueError("shift=True needs a sequence dimension: e must be (..., T, D)")
     if c.shape[0] == 0 or c.shape[1] == 0:
