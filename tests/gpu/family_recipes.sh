@@ -33,17 +33,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee -a "$OUT/run.log") 2>&1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
-fi
+# shellcheck source=tests/gpu/lib.sh
+source tests/gpu/lib.sh
+compgen -G ".whl/*.whl" >/dev/null && install_wheels .whl/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-"$PY" - <<'PYEOF'
-import importlib
-for mod in ("torch", "triton", "transformers", "accelerate", "peft", "liger_kernel", "matplotlib", "cce_patch"):
-    try:
-        print(f"{mod:14s} {getattr(importlib.import_module(mod), '__version__', '?')}")
-    except Exception as exc:  # noqa: BLE001
-        print(f"{mod:14s} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
-PYEOF
+print_versions torch triton transformers accelerate peft liger_kernel matplotlib cce_patch
 "$PY" recipes/family_runs.py --out "$OUT" ${MAX_BATCH:+--max-batch} "$@"

@@ -45,37 +45,18 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 [[ $DEV == cuda ]] && unset TRITON_INTERPRET  # compiled kernels on the GPU; the CPU dry run interprets them
 exec > >(tee -a "$OUT/multi_gpu.log") 2>&1
 
+# shellcheck source=tests/gpu/lib.sh
+source tests/gpu/lib.sh
 declare -A RESULT
-hr() { printf '\n===== %s  [%s] =====\n' "$1" "$(date -u +%H:%M:%S)"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-run_section() {  # name timeout_s command...
-  local name=$1 limit=$2
-  shift 2
-  hr "$name (limit ${limit}s)"
-  local t0=$SECONDS
-  timeout --signal=TERM --kill-after=30 "$limit" "$@"
-  local rc=$?
-  RESULT[$name]="rc=$rc in $((SECONDS - t0))s$([[ $rc == 124 ]] && echo ' (TIMED OUT)')"
-  echo "----- $name: ${RESULT[$name]}"
-  return 0
-}
 
 hr "environment (sections: $STEPS)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=()
 for w in .whl/*.whl .whl-deepspeed/*.whl; do [[ -f $w ]] && WHEELS+=("$w"); done
-if (( ${#WHEELS[@]} )); then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS[@]}" \
-    && export PYTHONPATH="/tmp/site:$PYTHONPATH" && echo "installed carried wheels: ${WHEELS[*]##*/}"
-fi
+install_wheels "${WHEELS[@]}"
 nvidia-smi -L || echo "WARNING: nvidia-smi failed"
+print_versions torch triton transformers accelerate deepspeed datasets matplotlib cce_patch
 "$PY" - <<'EOF'
-import importlib
-for mod in ("torch", "triton", "transformers", "accelerate", "deepspeed", "datasets", "matplotlib", "cce_patch"):
-    try:
-        print(f"{mod:14s} {getattr(importlib.import_module(mod), '__version__', '?')}")
-    except Exception as exc:  # noqa: BLE001
-        print(f"{mod:14s} NOT IMPORTABLE: {type(exc).__name__}: {str(exc)[:160]}")
 import torch
 print("cuda devices:", torch.cuda.device_count())
 EOF

@@ -50,34 +50,24 @@ mkdir -p "$SCRATCH"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/run_all.log") 2>&1
-
+# shellcheck source=tests/gpu/lib.sh
+source tests/gpu/lib.sh
 declare -A RESULT
-hr() { printf '\n===== %s  [%s] =====\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 # --- environment: carried wheels, the project on the path, versions ------------------------------------
 hr "environment (sections: $STEPS)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
-    export PYTHONPATH="/tmp/site:$PYTHONPATH"
-    echo "installed carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
-  else
-    echo "WARNING: installing .whl/ failed; peers and datasets may be missing"
-  fi
+  install_wheels .whl/*.whl
 else
   echo "no .whl/ carried: peers (apple CCE, Liger) and datasets are skipped where missing"
 fi
 nvidia-smi || echo "WARNING: nvidia-smi failed"
+print_versions torch triton transformers accelerate peft datasets pyarrow fsspec cut_cross_entropy liger_kernel \
+  trl deepspeed matplotlib cce_patch
 "$PY" - <<'EOF'
-import importlib, platform
+import platform
 print("python", platform.python_version())
-for mod in ("torch", "triton", "transformers", "accelerate", "peft", "datasets", "pyarrow", "fsspec",
-            "cut_cross_entropy", "liger_kernel", "trl", "deepspeed", "matplotlib", "cce_patch"):
-    try:
-        m = importlib.import_module(mod)
-        print(f"{mod:18s} {getattr(m, '__version__', '?')}")
-    except Exception as exc:  # noqa: BLE001
-        print(f"{mod:18s} NOT IMPORTABLE: {type(exc).__name__}: {str(exc)[:160]}")
 import torch
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
@@ -86,25 +76,6 @@ if torch.cuda.is_available():
 else:
     print("WARNING: torch sees no CUDA device")
 EOF
-
-run_section() {  # name timeout_s command...
-  local name=$1 limit=$2
-  shift 2
-  hr "$name (limit ${limit}s)"
-  local t0=$SECONDS
-  timeout --signal=TERM --kill-after=30 "$limit" "$@"
-  local rc=$?
-  RESULT[$name]="rc=$rc in $((SECONDS - t0))s$([[ $rc == 124 ]] && echo ' (TIMED OUT)')"
-  echo "----- $name: ${RESULT[$name]}"
-  return 0
-}
-
-keep() {  # copy outputs that exist into $OUT
-  for f in "$@"; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done
-  return 0
-}
-
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # --- tests: every GPU-marked test (kernels vs fp32 reference, regimes vs the anchor generator, ...), then the
 # op and model tests that CI runs under Triton's interpreter, here natively (compiled kernels, real tiles)
