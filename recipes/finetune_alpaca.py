@@ -26,6 +26,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
@@ -279,9 +280,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> CCETra
         torch.set_num_threads(threads)
 
 
-def _run(argv: list[str] | None, callbacks: list | None = None) -> CCETrainer:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    script, train = parse_args(sys.argv[1:] if argv is None else argv)
+def load_rows_and_model(script, train) -> tuple[list[dict[str, str]], Any, Any]:
+    """(rows, model, tokenizer): the start every recipe shares (this one and finetune_trl_sft.py): the Alpaca rows,
+    the model and tokenizer they size (the offline tiny model when no model is given), LoRA where asked."""
     if not (script.model_name_or_path or script.model_config):
         logger.info("no model given: training the embedded offline tiny model (data: %s)",
                     script.dataset_path or dataset_name(script))
@@ -289,6 +290,13 @@ def _run(argv: list[str] | None, callbacks: list | None = None) -> CCETrainer:
     model, tokenizer = load_model_and_tokenizer(script, train, rows)
     if script.lora_r:
         model = add_lora(model, script)
+    return rows, model, tokenizer
+
+
+def _run(argv: list[str] | None, callbacks: list | None = None) -> CCETrainer:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    script, train = parse_args(sys.argv[1:] if argv is None else argv)
+    rows, model, tokenizer = load_rows_and_model(script, train)
     train_data, eval_data = prepare_data(script, train, rows, tokenizer)
     logger.info("%d training examples, %d eval examples", len(train_data), len(eval_data or []))
     try:

@@ -32,11 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from alpaca_prompts import format_prompt  # noqa: E402
 from finetune_alpaca import (  # noqa: E402
     OFFLINE_CONFIG,
-    add_lora,
     close_distributed,
-    dataset_name,
-    load_model_and_tokenizer,
-    load_rows,
+    load_rows_and_model,
     yaml_defaults,
 )
 from offline_default import sample_answers  # noqa: E402
@@ -110,13 +107,7 @@ def _run(argv: list[str] | None):
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script, train = parse_args(sys.argv[1:] if argv is None else argv)
-    if not (script.model_name_or_path or script.model_config):
-        logger.info("no model given: training the embedded offline tiny model (data: %s)",
-                    script.dataset_path or dataset_name(script))
-    rows = load_rows(script)
-    model, tokenizer = load_model_and_tokenizer(script, train, rows)
-    if script.lora_r:
-        model = add_lora(model, script)
+    rows, model, tokenizer = load_rows_and_model(script, train)
     dataset = Dataset.from_list(sft_rows(rows, tokenizer, script.use_chat_template))
     try:
         trainer = SFTTrainer(model=model, args=train, train_dataset=dataset, processing_class=tokenizer)

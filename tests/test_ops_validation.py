@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import HAS_CUDA, INTERPRETING
 
 from cce_patch import linear_cross_entropy

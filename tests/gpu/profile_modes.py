@@ -117,7 +117,8 @@ def trace(regime: str, mode: str) -> None:
     wall = start.elapsed_time(end) / 5
     events = [ev for ev in prof.key_averages() if ev.device_time_total > 0]
     busy = sum(ev.self_device_time_total for ev in events) / 1e3 / 5
-    print(f"== trace {regime} N,D,V={SHAPE} mode={mode} {OPTIONS or ''}: {wall:.2f} ms per call (events), GPU kernels {busy:.2f} ms")
+    print(f"== trace {regime} N,D,V={SHAPE} mode={mode} {OPTIONS or ''}: {wall:.2f} ms per call (events), "
+          f"GPU kernels {busy:.2f} ms")
     for ev in sorted(events, key=lambda ev: -ev.self_device_time_total)[:12]:
         print(f"  {ev.self_device_time_total / 1e3 / 5:8.3f} ms  x{ev.count // 5:<3d} {ev.key[:110]}")
     print("  host side (self CPU time per call):")
