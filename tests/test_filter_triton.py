@@ -24,8 +24,8 @@ from test_ops_filter import confident_inputs as _confident_inputs
 from cce_patch import linear_cross_entropy
 from cce_patch.ops import backends, resolve_impl
 from cce_patch.ops.filtering import BM, BV, FilterCounter, GradFilter
+from cce_patch.ops.fused import lse_kernel, tiles
 from cce_patch.ops.fused import speed_mode as fused_speed
-from cce_patch.ops.fused import tiles
 from cce_patch.ops.fused.filter_plan import decide_chunk, tile_masses_from_sums
 from cce_patch.ops.fused.lse_kernel import launch_lse_forward
 from cce_patch.ops.spec import LossSpec
@@ -141,7 +141,11 @@ def test_row_order_groups_confident_rows(monkeypatch):
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_bound_with_options(options):
+@pytest.mark.parametrize("mass_from_stored", [True, False], ids=["stored-masses", "fp32-masses"])
+def test_bound_with_options(options, mass_from_stored, monkeypatch):
+    """The bound with either source of the tile masses (``lse_kernel.MASS_FROM_STORED``): the sums of the
+    stored q, or the kernel's fp32 sums with the rounding margin (bf16 and softcap rows are where they differ)."""
+    monkeypatch.setattr(lse_kernel, "MASS_FROM_STORED", mass_from_stored)
     shift = options.get("shift", False)
     dtype = torch.bfloat16 if "speed_chunk_bytes" in options else torch.float32
     e, c, t, b = confident_inputs(256, 32, 1000, dtype, alpha=24.0, hot=100, bias=True, ignore_frac=0.2)
@@ -173,8 +177,11 @@ def test_dense_chunks_are_exact_and_counted_as_such(monkeypatch):
 # ------------------------------------------------------------------------------------------------ the pieces
 
 
-def test_storing_kernel_tile_masses():
-    """The storing kernel's optional output: per row and BLOCK_N-wide tile, the sum of the q it stored."""
+@pytest.mark.parametrize("mass_from_stored", [True, False])
+def test_storing_kernel_tile_masses(mass_from_stored, monkeypatch):
+    """The storing kernel's optional output: per row and BLOCK_N-wide tile, the sum of the q it stored (fp32
+    inputs without a soft cap: the stored values are the fp32 ones, so both sources give the same sums)."""
+    monkeypatch.setattr(lse_kernel, "MASS_FROM_STORED", mass_from_stored)
     e, c, t, _ = make_inputs((96,), 32, 300, torch.float32, regime="peaked", device=DEVICE)
     n, v = 96, 300
     q = torch.full((n, v), math.nan, device=DEVICE)

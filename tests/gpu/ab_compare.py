@@ -9,6 +9,9 @@ fresh process (no kernel cache, allocator or autotuning state shared between ver
     python3 tests/gpu/ab_compare.py --variant new=. --variant old=.ab/old \\
         --variant big_ds=.:fused.memory_mode.DS_CHUNK_BYTES=268435456 --modes memory,speed --regimes flat,lm
 
+A mode may carry options of the op in brackets, e.g. the filter beside the exact speed mode:
+``--modes 'speed,speed[filter_eps=2^-12,filter_vocab_order=natural]'`` (values: ``2^k``, numbers, or strings).
+
 A variant is ``name=ROOT[:module.ATTR=value,...]``: ``ROOT`` holds the ``cce_patch`` package to import, and each
 ``module.ATTR=value`` sets a constant of ``cce_patch.ops.<module>`` (ints, floats, True/False) before anything
 runs. Prints one table (median fwd+bwd ms, ``triton.testing.do_bench`` on CUDA, one column per variant and round)
@@ -39,6 +42,35 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, object]]:
     return name, os.path.abspath(root), values
 
 
+def split_modes(text: str) -> list[str]:
+    """``--modes`` items, split at the commas outside brackets."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*items, cur] if cur else items
+
+
+def parse_mode(item: str) -> tuple[str, dict[str, object]]:
+    """``speed[filter_eps=2^-12,filter_vocab_order=natural]`` -> ("speed", {"filter_eps": 0.000244..., ...})."""
+    mode, _, rest = item.partition("[")
+    options: dict[str, object] = {}
+    for pair in filter(None, rest.rstrip("]").split(",")):
+        key, _, raw = pair.partition("=")
+        if raw.startswith("2^"):
+            options[key] = 2.0 ** float(raw[2:])
+        else:
+            try:
+                options[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                options[key] = raw
+    return mode, options
+
+
 def worker(root: str, settings: dict[str, object], modes: list[str], regimes: list[str], rep_ms: int,
            shape: tuple[int, int, int], device: str) -> dict:
     """Runs in a fresh process: import cce_patch from ``root``, apply ``settings``, time every (mode, regime)."""
@@ -64,14 +96,17 @@ def worker(root: str, settings: dict[str, object], modes: list[str], regimes: li
     for regime in regimes:
         e, c, t = make_inputs(regime, *shape, device=device, dtype=torch.bfloat16)
         ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
-        for mode in modes:
-            def step(mode=mode, ee=ee, cc=cc, t=t):
-                return torch.autograd.grad(linear_cross_entropy(ee, cc, t, impl="triton", mode=mode), (ee, cc))
+        for item in modes:
+            mode, options = parse_mode(item)
+
+            def step(mode=mode, options=options, ee=ee, cc=cc, t=t):
+                loss = linear_cross_entropy(ee, cc, t, impl="triton", mode=mode, **options)
+                return torch.autograd.grad(loss, (ee, cc))
 
             try:
-                out[f"{mode}/{regime}"] = median_ms(step, torch.device(device), rep_ms=rep_ms)
+                out[f"{item}/{regime}"] = median_ms(step, torch.device(device), rep_ms=rep_ms)
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result too
-                out[f"{mode}/{regime}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+                out[f"{item}/{regime}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             del step
         e = c = t = ee = cc = None
         torch.cuda.empty_cache()
@@ -90,7 +125,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    modes, regimes = args.modes.split(","), args.regimes.split(",")
+    modes, regimes = split_modes(args.modes), args.regimes.split(",")
     if args.worker:
         name, root, settings = parse_variant(args.worker)
         shape = tuple(int(x) for x in args.shape.split(","))

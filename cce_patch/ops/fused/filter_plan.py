@@ -88,11 +88,12 @@ def _kept_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, vocab: int,
-                 block_n: int, grad_filter: GradFilter) -> ChunkFilter:
+                 block_n: int, grad_filter: GradFilter, margin: float = 1.0) -> ChunkFilter:
     """The filter of one chunk: ``sums`` the storing kernel's tile sums of q, ``a`` the rows' scales (0 where a
-    row does not count), ``targets`` the rows' targets (anything where not ``valid``). The caller counts it
+    row does not count), ``targets`` the rows' targets (anything where not ``valid``), ``margin`` the factor
+    that makes the sums bound those of the stored q (``lse_kernel.tile_mass_margin``). The caller counts it
     (``ChunkFilter.count``) once it knows whether the skip is applied."""
-    masses = tile_masses_from_sums(sums, a, vocab, block_n)
+    masses = tile_masses_from_sums(sums, a * margin if margin != 1.0 else a, vocab, block_n)
     idx = confidence_order(masses, valid)
     order = idx.to(torch.int32)
     sorted_masses = masses[idx]

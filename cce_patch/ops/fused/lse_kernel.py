@@ -58,13 +58,25 @@ FWD_FLAT_LOOP = True
 #: The same store for memory mode's dS (3 pipeline stages, to fit the 64 KB staging tile) was slower:
 #: 57.0 -> 60.9 ms (lm), 62.3 -> 63.6 (peaked), so dS keeps pointer stores (KERNEL_NOTES.md, v5).
 Q_TMA_STORE = True
+#: Gradient filtering: the tile masses are the sums of the q values as stored (rounded to q's dtype, with the
+#: softcap derivative) when True, or the fp32 sums the kernel forms anyway for the LSE (one reduction less per
+#: tile) when False; those bound the stored values' sums within q's rounding, which the decision then adds
+#: (``tile_mass_margin``). Default True until the two are timed against each other on a GPU.
+MASS_FROM_STORED = True
+
+
+def tile_mass_margin(dtype: torch.dtype) -> float:
+    """The factor the decision multiplies the kernel's tile masses by so that they bound the masses of the q the
+    gradient GEMMs read: 1 for sums of the stored values, else 1 + the unit roundoff of q's dtype (the stored
+    q_ij rounds the fp32 one to nearest, |error| <= u |q_ij|; the softcap factor only shrinks q)."""
+    return 1.0 if MASS_FROM_STORED else 1.0 + torch.finfo(dtype).eps / 2
 
 
 @triton.jit
 def anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM: tl.constexpr):
     """Speed mode's version of ``online_update``: with the anchor fixed per row, fold one logit tile
     into (sum over non-target columns of exp(z - anchor), target logit, logit sum) and return the tile's
-    q = exp(z - anchor), 0 at the target column, for the store.
+    q = exp(z - anchor), 0 at the target column, for the store, and its row sums (the tile masses' fp32 source).
 
     Leaving the target out of the sum lets the host form p_t - 1 = -s / (s + exp(z_t - anchor)) without the
     cancellation of computing p_t first. bf16 and fp32 share fp32's exponent range, so q keeps full relative
@@ -76,8 +88,9 @@ def anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM: tl.
         zsum_i += tl.sum(tl.where(col_ok, z, 0.0), axis=1)
     zt_i += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     q = tl.where(col_ok & ~is_target, tl.exp(z - anchor[:, None]), 0.0)
-    s_i += tl.sum(q, axis=1)
-    return q, s_i, zt_i, zsum_i
+    q_sum = tl.sum(q, axis=1)
+    s_i += q_sum
+    return q, q_sum, s_i, zt_i, zsum_i
 
 
 @triton.jit
@@ -100,12 +113,17 @@ def store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
 
 
 @triton.jit
-def store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N: tl.constexpr):
-    """Gradient filtering (``ops/filtering.py``): MASS[i, n0 // BLOCK_N] = sum over the tile's columns of the
-    q_ij just stored, in fp32. Summed from the rounded values the gradient GEMMs read, so the masses the
-    decision uses are exactly those of the gradient's operand (the padding columns past V hold q = 0).
+def store_tile_mass(MASS, stride_mass, stored, q_sum, offs_m, n0, row_ok, BLOCK_N: tl.constexpr,
+                    MASS_FROM_STORED: tl.constexpr):
+    """Gradient filtering (``ops/filtering.py``): MASS[i, n0 // BLOCK_N] = the tile's mass of row i, in fp32:
+    the sum of the q_ij just stored (``MASS_FROM_STORED``: exactly the gradient operand's, the padding columns
+    past V hold q = 0), or ``q_sum``, the fp32 row sums of the tile before rounding and softcap (already formed
+    for the LSE; ``tile_mass_margin`` turns them into a bound of the stored ones).
     One plain store per (row, tile): each tile of a row belongs to exactly one program, no atomics."""
-    mass = tl.sum(stored.to(tl.float32), axis=1)
+    if MASS_FROM_STORED:
+        mass = tl.sum(stored.to(tl.float32), axis=1)
+    else:
+        mass = q_sum
     tl.store(MASS + offs_m.to(tl.int64) * stride_mass + n0 // BLOCK_N, mass, mask=row_ok)
 
 
@@ -181,7 +199,7 @@ def lse_forward_kernel(
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STATS: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SQ: tl.constexpr, NEED_TOP1: tl.constexpr,
-    HAS_SCALE: tl.constexpr, STORE_MASS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, STORE_MASS: tl.constexpr, MASS_FROM_STORED: tl.constexpr,
 ):
     pid_m, pid_s = grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), n_splits, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,11 +241,13 @@ def lse_forward_kernel(
                     acc = acc * logit_scale
                 z = finish_logits(acc, BIAS, offs_n, V, softcap, HAS_BIAS, HAS_SOFTCAP)
                 if STORE_Q:
-                    q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
+                    q, q_sum, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i,
+                                                                     NEED_ZSUM)
                     stored = store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                                           HAS_SOFTCAP, Q_IS_DESC)
                     if STORE_MASS:
-                        store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
+                        store_tile_mass(MASS, stride_mass, stored, q_sum, offs_m, n0, row_ok, BLOCK_N,
+                                        MASS_FROM_STORED)
                 elif STATS:
                     m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
                         z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
@@ -243,11 +263,13 @@ def lse_forward_kernel(
                                   BLOCK_M, BLOCK_N, BLOCK_K)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if STORE_Q:
-                q, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i, NEED_ZSUM)
+                q, q_sum, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i,
+                                                                     NEED_ZSUM)
                 stored = store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                                       HAS_SOFTCAP, Q_IS_DESC)
                 if STORE_MASS:
-                    store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
+                    store_tile_mass(MASS, stride_mass, stored, q_sum, offs_m, n0, row_ok, BLOCK_N,
+                                    MASS_FROM_STORED)
             elif STATS:
                 m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i = stats_update(
                     z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
@@ -264,7 +286,9 @@ def lse_forward_kernel(
                 stored = store_q_tile(Q, stride_q, zero, zero, offs_m, n0 + tl.arange(0, BLOCK_N), m0, n0,
                                       row_ok, V, softcap, False, Q_IS_DESC)
                 if STORE_MASS:
-                    store_tile_mass(MASS, stride_mass, stored, offs_m, n0, row_ok, BLOCK_N)
+                    no_mass = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                    store_tile_mass(MASS, stride_mass, stored, no_mass, offs_m, n0, row_ok, BLOCK_N,
+                                    MASS_FROM_STORED)
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     if NEED_ZSUM:
@@ -342,7 +366,8 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
     (rows x V view, unit column stride). With ``stats`` (per-token statistics, never with ``q``), the logits are
     ``softcap(stats.logit_scale * (e . c + b))`` and the partials hold the planes ``combine_stats`` reads. With
     ``mass`` (gradient filtering, only with ``q``): (rows, cdiv(V, store_block_n)) fp32, filled with each row's
-    sum of the stored q over each BLOCK_N-wide column tile (``store_tile_mass``)."""
+    mass of q over each BLOCK_N-wide column tile (``store_tile_mass``; times ``tile_mass_margin`` a bound of the
+    stored q's)."""
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tiles.tile_config(e2d.dtype, "forward" if q is None else "store")
@@ -375,6 +400,6 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
         USE_TMA=use_tma, FLAT_LOOP=FWD_FLAT_LOOP and use_tma, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tiles.kernel_flags(e2d, bias, spec, cfg),
         STATS=extras, NEED_ENTROPY=stats.entropy, NEED_SQ=stats.log_sum_sq_probs, NEED_TOP1=stats.is_top1,
-        HAS_SCALE=stats.scaled, STORE_MASS=mass is not None,
+        HAS_SCALE=stats.scaled, STORE_MASS=mass is not None, MASS_FROM_STORED=MASS_FROM_STORED,
     )
     return part, zt

@@ -51,7 +51,7 @@ from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
 from .filter_plan import decide_chunk
 from .gemm import mm_accumulate, mm_fp32
-from .lse_kernel import launch_lse_forward
+from .lse_kernel import launch_lse_forward, tile_mass_margin
 from .row_prep_kernel import prepare_rows
 from .sparse_grads import de_splits, sparse_dc_accumulate, sparse_de
 
@@ -167,7 +167,7 @@ def forward_with_grads(
         sparse, splits = None, 1  # the chunk's filter plan where its products run block-sparse
         if grad_filter is not None:
             plan = decide_chunk(mass[: r1 - r0], a, t_safe, ok_c, v, tiles.tile_config(dtype, "store").block_n,
-                                grad_filter)
+                                grad_filter, tile_mass_margin(dtype))
             # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
             # pairs are skipped; elsewhere cuBLAS on all of q is faster, and exact.
             kept, most_kept = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max())).tolist()
