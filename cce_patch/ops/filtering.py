@@ -66,10 +66,12 @@ of whole row blocks anyway, takes m_ik as tile sums of them (``tile_masses``) an
 probabilities before forming dZ (``filter_probs_``): same rule, same bound, but no time saved on CPU (the
 dense products still run). The Triton backend filters in speed mode (``fused/speed_mode.py``): its storing
 forward writes q_ij = exp(z_ij - anchor_i) [* s_ij] (0 at the target) in the input dtype and, per row and
-column tile, the fp32 sum of the q it stored (``lse_kernel.store_tile_mass``; chunk rows x V/64 bytes); with
-a_i = exp(anchor_i - lse_i) known after the chunk, m_ik = a_i * sum_{j in tile k} q_ij is the mass of exactly
-the stored values the gradient is formed from (with a soft cap it carries s_ij <= 1: the quantity the proof
-bounds, sum_j |d_ij| / w_i, not p alone). Per chunk, the rows are sorted by the entropy of their tile masses,
+column tile, the fp32 sum of exp(z_ij - anchor_i) it formed for the LSE anyway (``lse_kernel.store_tile_mass``;
+chunk rows x V/64 bytes); with a_i = exp(anchor_i - lse_i) known after the chunk, m_ik = (1 + u) a_i * that sum
+bounds the mass of the stored values the gradient is formed from (u the unit roundoff of q's dtype: each stored
+q_ij rounds the fp32 one to nearest; with a soft cap the stored values carry s_ij <= 1 and only shrink; the
+quantity the proof bounds is sum_j |d_ij| / w_i, so an upper bound of it keeps the proof;
+``lse_kernel.MASS_FROM_STORED`` sums the stored values themselves instead). Per chunk, the rows are sorted by the entropy of their tile masses,
 ``block_bounds``, ``protected_tiles`` and ``skipped_from_bounds`` (plain torch ops, on the GPU, no host sync)
 decide, and block-sparse kernels (``fused/sparse_grads.py``) form dE and dC from the kept (block, tile) pairs
 only, or, where most pairs are kept, cuBLAS forms them exactly from all of q (no faster skipped, so not skipped;

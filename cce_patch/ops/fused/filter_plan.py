@@ -1,12 +1,15 @@
 """Gradient filtering on the Triton backend's speed mode: the decision for one chunk of rows, on the GPU.
 
-The storing forward (``lse_kernel.store_tile_mass``) leaves, per row i and BLOCK_N-wide column tile, the sum of
-the q_ij it stored. From those and the row scales a_i = exp(anchor_i - lse_i) this module forms the rule of
-``ops/filtering.py`` and the index lists the block-sparse gradient kernels (``sparse_grads.py``) walk:
+The storing forward (``lse_kernel.store_tile_mass``) leaves, per row i and BLOCK_N-wide column tile, the fp32
+sum of the q_ij it formed (before rounding and the softcap factor; ``lse_kernel.MASS_FROM_STORED`` sums the
+stored values instead). From those and the row scales a_i = exp(anchor_i - lse_i) this module forms the rule
+of ``ops/filtering.py`` and the index lists the block-sparse gradient kernels (``sparse_grads.py``) walk:
 
-1. m_ik = a_i * sum_{j in tile k} q_ij, row i's mass in the BV-wide tile k (BV / BLOCK_N adjacent sums; on
-   the GPU BLOCK_N = BV). q is 0 at the target, and the target's tile is protected anyway; with a soft cap q
-   carries the derivative factor s_ij <= 1, which is exactly the quantity the proof bounds (sum |d_ij|).
+1. m_ik = margin * a_i * sum_{j in tile k} q_ij, row i's mass in the BV-wide tile k (BV / BLOCK_N adjacent
+   sums; on the GPU BLOCK_N = BV), ``margin`` = 1 + q's unit roundoff (``lse_kernel.tile_mass_margin``) so that
+   it bounds the mass of the stored q the gradient is formed from. q is 0 at the target, and the target's tile
+   is protected anyway; with a soft cap the stored q carries the derivative factor s_ij <= 1, so the bound
+   holds for exactly the quantity the proof bounds (sum |d_ij|).
 2. A row order (``filtering.confidence_order``, as on every backend) that puts rows of similar confidence next
    to each other; blocks are BM consecutive rows of that order. The proof in filtering.py holds for any partition of the rows.
 3. Per block: bounds, protected target tiles and the skipped set (``filtering.block_bounds``,

@@ -61,8 +61,10 @@ Q_TMA_STORE = True
 #: Gradient filtering: the tile masses are the sums of the q values as stored (rounded to q's dtype, with the
 #: softcap derivative) when True, or the fp32 sums the kernel forms anyway for the LSE (one reduction less per
 #: tile) when False; those bound the stored values' sums within q's rounding, which the decision then adds
-#: (``tile_mass_margin``). Default True until the two are timed against each other on a GPU.
-MASS_FROM_STORED = True
+#: (``tile_mass_margin``). False: interleaved A/B on an H100 at the paper shape (two rounds each, fwd+bwd ms,
+#: benchmarks/ab_tile_mass_source_h100.json): lm 41.1 -> 37.8 (natural order) and 37.3 -> 35.6 (mean-logit
+#: order), flat 49.1 -> 48.6 and 50.9 -> 50.1; the exact path does not write masses and is unchanged.
+MASS_FROM_STORED = False
 
 
 def tile_mass_margin(dtype: torch.dtype) -> float:
