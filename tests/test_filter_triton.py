@@ -248,6 +248,29 @@ def test_decision_lists_follow_the_mask():
     assert counter.tiles_seen == plan.skipped.numel() and counter.tiles_skipped == int(plan.skipped.sum()) > 0
 
 
+def test_decision_makes_the_host_wait_for_nothing():
+    """``decide_chunk`` runs between a chunk's storing kernel and its gradient launches: an op that reads a value
+    back (nonzero() behind boolean indexing, item(), tolist()) would make the host wait for the storing kernel
+    there, with the GPU idle after it. The speed path's one read per chunk is its own (the kept-pair count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(2)
+    rows, vocab = 300, 1800
+    tiles_ = math.ceil(vocab / BV)
+    logits = 2.0 * torch.randn(rows, tiles_, generator=gen)
+    logits[torch.arange(rows), torch.arange(rows) % 2] += 30.0  # confident rows: their mass in tile 0 or 1
+    p = torch.softmax(logits, 1)
+    targets = torch.randint(0, 2 * BV, (rows,), generator=gen)
+    valid = torch.rand(rows, generator=gen) > 0.1
+    counter = FilterCounter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        plan = decide_chunk(p * valid[:, None], valid.float(), targets, valid, vocab, BV, GradFilter(2.0**-6, counter))
+        plan.count(counter, applied=True)
+    reads = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::tolist"}
+    assert not [ev.key for ev in prof.key_averages() if ev.key in reads]
+    assert counter.tiles_skipped > 0  # the decision did decide something
+
+
 def test_split_de_product_equals_unsplit_and_dense():
     """``sparse_de`` with a block's kept tiles shared by several programs (``de_splits``): the same product as one
     program per block and as the dense product over the kept pairs, on a plan whose counts are as uneven as

@@ -276,11 +276,13 @@ def protected_tiles(targets: torch.Tensor, valid: torch.Tensor, tiles: int) -> t
     """(B, T) bool: the tiles holding the target of a counted row of each block (never skipped); ``targets`` and
     ``valid`` in the row order of the blocks (as ``block_bounds``)."""
     rows = targets.shape[0]
-    out = torch.zeros(_blocks(rows), tiles, dtype=torch.bool, device=targets.device)
+    # Counted rows add 1 at their (block, target tile), the others 0: no boolean indexing, whose nonzero() would
+    # make the host wait for the GPU in the middle of each chunk's decision (integer sums do not depend on order).
+    hits = torch.zeros(_blocks(rows), tiles, dtype=torch.int32, device=targets.device)
     block = torch.arange(rows, device=targets.device) // BM
     tile = torch.where(valid, targets, 0) // BV
-    out[block[valid], tile[valid]] = True
-    return out
+    hits.index_put_((block, tile), valid.to(torch.int32), accumulate=True)
+    return hits > 0
 
 
 def skipped_from_bounds(bounds: torch.Tensor, protected: torch.Tensor, eps: float) -> torch.Tensor:
