@@ -176,7 +176,10 @@ def measure_problem(
 ) -> list[dict]:
     """Every cell (exact methods, then each eps x filter mode) on one problem ``(e, c, t)``: rows of the JSON.
 
-    ``built`` caches the exact methods across problems of one run (torch.compile compiles once per shape)."""
+    ``built`` caches the exact methods across problems of one run (torch.compile compiles once per shape).
+    Non-finite inputs are refused: every method would report NaN errors, which read as "ok" in a table."""
+    if not (torch.isfinite(e).all() and torch.isfinite(c).all()):
+        raise ValueError(f"{regime}: the hidden states or the head's weight are not finite; nothing to measure")
     device = e.device
     n, d = e.shape
     v = c.shape[0]

@@ -5,12 +5,15 @@
 
 Why: the synthetic regimes (``regimes.py``) guess what trained logits look like; what the filter skips, and what
 it costs in gradient error, should also be measured on logits a real architecture produced after training on
-real text. This builds the architecture ``--arch`` (``models/architectures.py``, random init, ``--dtype``), patches
-it (``cce_patch.patch``, exact gradients), trains it with plain AdamW on the Alpaca rows (tokenized by the
-recipe's own code, ``recipes/alpaca_prompts.py``: the Alpaca prompt, response-only labels) for ``--minutes`` or
-``--steps``, then runs the base model on held-out rows (never trained on) and keeps, for ``--n`` response tokens,
-the final hidden states (after the last norm, as the head sees them), the head's weight and the next-token
-targets. On that problem it measures exactly what ``filter_bench.py`` measures (exact methods, filter_eps in each
+real text. This builds the architecture ``--arch`` (``models/architectures.py``, random init, fp32 weights), patches
+it (``cce_patch.patch``, exact gradients), trains it with plain AdamW under ``--dtype`` autocast (as the recipe's
+Trainer does with ``bf16: true``: pure bf16 weights under AdamW diverged to NaN after ~470 steps at lr 5e-4 on an
+H100) on the Alpaca rows (tokenized by the recipe's own code, ``recipes/alpaca_prompts.py``: the Alpaca prompt,
+response-only labels) for ``--minutes`` or ``--steps``, then runs the base model on held-out rows (never trained
+on) and keeps, for ``--n`` response tokens, the final hidden states (after the last norm, as the head sees them),
+the head's weight and the next-token targets, in ``--dtype``. A step whose loss is not finite stops the run
+with an error (a measurement on NaN hidden states would be meaningless), as do non-finite captured states.
+On that problem it measures exactly what ``filter_bench.py`` measures (exact methods, filter_eps in each
 mode: time, peak MB, dE/dC error against fp32, tiles skipped, the backend that ran) and writes rows of the same
 JSON format, with regime ``trained-<arch>-<steps>steps``, so one report shows them beside the synthetic regimes.
 ``--save FILE`` also keeps the captured (e, c, t) for later CPU analysis (large: ~N*D + V*D bf16 numbers).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import random
 import sys
 import time
@@ -51,7 +55,8 @@ def alpaca_prompts() -> ModuleType:
 
 
 def build_model(arch: str, vocab_needed: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """The architecture at random init; its vocabulary grown to the tokenizer's where smaller (tiny presets)."""
+    """The architecture at random init, weights in ``dtype``; its vocabulary grown to the tokenizer's where
+    smaller (tiny presets)."""
     from transformers import AutoModelForCausalLM
 
     from ..models.architectures import architecture_config
@@ -86,13 +91,19 @@ def train(model, examples: list[dict], collate, args, device: torch.device) -> d
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     budget_s = args.minutes * 60
+    compute = DTYPES[args.dtype]
     t0 = time.perf_counter()
     curve, step, tokens = [], 0, 0
     for batch in batches(examples, args.batch, collate, args.seed):
         if (args.steps and step >= args.steps) or (not args.steps and time.perf_counter() - t0 >= budget_s):
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+            loss = model(**batch).loss
+        value = float(loss.detach())  # one read per step: a diverged run must stop here, not be measured
+        if not math.isfinite(value):
+            raise SystemExit(f"error: training diverged at step {step + 1} (loss {value}); lower --lr "
+                             f"(now {args.lr:g}) or train fewer steps")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -101,25 +112,27 @@ def train(model, examples: list[dict], collate, args, device: torch.device) -> d
         step += 1
         tokens += int((batch["labels"] != -100).sum())
         if step % args.log_every == 0 or step == 1:
-            curve.append((step, float(loss.detach())))
+            curve.append((step, value))
             log.info("step %d loss %.4f (%.0f s)", step, curve[-1][1], time.perf_counter() - t0)
     if step and curve[-1][0] != step:
-        curve.append((step, float(loss.detach())))
+        curve.append((step, value))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"steps": step, "train_s": round(time.perf_counter() - t0, 1), "response_tokens": tokens, "loss_curve": curve}
 
 
 @torch.no_grad()
-def capture(model, examples: list[dict], collate, n: int, batch: int, device: torch.device):
+def capture(model, examples: list[dict], collate, n: int, batch: int, device: torch.device, dtype: torch.dtype):
     """(e, c, t): the final hidden states of ``n`` response tokens (label != -100 after the causal shift), the
-    head's weight and their next-token targets, from the base model (the head's input)."""
+    head's weight and their next-token targets, from the base model (the head's input), in ``dtype`` (the base
+    model runs under its autocast, as in training)."""
     model.eval()
     base = getattr(model, model.base_model_prefix)
     es, ts, have = [], [], 0
     for start in range(0, len(examples), batch):
         b = {k: v.to(device) for k, v in collate(examples[start:start + batch]).items()}
-        hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         targets = b["labels"][:, 1:]
         keep = targets != -100
         es.append(hidden[:, :-1][keep])
@@ -129,9 +142,11 @@ def capture(model, examples: list[dict], collate, n: int, batch: int, device: to
             break
     if have < n:
         log.warning("held-out rows give %d response tokens, fewer than --n %d: measuring on %d", have, n, have)
-    e = torch.cat(es)[:n].contiguous()
+    e = torch.cat(es)[:n].to(dtype).contiguous()
     t = torch.cat(ts)[:n].contiguous()
-    c = model.get_output_embeddings().weight.detach().contiguous()
+    c = model.get_output_embeddings().weight.detach().to(dtype).contiguous()
+    if not (torch.isfinite(e).all() and torch.isfinite(c).all()):
+        raise SystemExit("error: the trained model's hidden states or head weight are not finite; nothing to measure")
     return e, c, t
 
 
@@ -150,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--holdout", type=int, default=512, help="rows kept out of training, for the capture")
     p.add_argument("--max-rows", type=int, default=0, help="use only the first rows of --data (0: all)")
     p.add_argument("--n", type=int, default=8192, help="response tokens captured")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                   help="autocast dtype of training and the dtype of the measured problem (weights stay fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, default=None, help="also torch.save the captured {e, c, t} here")
     p.add_argument("--name", default="filter_trained")
@@ -174,11 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_out, train_rows = examples[: args.holdout], examples[args.holdout:]
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8,
                                      return_tensors="pt")
-    model = build_model(args.arch, len(tokenizer), DTYPES[args.dtype], device, args.seed)
+    model = build_model(args.arch, len(tokenizer), torch.float32, device, args.seed)
     log.info("%s: %.1fM parameters, %d training rows, %d held out", args.arch,
              sum(q.numel() for q in model.parameters()) / 1e6, len(train_rows), len(held_out))
     trained = train(model, train_rows, collate, args, device)
-    e, c, t = capture(model, held_out, collate, args.n, args.batch, device)
+    e, c, t = capture(model, held_out, collate, args.n, args.batch, device, DTYPES[args.dtype])
     del model
     free_cached(device)
     if args.save is not None:

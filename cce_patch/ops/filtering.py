@@ -71,7 +71,8 @@ chunk rows x V/64 bytes); with a_i = exp(anchor_i - lse_i) known after the chunk
 bounds the mass of the stored values the gradient is formed from (u the unit roundoff of q's dtype: each stored
 q_ij rounds the fp32 one to nearest; with a soft cap the stored values carry s_ij <= 1 and only shrink; the
 quantity the proof bounds is sum_j |d_ij| / w_i, so an upper bound of it keeps the proof;
-``lse_kernel.MASS_FROM_STORED`` sums the stored values themselves instead). Per chunk, the rows are sorted by the entropy of their tile masses,
+``lse_kernel.MASS_FROM_STORED`` sums the stored values themselves instead). Per chunk, the rows are sorted by
+the entropy of their tile masses,
 ``block_bounds``, ``protected_tiles`` and ``skipped_from_bounds`` (plain torch ops, on the GPU, no host sync)
 decide, and block-sparse kernels (``fused/sparse_grads.py``) form dE and dC from the kept (block, tile) pairs
 only, or, where most pairs are kept, cuBLAS forms them exactly from all of q (no faster skipped, so not skipped;

@@ -29,7 +29,8 @@ beyond that, or on any non-finite value, the call falls back to the recompute pa
 fp16's range (~[-10, 11] in exp) is far too narrow for this, so speed mode refuses fp16 inputs.
 
 Gradient filtering (``filter_eps``, ``ops/filtering.py``): the storing kernel also writes, per row and column
-tile, the fp32 sum of the q it formed (a bound of the stored q's with the rounding margin); after a chunk's combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
+tile, the fp32 sum of the q it formed (a bound of the stored q's with the rounding margin); after a chunk's
+combine step ``filter_plan.decide_chunk`` sorts the chunk's rows
 by confidence, decides per (block of 128 sorted rows, 256-entry tile) on the GPU, and the two products above run
 over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT_FRACTION`` of the pairs are
 kept, as the dense GEMMs on the whole of q: that chunk's gradients are the exact ones (within any bound), and
