@@ -15,6 +15,13 @@ run that takes longer (its process group gets SIGTERM): the comparison then cove
 slow filtered run still gives a report inside the caller's time limit. Exit status: 0 both runs complete, 3 a
 run stopped at the limit (the report covers fewer steps), 1 a run failed or nothing to compare.
 
+What "within bf16 noise" means is measured in the same call: ``--baselines`` (default ``stock``) adds runs whose
+difference from the filter-off run is noise, not filtering: ``stock`` trains with Transformers' own loss
+(``--use_cce false``: another exact implementation, other roundings), ``repeat`` reruns filter-off unchanged
+(what the GPU's run-to-run nondeterminism alone gives). The report's ``noise`` holds the same statistics for each,
+and ``within_noise`` says whether the filtered run's max and mean per-step differences are at most the largest
+baseline's.
+
 The report (``filter_curves.json``, ``filter_curves.png`` when matplotlib imports, and a summary printed): max and
 mean per-step |loss(on) - loss(off)|, the same over the last 10% of steps, each curve's last-10% mean, the
 logged skipped fraction (mean, min, max), each run's median step time (steps after the 5th), and whether the
@@ -59,6 +66,8 @@ def run_one(label: str, args: argparse.Namespace, extra: list[str]) -> dict:
            "--output_dir", str(out_dir), "--seed", str(args.seed), "--report_to", "none"]
     if label == "filter_on":
         cmd += ["--cce_config", json.dumps({"filter_eps": args.eps})]
+    elif label == "stock":
+        cmd += ["--use_cce", "false"]
     cmd += extra
     args.scratch.mkdir(parents=True, exist_ok=True)
     log_path = args.scratch / f"{label}.log"
@@ -155,6 +164,28 @@ def compare(off_path: Path, on_path: Path) -> dict:
     }
 
 
+def differences(off_path: Path, other_path: Path) -> dict:
+    """Max and mean per-step |loss(other) - loss(off)|, overall and over the last 10% of the common steps."""
+    off, other = curve(off_path), curve(other_path)
+    steps = sorted(set(off) & set(other))
+    diffs = [abs(other[s]["loss"] - off[s]["loss"]) for s in steps]
+    tail = diffs[-max(1, len(diffs) // 10):] if diffs else []
+    return {"steps_compared": len(steps), "max_abs_diff": max(diffs) if diffs else None,
+            "mean_abs_diff": statistics.fmean(diffs) if diffs else None,
+            "max_abs_diff_last10pct": max(tail) if tail else None,
+            "curve": [(s, other[s]["loss"]) for s in steps]}
+
+
+def within_noise(report: dict) -> bool | None:
+    """Whether the filtered run differs from filter-off by no more than the noisiest baseline does (max and mean
+    per-step difference), or None without a baseline that compared any step."""
+    noise = [n for n in report.get("noise", {}).values() if n["steps_compared"]]
+    if not noise or report["max_abs_diff"] is None:
+        return None
+    return (report["max_abs_diff"] <= max(n["max_abs_diff"] for n in noise)
+            and report["mean_abs_diff"] <= max(n["mean_abs_diff"] for n in noise))
+
+
 def plot(report: dict, path: Path, title: str) -> bool:
     """Both curves, their difference, and the skipped fraction; False when matplotlib is missing."""
     try:
@@ -177,9 +208,16 @@ def plot(report: dict, path: Path, title: str) -> bool:
     diff = [(s, on[s] - y) for s, y in report["curve_off"] if s in on]
     if diff:
         xs, ys = zip(*diff, strict=True)
-        mid.plot(xs, ys, lw=1, color="tab:red")
+        mid.plot(xs, ys, lw=1, color="tab:red", label="filter on")
+    for name, noise in report.get("noise", {}).items():
+        other = dict(noise["curve"])
+        base = [(s, other[s] - y) for s, y in report["curve_off"] if s in other]
+        if base:
+            xs, ys = zip(*base, strict=True)
+            mid.plot(xs, ys, lw=0.8, alpha=0.7, label=f"{name} (noise)")
     mid.axhline(0, color="gray", lw=0.5)
-    mid.set_ylabel("loss(on) - loss(off)")
+    mid.set_ylabel("loss(x) - loss(off)")
+    mid.legend(fontsize=7)
     if report["skipped_fraction"]:
         xs, ys = zip(*report["skipped_fraction"], strict=True)
         low.plot(xs, [100 * y for y in ys], lw=1, color="tab:green")
@@ -196,6 +234,10 @@ def summary(report: dict) -> str:
         return "-" if x is None else f"{x:.{p}f}"
 
     dropped = report["max_row_dropped_mass_max"]
+    noise = [f"  {name} vs off (noise): max {f(n['max_abs_diff'])}, mean {f(n['mean_abs_diff'])}, max over the last "
+             f"10% {f(n['max_abs_diff_last10pct'])} ({n['steps_compared']} steps)"
+             for name, n in report.get("noise", {}).items()]
+    verdict = {True: "within the noise", False: "NOT within the noise", None: "no noise baseline"}[within_noise(report)]
 
     return "\n".join([
         f"steps compared: {report['steps_compared']} (off {report['steps_off']}, on {report['steps_on']})",
@@ -205,6 +247,8 @@ def summary(report: dict) -> str:
         f"cce_filter_skipped_fraction: mean {f(report['skipped_fraction_mean'])}, min "
         f"{f(report['skipped_fraction_min'])}, max {f(report['skipped_fraction_max'])}; largest row dropped mass "
         f"{'-' if dropped is None else format(dropped, '.2e')}",
+        *noise,
+        f"filter on vs off: {verdict}",
     ])
 
 
@@ -236,16 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", nargs=2, type=Path, metavar=("OFF_STATE", "ON_STATE"),
                    help="only compare two trainer_state.json files")
     p.add_argument("--run-limit-s", type=float, default=0, help="stop a run after this many seconds (0: never)")
+    p.add_argument("--baselines", default="stock",
+                   help="comma-separated noise runs beside filter off/on: stock (Transformers' loss), repeat "
+                   "(filter off again); '' for none")
     p.add_argument("--no-png", action="store_true")
     args = p.parse_args(argv)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if unknown := sorted(set(baselines) - {"stock", "repeat"}):
+        p.error(f"--baselines: unknown {unknown}; choose from stock, repeat")
     args.config = args.config if args.config.is_absolute() else (Path.cwd() / args.config)
     args.scratch = (args.scratch or Path("/tmp/cce_filter_curves")).resolve()
     args.out = args.out.resolve()
     if args.report:
         write_report(compare(*args.report), args.out, f"{args.report[0]} vs {args.report[1]}", not args.no_png)
         return 0
-    runs = [run_one(label, args, extra) for label in ("filter_off", "filter_on")]
+    runs = [run_one(label, args, extra) for label in ("filter_off", "filter_on", *baselines)]
     report = compare(run_source(runs[0]), run_source(runs[1]))
+    report["noise"] = {run["label"]: differences(run_source(runs[0]), run_source(run)) for run in runs[2:]}
+    report["within_noise"] = within_noise(report)
     for run in runs:
         run["median_step_s"] = median_step_s(Path(run["step_log"]))
         print(f"{run['label']}: median step {run['median_step_s']} s, {run['wall_s']} s in all")

@@ -180,6 +180,24 @@ def test_filter_curves_report(tmp_path: Path):
     assert json.loads((tmp_path / "out" / "filter_curves.json").read_text())["steps_compared"] == 4
 
 
+def test_filter_curves_noise_baselines(tmp_path: Path):
+    """The filtered run is judged against what exact runs differ by (stock loss, a repeat): within the noise when
+    its max and mean per-step differences are at most the noisiest baseline's."""
+    fc = _filter_curves()
+    off = _state(tmp_path / "off.json", [3.0, 2.5, 2.0, 1.8])
+    on = _state(tmp_path / "on.json", [3.0, 2.52, 1.98, 1.8], skipped=[0.0, 0.2, 0.4, 0.6])
+    stock = _state(tmp_path / "stock.json", [3.0, 2.47, 2.03, 1.81])
+    report = fc.compare(off, on)
+    report["noise"] = {"stock": fc.differences(off, stock)}
+    assert report["noise"]["stock"]["max_abs_diff"] == pytest.approx(0.03)
+    assert fc.within_noise(report) is True
+    report["noise"] = {"stock": fc.differences(off, _state(tmp_path / "s2.json", [3.0, 2.5, 2.01, 1.8]))}
+    assert fc.within_noise(report) is False
+    report["noise"] = {}
+    assert fc.within_noise(report) is None
+    fc.write_report(report, tmp_path / "out", "test", png=False)
+
+
 def test_filter_curves_reads_a_stopped_runs_step_log(tmp_path: Path):
     """A run stopped at --run-limit-s leaves no trainer_state.json, only timed_finetune's step log: the comparison
     covers the steps both logs hold, and the median step time skips the first steps (compilation)."""

@@ -25,7 +25,7 @@
 # tests/gpu/family_recipes.sh) and their
 # expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
 # dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min),
-# filter ~3 min, filter_trained ~4 min (2.5 min of training), filter_curves ~4-5 min (two 300-step runs).
+# filter ~3 min, filter_trained ~4 min (2.5 min of training), filter_curves ~5 min (three 300-step runs of ~90 s on an H100).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
 # Knobs: CCE_BENCH_METHODS (e.g. "ours,ours[mode=speed],torch,torch.compile,cce,cce_exact,liger"),
 # CCE_BENCH_ARGS (appended to every kernel-bench command), CCE_SCALING_METHODS, CCE_E2E_MODELS, CCE_E2E_ARGS,
@@ -239,9 +239,10 @@ fi
 #                 .gpu_data/alpaca_5000.json (Qwen2.5 tokenizer), then the same cells on 8192 held-out response tokens'
 #                 hidden states and its head (regime trained-qwen2.5-0.5b-<steps>steps).
 # filter_curves   recipes/filter_curves.py: configs/gpu-smoke-qwen2.5.yaml for 300 steps, filter off then
-#                 filter_eps=2^-12 (same seed and data), per-step |loss difference|, the logged skipped fraction and
-#                 each run's median step time. Each run is stopped after CCE_FILTER_CURVES_RUN_LIMIT_S (250) seconds;
-#                 the report then covers the steps both ran (rc=3: partial).
+#                 filter_eps=2^-12, then Transformers' own loss as the noise baseline (same seed and data), per-step
+#                 |loss difference| of each against filter off, the logged skipped fraction and each run's median
+#                 step time. Each run is stopped after CCE_FILTER_CURVES_RUN_LIMIT_S (160) seconds; the report then
+#                 covers the steps all ran (rc=3: partial).
 # CPU dry run (a few minutes): PYTHON=<venv>/bin/python CCE_GPU_STEPS="filter filter_trained filter_curves" \
 #   CCE_FILTER_ARGS="--device cpu --regimes lm" CCE_FILTER_TRAINED_ARGS="--device cpu --arch tiny-llama \
 #   --tokenizer ../shared/data/tokenizers/phi3-mini --data ../shared/data/alpaca_5000.json --steps 3 --batch 4 \
@@ -269,7 +270,7 @@ if want filter_curves; then
   # shellcheck disable=SC2086  # CCE_FILTER_CURVES_ARGS is a list of words on purpose
   run_section filter_curves "${CCE_TIMEOUT_FILTER_CURVES:-540}" \
     "$PY" recipes/filter_curves.py --python "$PY" --out "$SCRATCH/filter_curves" \
-    --scratch "$SCRATCH/filter_curves_runs" --run-limit-s "${CCE_FILTER_CURVES_RUN_LIMIT_S:-250}" \
+    --scratch "$SCRATCH/filter_curves_runs" --run-limit-s "${CCE_FILTER_CURVES_RUN_LIMIT_S:-160}" \
     ${CCE_FILTER_CURVES_ARGS:-}
   keep "$SCRATCH/filter_curves/filter_curves.json" "$SCRATCH/filter_curves/filter_curves.png"
 fi
