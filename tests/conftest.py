@@ -30,6 +30,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_filter_choices():
+    """Each test's filtered calls choose dense or block-sparse from their own counts, not from another test's
+    call of the same shape (``filter_plan.chunk_counts`` remembers them across calls)."""
+    try:
+        from cce_patch.ops.fused.filter_plan import forget_chunk_counts
+    except ImportError:  # no Triton: nothing remembers counts
+        yield
+        return
+    forget_chunk_counts()
+    yield
+
+
 class _TF32Switch:
     """Sets ``torch.backends.cuda.matmul.allow_tf32`` for one test (pytest's monkeypatch cannot restore
     that attribute: torch implements it as a property of a module object)."""

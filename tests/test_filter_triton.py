@@ -271,6 +271,30 @@ def test_decision_makes_the_host_wait_for_nothing():
     assert counter.tiles_skipped > 0  # the decision did decide something
 
 
+def test_second_call_chooses_from_the_first_calls_counts(monkeypatch):
+    """The dense/sparse choice reads counts from the host: the first call of a shape its own (the one host
+    sync of the choice), later calls the previous call's of the same chunk, without waiting; the bound holds
+    either way, and the counts remembered are the last call's."""
+    from cce_patch.ops.fused import filter_plan
+
+    reads = []
+    real_read = filter_plan._read_now
+    monkeypatch.setattr(filter_plan, "_read_now", lambda counts: reads.append(1) or real_read(counts))
+
+    e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, ignore_frac=0.0)
+    first, _ = check_triton_bound(e, c, t, None, eps=2.0**-8)
+    chunks = len(reads)  # each chunk read its own counts
+    assert chunks >= 1 and first.skipped_fraction > 0.3 and len(filter_plan._last_counts) == chunks
+    reads.clear()
+    flat = make_inputs((256,), 32, 1000, torch.float32, device=DEVICE)[:3]  # same shape, nothing skippable
+    second, _ = check_triton_bound(*flat, None, eps=2.0**-8)
+    # the choice came from the first call's (sparse-worthy) counts: run block-sparse, skipping nothing, exactly
+    assert second.tiles_skipped == 0 and second.tiles_seen == first.tiles_seen
+    assert not reads  # the chunk's own counts were not waited for
+    remembered = [host.tolist()[0] for host, _ in filter_plan._last_counts.values()]
+    assert len(remembered) == chunks and sum(remembered) == second.tiles_seen  # every pair kept: next time dense
+
+
 def test_split_de_product_equals_unsplit_and_dense():
     """``sparse_de`` with a block's kept tiles shared by several programs (``de_splits``): the same product as one
     program per block and as the dense product over the kept pairs, on a plan whose counts are as uneven as

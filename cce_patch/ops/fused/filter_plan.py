@@ -17,11 +17,17 @@ of ``ops/filtering.py`` and the index lists the block-sparse gradient kernels (`
    ``filtering.filter_probs_`` fills it.
 4. The kept (block, tile) pairs as padded index lists, no host sync: per block its kept tiles (dE's walk), per
    tile its kept blocks (dC's walk), each list sorted ascending with a count (a stable sort of the mask).
+5. The counts the launcher chooses by (dense cuBLAS or block-sparse, and the dE split): a performance choice
+   only, since the bound holds on either path. Reading them right away would make the host wait for the chunk's
+   storing kernel; so from the second call of a shape the choice reads the same chunk's counts from the previous
+   call (``chunk_counts``: copied to the host without blocking, read once that copy has landed), which a training
+   run's slowly changing statistics make a good guess. The first call of a shape reads its own.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +119,44 @@ def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, val
     return ChunkFilter(order, skipped, tiles_of_block.contiguous(), tile_counts, blocks_of_tile.contiguous(),
                        block_counts, max_dropped)
 
+
+
+#: (chunk rows, V, eps, chunk index) -> the last call's (kept pairs, most tiles kept by a block) of that chunk, as a
+#: host tensor filled by a non-blocking copy, and the CUDA event after which it holds them (None on the CPU).
+_last_counts: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = OrderedDict()
+#: Most chunk shapes remembered (least recently used dropped first).
+MAX_REMEMBERED_CHUNKS = 256
+
+
+def chunk_counts(plan: ChunkFilter, key: tuple) -> tuple[int, int]:
+    """(kept pairs, most tiles kept by one block) for choosing how to run this chunk: the previous call's counts of
+    the same chunk (``key``) when they have reached the host, else this chunk's own, read now (a host sync: the
+    first call of a shape). This chunk's counts are copied to the host without waiting, for the next call."""
+    remembered = _last_counts.get(key)
+    counts = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max()))
+    if remembered is not None and (remembered[1] is None or remembered[1].query()):
+        kept, most_kept = remembered[0].tolist()  # a host tensor: no device sync
+        _last_counts.move_to_end(key)
+    else:
+        kept, most_kept = _read_now(counts)
+    if counts.is_cuda:
+        host = torch.empty(2, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host, event = counts, None
+    _last_counts[key] = (host, event)
+    if len(_last_counts) > MAX_REMEMBERED_CHUNKS:
+        _last_counts.popitem(last=False)
+    return kept, most_kept
+
+
+def _read_now(counts: torch.Tensor) -> list[int]:
+    """The chunk's own counts, waiting for the GPU to form them (the first call of a shape)."""
+    return counts.tolist()
+
+
+def forget_chunk_counts() -> None:
+    """Drop every remembered count (tests that need each call to choose from its own counts)."""
+    _last_counts.clear()

@@ -36,9 +36,10 @@ over the kept pairs only (``sparse_grads.py``), or, where more than ``DENSE_KEPT
 kept, as the dense GEMMs on the whole of q: that chunk's gradients are the exact ones (within any bound), and
 the counter says nothing was skipped there. Zeroing the skipped tiles of q first would make the dense products
 no faster, only less exact, at the price of a pass over q (6.25 ms a call at the paper shape, H100). dbias is
-one column sum of q, exact on either path for the same reason. Choosing between the two costs one host sync per
-chunk (the number of kept pairs and the largest count of a block, which also sizes the dE kernel's split),
-during which the GPU waits for the chunk's gradient launches.
+one column sum of q, exact on either path for the same reason. The choice between the two (and the dE kernel's
+split) reads the number of kept pairs and the largest count of a block: the previous call's of the same chunk
+from the second call of a shape, so that the host does not wait for the chunk's storing kernel
+(``filter_plan.chunk_counts``); either choice keeps the bound.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..filtering import GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
-from .filter_plan import decide_chunk
+from .filter_plan import chunk_counts, decide_chunk
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward, tile_mass_margin
 from .row_prep_kernel import prepare_rows
@@ -169,9 +170,10 @@ def forward_with_grads(
         if grad_filter is not None:
             plan = decide_chunk(mass[: r1 - r0], a, t_safe, ok_c, v, tiles.tile_config(dtype, "store").block_n,
                                 grad_filter, tile_mass_margin(dtype))
-            # One host sync per chunk (a number of kept pairs): the block-sparse kernels win only where most
-            # pairs are skipped; elsewhere cuBLAS on all of q is faster, and exact.
-            kept, most_kept = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max())).tolist()
+            # The block-sparse kernels win only where most pairs are skipped; elsewhere cuBLAS on all of q is
+            # faster, and exact. The counts come from the previous call of this shape (no host sync) or, on the
+            # first, from this chunk (filter_plan.chunk_counts).
+            kept, most_kept = chunk_counts(plan, (r1 - r0, v, grad_filter.eps, k))
             if kept <= DENSE_KEPT_FRACTION * plan.skipped.numel():
                 sparse, splits = plan, de_splits(kept, most_kept, plan.blocks)
             plan.count(grad_filter.counter, applied=sparse is not None)  # a dense chunk skips nothing: exact
