@@ -295,6 +295,33 @@ def test_second_call_chooses_from_the_first_calls_counts(monkeypatch):
     assert len(remembered) == chunks and sum(remembered) == second.tiles_seen  # every pair kept: next time dense
 
 
+def test_shapes_with_nothing_to_skip_run_as_the_exact_call(monkeypatch, deterministic):
+    """After a deciding call ran every chunk dense, the same shape runs as the exact call (no tile masses, no
+    decisions; bit for bit the exact gradients, counted as seen with nothing skipped) until the probe, which
+    decides again and brings the filter back for inputs that have become skippable."""
+    from cce_patch.ops.fused import filter_plan
+
+    decisions = []
+    real_decide = fused_speed.decide_chunk
+    monkeypatch.setattr(fused_speed, "decide_chunk", lambda *a, **k: decisions.append(1) or real_decide(*a, **k))
+    monkeypatch.setattr(filter_plan, "PROBE_EVERY", 3)
+    flat = make_inputs((256,), 32, 1000, torch.float32, device=DEVICE)[:3]
+    confident = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, ignore_frac=0.0)[:3]
+    first, _ = check_triton_bound(*flat, None, eps=2.0**-8)
+    chunks = len(decisions)
+    assert chunks >= 1 and first.tiles_skipped == 0
+    decisions.clear()
+    counts = []
+    for _ in range(3):  # bypassed: exact, nothing decided, yet counted
+        counter, got = check_triton_bound(*confident, None, eps=2.0**-8)
+        counts.append((counter.tiles_seen, counter.tiles_skipped))
+    _, exact = _triton_grads(*confident, None)
+    assert all(torch.equal(x, y) for x, y in zip(got[:2], exact[:2], strict=True))
+    assert not decisions and counts == [(first.tiles_seen, 0)] * 3
+    probe, _ = check_triton_bound(*confident, None, eps=2.0**-8)  # the 4th call decides again: skips
+    assert len(decisions) == chunks and probe.skipped_fraction > 0.3
+
+
 def test_split_de_product_equals_unsplit_and_dense():
     """``sparse_de`` with a block's kept tiles shared by several programs (``de_splits``): the same product as one
     program per block and as the dense product over the kept pairs, on a plan whose counts are as uneven as

@@ -22,6 +22,10 @@ of ``ops/filtering.py`` and the index lists the block-sparse gradient kernels (`
    storing kernel; so from the second call of a shape the choice reads the same chunk's counts from the previous
    call (``chunk_counts``: copied to the host without blocking, read once that copy has landed), which a training
    run's slowly changing statistics make a good guess. The first call of a shape reads its own.
+6. Where the last deciding call of a shape ran every chunk dense (nothing worth skipping), the next calls run as
+   the exact call (no tile masses, no decisions: ``skip_filter_work``), counted as seen with nothing skipped,
+   except every ``PROBE_EVERY``-th, which decides again, so that a model that becomes confident as it trains
+   gets the filter back within that many steps.
 """
 
 from __future__ import annotations
@@ -157,6 +161,37 @@ def _read_now(counts: torch.Tensor) -> list[int]:
     return counts.tolist()
 
 
+#: A shape whose chunks all ran dense in its last deciding call skips the filter's work on this many calls in
+#: a row, then decides again (the probe).
+PROBE_EVERY = 16
+#: (the call's chunk keys) -> calls run without the filter's work since that shape last decided.
+_calls_since_probe: dict[tuple, int] = {}
+
+
+def skip_filter_work(chunk_keys: list[tuple], pairs: list[int], dense_fraction: float) -> bool:
+    """Whether this call can run as the exact call: every chunk (``chunk_keys`` as for ``chunk_counts``, ``pairs``
+    each chunk's (row block, tile) pairs) kept more than ``dense_fraction`` of its pairs in the last deciding call
+    of the shape, whose counts have reached the host, and the probe is not due (a probe forgets those counts, so
+    that it chooses from its own). Host work only: dict lookups and event queries."""
+    shape = tuple(chunk_keys)
+    since = _calls_since_probe.get(shape, 0)
+    dense = since < PROBE_EVERY
+    if not dense:  # the probe: its chunks choose from their own counts, not from the stale dense ones
+        for key in chunk_keys:
+            _last_counts.pop(key, None)
+    for key, total in zip(chunk_keys, pairs, strict=True):
+        remembered = _last_counts.get(key)
+        if not dense or remembered is None or (remembered[1] is not None and not remembered[1].query()):
+            dense = False
+            break
+        dense = remembered[0].tolist()[0] > dense_fraction * total
+    _calls_since_probe[shape] = since + 1 if dense else 0
+    if len(_calls_since_probe) > MAX_REMEMBERED_CHUNKS:
+        _calls_since_probe.pop(next(iter(_calls_since_probe)))
+    return dense
+
+
 def forget_chunk_counts() -> None:
-    """Drop every remembered count (tests that need each call to choose from its own counts)."""
+    """Drop every remembered count and probe countdown (tests that need each call to decide from its own data)."""
     _last_counts.clear()
+    _calls_since_probe.clear()

@@ -39,7 +39,9 @@ no faster, only less exact, at the price of a pass over q (6.25 ms a call at the
 one column sum of q, exact on either path for the same reason. The choice between the two (and the dE kernel's
 split) reads the number of kept pairs and the largest count of a block: the previous call's of the same chunk
 from the second call of a shape, so that the host does not wait for the chunk's storing kernel
-(``filter_plan.chunk_counts``); either choice keeps the bound.
+(``filter_plan.chunk_counts``); either choice keeps the bound. Where the last deciding call of a shape ran every
+chunk dense, the next calls run as the exact call, but every ``filter_plan.PROBE_EVERY``-th
+(``filter_plan.skip_filter_work``): where nothing is worth skipping, the filter then costs nothing.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..filtering import GradFilter
+from ..filtering import BM, BV, GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
-from .filter_plan import chunk_counts, decide_chunk
+from .filter_plan import chunk_counts, decide_chunk, skip_filter_work
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward, tile_mass_margin
 from .row_prep_kernel import prepare_rows
@@ -131,6 +133,14 @@ def forward_with_grads(
     chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
 
     mass = None
+    if grad_filter is not None:  # where the last deciding call ran every chunk dense, run as the exact call
+        keys = [(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
+        pairs = [triton.cdiv(r1 - r0, BM) * triton.cdiv(v, BV) for r0, r1 in chunks]
+        if skip_filter_work(keys, pairs, DENSE_KEPT_FRACTION):
+            if grad_filter.counter is not None:
+                nothing = torch.zeros((), dtype=torch.int64, device=e2d.device)
+                grad_filter.counter.add(sum(pairs), nothing, nothing.float())
+            grad_filter = None
     if grad_filter is not None:
         mass_cols = triton.cdiv(v, tiles.tile_config(dtype, "store").block_n)
         mass = torch.empty((min(chunk_rows, n), mass_cols), dtype=torch.float32, device=e2d.device)
