@@ -304,7 +304,12 @@ def test_shapes_with_nothing_to_skip_run_as_the_exact_call(monkeypatch, determin
     decisions = []
     real_decide = fused_speed.decide_chunk
     monkeypatch.setattr(fused_speed, "decide_chunk", lambda *a, **k: decisions.append(1) or real_decide(*a, **k))
-    monkeypatch.setattr(filter_plan, "PROBE_EVERY", 3)
+    monkeypatch.setattr(filter_plan, "PROBE_EVERY", 4)
+    from cce_patch.ops import api
+
+    orders = []
+    real_order = api.order_vocabulary
+    monkeypatch.setattr(api, "order_vocabulary", lambda *a, **k: orders.append(1) or real_order(*a, **k))
     flat = make_inputs((256,), 32, 1000, torch.float32, device=DEVICE)[:3]
     confident = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, ignore_frac=0.0)[:3]
     first, _ = check_triton_bound(*flat, None, eps=2.0**-8)
@@ -318,7 +323,10 @@ def test_shapes_with_nothing_to_skip_run_as_the_exact_call(monkeypatch, determin
     _, exact = _triton_grads(*confident, None)
     assert all(torch.equal(x, y) for x, y in zip(got[:2], exact[:2], strict=True))
     assert not decisions and counts == [(first.tiles_seen, 0)] * 3
-    probe, _ = check_triton_bound(*confident, None, eps=2.0**-8)  # the 4th call decides again: skips
+    orders.clear()
+    check_triton_bound(*confident, None, eps=2.0**-8, vocab_order="mean_logit")  # nor is the vocabulary ordered
+    assert not decisions and not orders
+    probe, _ = check_triton_bound(*confident, None, eps=2.0**-8)  # the 5th call decides again: skips
     assert len(decisions) == chunks and probe.skipped_fraction > 0.3
 
 

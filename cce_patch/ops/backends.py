@@ -47,6 +47,10 @@ class Backend:
     #: ignored), so the op may check the targets at that path's one host sync instead of before it
     #: (``validation.scored_targets_ok``): a bad target still raises before the caller sees any result.
     speed_checks_targets_late: bool = False
+    #: ``(e2d, c, grad_filter, speed_chunk_bytes) -> bool``: whether a filtered speed-mode call of this shape can
+    #: run as the exact call (its last deciding call found nothing worth skipping; it counts the call's pairs as
+    #: seen, none skipped), asked once per call before the vocabulary is ordered. None: always filter.
+    filter_bypass: Callable | None = None
 
 
 @functools.cache
@@ -64,7 +68,8 @@ def get_backend(name: str) -> Backend:
         from .fused import memory_mode, speed_mode
 
         return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
-                       speed_mode.speed_plan, memory_mode.stats_forward, speed_checks_targets_late=True)
+                       speed_mode.speed_plan, memory_mode.stats_forward, speed_checks_targets_late=True,
+                       filter_bypass=speed_mode.filter_bypass)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 

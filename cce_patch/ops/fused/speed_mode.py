@@ -133,14 +133,6 @@ def forward_with_grads(
     chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
 
     mass = None
-    if grad_filter is not None:  # where the last deciding call ran every chunk dense, run as the exact call
-        keys = [(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
-        pairs = [triton.cdiv(r1 - r0, BM) * triton.cdiv(v, BV) for r0, r1 in chunks]
-        if skip_filter_work(keys, pairs, DENSE_KEPT_FRACTION):
-            if grad_filter.counter is not None:
-                nothing = torch.zeros((), dtype=torch.int64, device=e2d.device)
-                grad_filter.counter.add(sum(pairs), nothing, nothing.float())
-            grad_filter = None
     if grad_filter is not None:
         mass_cols = triton.cdiv(v, tiles.tile_config(dtype, "store").block_n)
         mass = torch.empty((min(chunk_rows, n), mass_cols), dtype=torch.float32, device=e2d.device)
@@ -243,6 +235,24 @@ def _add_target_rows(dc_acc: torch.Tensor, e2d: torch.Tensor, t_safe: torch.Tens
     for i in range(0, n, rows_per_step):
         rows = slot_target[i:i + rows_per_step]
         dc_acc[rows] = (dc_acc[rows].float() + acc[i:i + rows_per_step]).to(dc_acc.dtype)
+
+
+def filter_bypass(e2d: torch.Tensor, c: torch.Tensor, grad_filter: GradFilter, chunk_bytes: int | None) -> bool:
+    """Whether this filtered call can run as the exact call (``filter_plan.skip_filter_work``: its shape's last
+    deciding call ran every chunk dense, and no probe is due); if so, its (row block, tile) pairs are counted as
+    seen with none skipped. Asked by the op before it orders the vocabulary, which such a call does not need."""
+    n, d = e2d.shape
+    v = c.shape[0]
+    rows = speed_plan(n, d, v, e2d.dtype, chunk_bytes).rows
+    chunks = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    keys = [(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
+    pairs = [triton.cdiv(r1 - r0, BM) * triton.cdiv(v, BV) for r0, r1 in chunks]
+    if not skip_filter_work(keys, pairs, DENSE_KEPT_FRACTION):
+        return False
+    if grad_filter.counter is not None:
+        nothing = torch.zeros((), dtype=torch.int64, device=e2d.device)
+        grad_filter.counter.add(sum(pairs), nothing, nothing.float())
+    return True
 
 
 def speed_plan(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | None) -> SpeedPlan:
