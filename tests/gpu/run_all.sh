@@ -23,7 +23,7 @@
 # Sections (CCE_GPU_STEPS, default "tests bench families e2e finetune"; add "scaling" / "dtypes" / "ab" / "profile"
 # / "liger" / "e2e_loop" / "filter" / "filter_trained" / "filter_curves" explicitly; the per-family recipe runs are
 # tests/gpu/family_recipes.sh) and their
-# expected wall time on one H100: tests ~1-3 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
+# expected wall time on one H100: tests ~3-5 min, bench ~4 min, families ~6-8 min, scaling ~6 min,
 # dtypes ~3 min, e2e ~2 min, finetune: whatever the config's max_steps says (a few hundred steps of a 0.5B-2B model: ~3-6 min),
 # filter ~3 min, filter_trained ~4 min (2.5 min of training), filter_curves ~5 min (three 300-step runs of ~90 s on an H100).
 # Each section has its own time limit (CCE_TIMEOUT_<SECTION> seconds) so one hang cannot eat the call.
@@ -82,7 +82,7 @@ EOF
 gpu_tests() {
   "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider || return $?
   # shellcheck disable=SC2086  # a list of files on purpose
-  "$PY" -m pytest -q -ra -p no:cacheprovider ${CCE_NATIVE_TESTS:-tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py}
+  "$PY" -m pytest -q -ra -p no:cacheprovider ${CCE_NATIVE_TESTS:-tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py tests/test_filter_triton.py tests/test_ops_validation.py}
 }
 if want tests; then
   export -f gpu_tests
