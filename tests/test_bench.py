@@ -105,6 +105,7 @@ def test_method_specs_parse_options():
         {"mode": "speed", "chunk": 4096, "exact": True},
     )
     assert M.split_specs("ours[a=1,b=2],torch, torch.compile") == ["ours[a=1,b=2]", "torch", "torch.compile"]
+    assert M.parse_spec("ours[filter_eps=2^-12,mode=speed]") == ("ours", {"filter_eps": 2.0**-12, "mode": "speed"})
     with pytest.raises(ValueError, match="key=value"):
         M.parse_spec("ours[speed]")
     with pytest.raises(ValueError, match="takes no options"):

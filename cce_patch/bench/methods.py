@@ -59,8 +59,8 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)(?:\[(?P<opts>.*)\])?$")
 def parse_spec(spec: str) -> tuple[str, dict]:
     """``"ours[mode=speed,chunk=4096]"`` -> ``("ours", {"mode": "speed", "chunk": 4096})``.
 
-    Values are Python literals when they parse as one (numbers, True/False/None, quoted strings), else
-    strings.
+    Values are Python literals when they parse as one (numbers, True/False/None, quoted strings), ``2^k`` the
+    float 2**k (``filter_eps=2^-12``, as the filter benchmark names its cells), else strings.
     """
     m = _SPEC.match(spec.strip())
     if not m:
@@ -70,10 +70,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad option {item!r} in method spec {spec!r}: expected key=value")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
+        raw = raw.strip()
+        if re.fullmatch(r"2\^-?\d+", raw):
+            value = 2.0 ** int(raw[2:])
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
         opts[key.strip()] = value
     return m.group("name"), opts
 

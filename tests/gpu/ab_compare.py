@@ -10,7 +10,8 @@ fresh process (no kernel cache, allocator or autotuning state shared between ver
         --variant big_ds=.:fused.memory_mode.DS_CHUNK_BYTES=268435456 --modes memory,speed --regimes flat,lm
 
 A mode may carry options of the op in brackets, e.g. the filter beside the exact speed mode:
-``--modes 'speed,speed[filter_eps=2^-12,filter_vocab_order=natural]'`` (values: ``2^k``, numbers, or strings).
+``--modes 'speed,speed[filter_eps=2^-12,filter_vocab_order=natural]'`` (the benchmark's method syntax:
+``cce_patch.bench.methods.parse_spec``).
 
 A variant is ``name=ROOT[:module.ATTR=value,...]``: ``ROOT`` holds the ``cce_patch`` package to import, and each
 ``module.ATTR=value`` sets a constant of ``cce_patch.ops.<module>`` (ints, floats, True/False) before anything
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 PAPER = (8192, 2304, 256000)
 
@@ -42,38 +44,10 @@ def parse_variant(text: str) -> tuple[str, str, dict[str, object]]:
     return name, os.path.abspath(root), values
 
 
-def split_modes(text: str) -> list[str]:
-    """``--modes`` items, split at the commas outside brackets."""
-    items, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [*items, cur] if cur else items
-
-
-def parse_mode(item: str) -> tuple[str, dict[str, object]]:
-    """``speed[filter_eps=2^-12,filter_vocab_order=natural]`` -> ("speed", {"filter_eps": 0.000244..., ...})."""
-    mode, _, rest = item.partition("[")
-    options: dict[str, object] = {}
-    for pair in filter(None, rest.rstrip("]").split(",")):
-        key, _, raw = pair.partition("=")
-        if raw.startswith("2^"):
-            options[key] = 2.0 ** float(raw[2:])
-        else:
-            try:
-                options[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                options[key] = raw
-    return mode, options
-
-
-def worker(root: str, settings: dict[str, object], modes: list[str], regimes: list[str], rep_ms: int,
-           shape: tuple[int, int, int], device: str) -> dict:
-    """Runs in a fresh process: import cce_patch from ``root``, apply ``settings``, time every (mode, regime)."""
+def worker(root: str, settings: dict[str, object], modes: list[tuple[str, str, dict]], regimes: list[str],
+           rep_ms: int, shape: tuple[int, int, int], device: str) -> dict:
+    """Runs in a fresh process: import cce_patch from ``root``, apply ``settings``, time every (mode, regime);
+    ``modes`` as (label, mode, options), parsed by the parent (an older tree may parse options differently)."""
     sys.path.insert(0, root)
     import importlib
 
@@ -96,9 +70,7 @@ def worker(root: str, settings: dict[str, object], modes: list[str], regimes: li
     for regime in regimes:
         e, c, t = make_inputs(regime, *shape, device=device, dtype=torch.bfloat16)
         ee, cc = e.detach().requires_grad_(), c.detach().requires_grad_()
-        for item in modes:
-            mode, options = parse_mode(item)
-
+        for item, mode, options in modes:
             def step(mode=mode, options=options, ee=ee, cc=cc, t=t):
                 loss = linear_cross_entropy(ee, cc, t, impl="triton", mode=mode, **options)
                 return torch.autograd.grad(loss, (ee, cc))
@@ -124,20 +96,26 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu only for a dry run of the plumbing")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-modes", default=None, help=argparse.SUPPRESS)  # JSON: [[label, mode, options], ...]
     args = ap.parse_args()
-    modes, regimes = split_modes(args.modes), args.regimes.split(",")
+    regimes = args.regimes.split(",")
     if args.worker:
         name, root, settings = parse_variant(args.worker)
         shape = tuple(int(x) for x in args.shape.split(","))
+        modes = [tuple(m) for m in json.loads(args.worker_modes)]
         print("RESULT " + json.dumps(worker(root, settings, modes, regimes, args.rep_ms, shape, args.device)),
               flush=True)
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this tree's parser, the bench's method syntax
+    from cce_patch.bench.methods import parse_spec, split_specs
+
+    modes = [(item, *parse_spec(item)) for item in split_specs(args.modes)]
     variants = [parse_variant(v) for v in args.variant]
     results: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
     for rnd in range(args.rounds):
         for spec, (name, _, _) in zip(args.variant, variants, strict=True):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", spec, "--worker", spec,
-                   "--modes", args.modes, "--regimes", args.regimes, "--rep-ms", str(args.rep_ms),
+                   "--worker-modes", json.dumps(modes), "--regimes", args.regimes, "--rep-ms", str(args.rep_ms),
                    "--shape", args.shape, "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -147,7 +125,7 @@ def main() -> None:
             else:
                 results[name].append(json.loads(line[7:]))
             print(f"round {rnd + 1} {name}: {results[name][-1]}", flush=True)
-    keys = [f"{m}/{r}" for m in modes for r in regimes]
+    keys = [f"{item}/{r}" for item, _, _ in modes for r in regimes]
     cols = [(name, k) for name, _, _ in variants for k in range(args.rounds)]
     print("\n| fwd+bwd ms | " + " | ".join(f"{n} #{k + 1}" for n, k in cols) + " |")
     print("|---|" + "---:|" * len(cols))

@@ -31,6 +31,7 @@ import triton.testing
 
 from cce_patch import linear_cross_entropy
 from cce_patch.bench.memory import peak_mb_above_inputs
+from cce_patch.bench.methods import parse_spec
 from cce_patch.bench.regimes import make_inputs
 from cce_patch.bench.timing import event_median_ms
 from cce_patch.ops.fused import lse_kernel as lk
@@ -46,19 +47,8 @@ SHAPE = tuple(int(x) for x in os.environ.get("CCE_PROFILE_SHAPE", "8192,2304,256
 MODES = os.environ.get("CCE_PROFILE_MODES", "speed,memory").split(",")
 
 
-def _option(value: str) -> float | str:
-    """``2^-12`` or ``0.5`` as a float, anything else as given."""
-    if value.startswith("2^"):
-        return 2.0 ** float(value[2:])
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 #: Options every ``--trace``/``--gaps`` call adds (``CCE_PROFILE_OPTIONS="name=value,..."``).
-OPTIONS = {k: _option(v) for k, v in (item.split("=", 1) for item in
-                                      os.environ.get("CCE_PROFILE_OPTIONS", "").split(",") if item)}
+OPTIONS = parse_spec(f"ours[{os.environ.get('CCE_PROFILE_OPTIONS', '')}]")[1]
 
 
 def bench(fn, rep=400) -> float:
