@@ -165,6 +165,11 @@ class FilterCounter:
         self._skipped += skipped.to(self._skipped.device)
         torch.maximum(self._max_mass, max_mass.to(self._max_mass.device), out=self._max_mass)
 
+    def add_unskipped(self, seen: int, device: torch.device) -> None:
+        """Accumulate ``seen`` pairs of which none was skipped (gradients formed exactly)."""
+        nothing = torch.zeros((), dtype=torch.int64, device=device)
+        self.add(seen, nothing, nothing.float())
+
     def stats(self) -> FilterStats:
         if self._seen is None:
             return FilterStats(0, 0, 0.0)

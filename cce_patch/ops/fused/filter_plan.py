@@ -77,8 +77,7 @@ class ChunkFilter:
         if applied:
             counter.add(self.skipped.numel(), self.skipped.sum(), self.max_dropped)
         else:
-            counter.add(self.skipped.numel(), self.skipped.new_zeros((), dtype=torch.int64),
-                        torch.zeros_like(self.max_dropped))
+            counter.add_unskipped(self.skipped.numel(), self.skipped.device)
 
 
 def tile_masses_from_sums(sums: torch.Tensor, a: torch.Tensor, vocab: int, block_n: int) -> torch.Tensor:
@@ -124,7 +123,6 @@ def decide_chunk(sums: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, val
                        block_counts, max_dropped)
 
 
-
 #: (chunk rows, V, eps, chunk index) -> the last call's (kept pairs, most tiles kept by a block) of that chunk, as a
 #: host tensor filled by a non-blocking copy, and the CUDA event after which it holds them (None on the CPU).
 _last_counts: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] = OrderedDict()
@@ -132,14 +130,29 @@ _last_counts: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.Event | None]] =
 MAX_REMEMBERED_CHUNKS = 256
 
 
+def chunk_key(rows: int, vocab: int, eps: float, index: int) -> tuple:
+    """What identifies a chunk across calls: its rows, the vocabulary, the filter's eps and its place in the call."""
+    return rows, vocab, eps, index
+
+
+def _landed(key: tuple) -> list[int] | None:
+    """The previous call's (kept pairs, most tiles kept by a block) of chunk ``key``, once its copy has reached the
+    host (reading the pinned tensor then costs no device sync), else None."""
+    remembered = _last_counts.get(key)
+    if remembered is None or (remembered[1] is not None and not remembered[1].query()):
+        return None
+    return remembered[0].tolist()
+
+
 def chunk_counts(plan: ChunkFilter, key: tuple) -> tuple[int, int]:
     """(kept pairs, most tiles kept by one block) for choosing how to run this chunk: the previous call's counts of
-    the same chunk (``key``) when they have reached the host, else this chunk's own, read now (a host sync: the
-    first call of a shape). This chunk's counts are copied to the host without waiting, for the next call."""
-    remembered = _last_counts.get(key)
+    the same chunk (``key``, ``chunk_key``) when they have reached the host, else this chunk's own, read now (a
+    host sync: the first call of a shape). This chunk's counts are copied to the host without waiting, for the
+    next call."""
+    remembered = _landed(key)
     counts = torch.stack((plan.tile_counts.sum(), plan.tile_counts.max()))
-    if remembered is not None and (remembered[1] is None or remembered[1].query()):
-        kept, most_kept = remembered[0].tolist()  # a host tensor: no device sync
+    if remembered is not None:
+        kept, most_kept = remembered
         _last_counts.move_to_end(key)
     else:
         kept, most_kept = _read_now(counts)
@@ -175,16 +188,14 @@ def skip_filter_work(chunk_keys: list[tuple], pairs: list[int], dense_fraction: 
     that it chooses from its own). Host work only: dict lookups and event queries."""
     shape = tuple(chunk_keys)
     since = _calls_since_probe.get(shape, 0)
-    dense = since < PROBE_EVERY
-    if not dense:  # the probe: its chunks choose from their own counts, not from the stale dense ones
+    if since >= PROBE_EVERY:  # the probe: its chunks choose from their own counts, not from the stale dense ones
         for key in chunk_keys:
             _last_counts.pop(key, None)
-    for key, total in zip(chunk_keys, pairs, strict=True):
-        remembered = _last_counts.get(key)
-        if not dense or remembered is None or (remembered[1] is not None and not remembered[1].query()):
-            dense = False
-            break
-        dense = remembered[0].tolist()[0] > dense_fraction * total
+        dense = False
+    else:
+        landed = [_landed(key) for key in chunk_keys]
+        dense = all(counts is not None and counts[0] > dense_fraction * total
+                    for counts, total in zip(landed, pairs, strict=True))
     _calls_since_probe[shape] = since + 1 if dense else 0
     if len(_calls_since_probe) > MAX_REMEMBERED_CHUNKS:
         _calls_since_probe.pop(next(iter(_calls_since_probe)))

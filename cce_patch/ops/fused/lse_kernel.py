@@ -266,7 +266,7 @@ def lse_forward_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             if STORE_Q:
                 q, q_sum, s_i, zt_i, zsum_i = anchored_update(z, offs_n, tgt, V, anchor, s_i, zt_i, zsum_i,
-                                                                     NEED_ZSUM)
+                                                                 NEED_ZSUM)
                 stored = store_q_tile(Q, stride_q, q, z, offs_m, offs_n, m0, n0, row_ok, V, softcap,
                                       HAS_SOFTCAP, Q_IS_DESC)
                 if STORE_MASS:

@@ -53,7 +53,7 @@ from ..filtering import BM, BV, GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
-from .filter_plan import chunk_counts, decide_chunk, skip_filter_work
+from .filter_plan import chunk_counts, chunk_key, decide_chunk, skip_filter_work
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward, tile_mass_margin
 from .row_prep_kernel import prepare_rows
@@ -130,7 +130,7 @@ def forward_with_grads(
     chunk_spec = LossSpec(ignore_index=spec.ignore_index, softcap=cap, label_smoothing=eps, shift_period=0)
     v_pad = triton.cdiv(v, 8) * 8  # 16-byte aligned rows of q for the copy engine and cuBLAS
     q = new_q_buffer((min(chunk_rows, n), v_pad), dtype, e2d.device)[:, :v]
-    chunks = [(r0, min(n, r0 + chunk_rows)) for r0 in range(0, n, chunk_rows)]
+    chunks = row_chunks(n, chunk_rows)
 
     mass = None
     if grad_filter is not None:
@@ -175,7 +175,7 @@ def forward_with_grads(
             # The block-sparse kernels win only where most pairs are skipped; elsewhere cuBLAS on all of q is
             # faster, and exact. The counts come from the previous call of this shape (no host sync) or, on the
             # first, from this chunk (filter_plan.chunk_counts).
-            kept, most_kept = chunk_counts(plan, (r1 - r0, v, grad_filter.eps, k))
+            kept, most_kept = chunk_counts(plan, chunk_key(r1 - r0, v, grad_filter.eps, k))
             if kept <= DENSE_KEPT_FRACTION * plan.skipped.numel():
                 sparse, splits = plan, de_splits(kept, most_kept, plan.blocks)
             plan.count(grad_filter.counter, applied=sparse is not None)  # a dense chunk skips nothing: exact
@@ -243,16 +243,19 @@ def filter_bypass(e2d: torch.Tensor, c: torch.Tensor, grad_filter: GradFilter, c
     seen with none skipped. Asked by the op before it orders the vocabulary, which such a call does not need."""
     n, d = e2d.shape
     v = c.shape[0]
-    rows = speed_plan(n, d, v, e2d.dtype, chunk_bytes).rows
-    chunks = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
-    keys = [(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
+    chunks = row_chunks(n, speed_plan(n, d, v, e2d.dtype, chunk_bytes).rows)
+    keys = [chunk_key(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
     pairs = [triton.cdiv(r1 - r0, BM) * triton.cdiv(v, BV) for r0, r1 in chunks]
     if not skip_filter_work(keys, pairs, DENSE_KEPT_FRACTION):
         return False
     if grad_filter.counter is not None:
-        nothing = torch.zeros((), dtype=torch.int64, device=e2d.device)
-        grad_filter.counter.add(sum(pairs), nothing, nothing.float())
+        grad_filter.counter.add_unskipped(sum(pairs), e2d.device)
     return True
+
+
+def row_chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    """The (start, end) rows of each chunk of a call: ``rows`` at a time, the last one possibly shorter."""
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
 
 def speed_plan(n: int, d: int, v: int, dtype: torch.dtype, chunk_bytes: int | None) -> SpeedPlan:
