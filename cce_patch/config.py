@@ -53,10 +53,9 @@ class CCEConfig:
             warning once; ``"auto"`` takes memory mode without one.
         speed_chunk_bytes: speed mode's chunk budget in bytes (None: the op's default).
         filter_eps: None (exact gradients) or a number in (0, 1): gradient filtering with each row's dropped
-            softmax mass at most this (see ``linear_cross_entropy`` for the bound on dE, dC and dbias). The torch
-            path filters in both modes, Triton in speed mode (``impl="triton"`` with ``mode="memory"`` is
-            refused); where the model's
-            soft cap meets label smoothing the filter cannot keep its bound and the gradients stay exact (one
+            softmax mass at most this (see ``linear_cross_entropy`` for the bound on dE, dC and dbias). Both
+            backends filter in both modes (Triton not fp16 models: the torch path then, with a warning); where the
+            model's soft cap meets label smoothing the filter cannot keep its bound and the gradients stay exact (one
             warning). What it skipped accumulates in ``config.filter_counter``, which the Trainer callback logs
             as ``cce_filter_skipped_fraction``.
         filter_vocab_order: with ``filter_eps``, the order the op visits the vocabulary in: ``"mean_logit"``
@@ -88,9 +87,6 @@ class CCEConfig:
             check_speed_chunk_bytes(self.speed_chunk_bytes)
             check_filter_eps(self.filter_eps)
             check_filter_vocab_order(self.filter_vocab_order, self.filter_eps)
-            if self.filter_eps is not None and self.impl == "triton" and self.mode == "memory":
-                raise ValueError("filter_eps: impl='triton' filters gradients in speed mode only; use mode='speed' "
-                                 "or 'auto', or impl='auto' or 'torch'")
         except ValueError as exc:
             raise ValueError(f"CCEConfig.{exc}") from None
         # Not a field (it is state, not an option): what this config's filter skipped, filled by every call of

@@ -327,11 +327,9 @@ def test_refusals():
         linear_cross_entropy(e, c, t, filter_eps=0.01, filter_counter={})
     with pytest.raises(ValueError, match="softcap with label_smoothing"):
         linear_cross_entropy(e, c, t, filter_eps=0.01, softcap=5.0, label_smoothing=0.1)
-    with pytest.raises(ValueError, match="impl='triton' filters in speed mode only"):
-        linear_cross_entropy(e, c, t, filter_eps=0.01, impl="triton", mode="memory")
-    with pytest.raises(ValueError, match="impl='triton'"):
-        CCEConfig(filter_eps=0.01, impl="triton", mode="memory")
-    assert CCEConfig(filter_eps=0.01, impl="triton").filter_eps == 0.01  # speed mode (auto) filters there
+    with pytest.raises(ValueError, match="impl='triton' cannot filter this call \\(fp16 inputs\\)"):
+        linear_cross_entropy(e.half(), c.half(), t, filter_eps=0.01, impl="triton", mode="memory")
+    assert CCEConfig(filter_eps=0.01, impl="triton", mode="memory").filter_eps == 0.01  # both modes filter there
 
 
 def test_compile_is_refused(monkeypatch):
@@ -342,18 +340,20 @@ def test_compile_is_refused(monkeypatch):
 
 
 def test_auto_takes_the_torch_path_where_triton_cannot_filter(monkeypatch):
-    """On CUDA, where auto would take Triton, a filtered call takes it when speed mode can run the call (Triton
-    filters in speed mode only, ``tests/test_filter_triton.py``), else the torch path (and warns)."""
+    """On CUDA, where auto would take Triton, a filtered call takes it in either mode for bf16/fp32 inputs
+    (``tests/test_filter_triton.py``, ``tests/test_memory_filter_triton.py``), the torch path (and a warning) for
+    fp16; ``mode="speed"`` where speed mode cannot run the call is refused with impl='triton'."""
     monkeypatch.setattr(backends, "_triton_available", lambda: True)
     cuda = torch.device("cuda")
     assert resolve_impl("auto", cuda, torch.bfloat16) == "triton"
     assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True) == "triton"
-    with pytest.warns(UserWarning, match="speed mode only"):
-        assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True, mode="memory") == "torch"
+    assert resolve_impl("auto", cuda, torch.bfloat16, filtered=True, mode="memory") == "triton"
+    with pytest.warns(UserWarning, match="fp16 inputs"):
+        assert resolve_impl("auto", cuda, torch.float16, filtered=True, mode="memory") == "torch"
     assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16, filtered=True) == "torch"
     assert resolve_impl("torch", cuda, torch.bfloat16, filtered=True) == "torch"
-    with pytest.raises(ValueError, match="impl='triton' filters in speed mode only"):
-        resolve_impl("triton", cuda, torch.bfloat16, filtered=True, mode="memory")
+    with pytest.raises(ValueError, match="impl='triton' cannot filter this call"):
+        resolve_impl("triton", cuda, torch.bfloat16, filtered=True, mode="speed", reduction="none")
 
 
 def test_config_passes_the_filter_and_owns_the_counter():

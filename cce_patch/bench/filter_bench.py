@@ -139,7 +139,7 @@ def backend_that_runs(options: dict, e: torch.Tensor, c: torch.Tensor, t: torch.
     out["warnings"] = sorted({str(w.message)[:300] for w in caught})
     if out["backend"] not in ("torch", "triton"):
         return out
-    if hasattr(backends, "filtered_mode"):  # Triton filters in speed mode only: auto is speed there
+    if hasattr(backends, "filtered_mode"):  # auto with a filter on Triton: speed mode where it can run the call
         mode = backends.filtered_mode(mode, out["backend"], filtered)
     if mode == "auto":
         try:

@@ -103,11 +103,11 @@ def linear_cross_entropy(
             dC by at most ``filter_eps * sum_i w_i ||e_i||`` (Frobenius), dbias by at most
             ``filter_eps * sum_i w_i`` (L1), before rounding to the gradients' dtype; the loss and LSE stay
             exact, label smoothing's uniform term is kept exactly, softcap keeps the bound (with label
-            smoothing it is refused). The torch path filters in both modes; the Triton backend in speed mode only,
-            skipping the dropped tiles' gradient work: ``impl="auto"`` takes it on CUDA where speed mode can run
-            the call (``mode="auto"`` is then speed mode), else the torch path (warning on CUDA);
-            ``impl="triton"`` with ``mode="memory"`` is refused. DTensor inputs and ``torch.compile`` are
-            refused too.
+            smoothing it is refused). The torch path filters in both modes; the Triton backend in both modes for
+            bf16 and fp32 inputs, skipping the dropped tiles' gradient work (memory mode: their recompute too):
+            ``impl="auto"`` takes it on CUDA (``mode="auto"`` is then speed mode where speed mode can run the
+            call, else memory mode), and the torch path for fp16 (warning on CUDA), where ``impl="triton"`` is
+            refused. DTensor inputs and ``torch.compile`` are refused too.
         filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
             (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.
         filter_vocab_order: with ``filter_eps``, the order the vocabulary is visited in (``filter_order.py``):
@@ -156,7 +156,7 @@ def linear_cross_entropy(
     )
     backend_name = resolve_impl(impl, e.device, e.dtype, filtered=grad_filter is not None, mode=mode,
                                 reduction=reduction, return_lse=return_lse)
-    mode = filtered_mode(mode, backend_name, grad_filter is not None)  # Triton filters in speed mode only
+    mode = filtered_mode(mode, backend_name, grad_filter is not None, e.dtype, reduction, return_lse)
     e2d, c_in, targets_flat, bias_in = flat_operands(e, c, targets, bias)
     spec = LossSpec(
         ignore_index=int(ignore_index),

@@ -51,6 +51,10 @@ class Backend:
     #: run as the exact call (its last deciding call found nothing worth skipping; it counts the call's pairs as
     #: seen, none skipped), asked once per call before the vocabulary is ordered. None: always filter.
     filter_bypass: Callable | None = None
+    #: ``(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows, tile_stats)``: memory mode's forward for a
+    #: filtered call, leaving what the backward's filter decides from (``backward(..., grad_filter=,
+    #: tile_stats=)``). None: the backward filters from its own recompute (the torch path).
+    filter_forward: Callable | None = None
 
 
 @functools.cache
@@ -65,11 +69,11 @@ def get_backend(name: str) -> Backend:
 
         return Backend("torch", path.forward, path.backward, path.forward_with_grads, torch_plan, path.stats_forward)
     if name == "triton":
-        from .fused import memory_mode, speed_mode
+        from .fused import memory_filter, memory_mode, speed_mode
 
-        return Backend("triton", memory_mode.forward, memory_mode.backward, speed_mode.forward_with_grads,
+        return Backend("triton", memory_mode.forward, memory_filter.backward, speed_mode.forward_with_grads,
                        speed_mode.speed_plan, memory_mode.stats_forward, speed_checks_targets_late=True,
-                       filter_bypass=speed_mode.filter_bypass)
+                       filter_bypass=speed_mode.filter_bypass, filter_forward=memory_filter.forward)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 
@@ -86,10 +90,12 @@ def _interpreting() -> bool:
 
 
 #: The backends whose gradients honour ``filter_eps`` (``filtering.py``): the torch path in both modes, the Triton
-#: kernels in speed mode only (``fused/speed_mode.py``: the decision needs the masses of the q it stores; memory
-#: mode's recompute has no block-sparse backward), see :func:`_filtering_impl`.
+#: kernels in speed mode (``fused/speed_mode.py``, from the masses of the q it stores) and in memory mode
+#: (``fused/memory_filter.py``, from the masses its forward leaves: ``Backend.filter_forward``) but not for fp16
+#: inputs; see :func:`_filtering_impl`.
 FILTERING_BACKENDS = ("torch", "triton")
-#: The backends whose memory-mode ``backward`` takes a ``grad_filter``.
+#: The backends whose memory-mode ``backward`` filters from its own recompute, with no statistics of the forward
+#: (so speed mode's recomputing fallback can filter too).
 MEMORY_FILTERING_BACKENDS = ("torch",)
 
 
@@ -130,10 +136,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
 def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None, mode: str, reduction: str,
                     return_lse: bool) -> str:
     """The backend of a call with ``filter_eps``: one that filters this call, never one that would silently
-    compute exact gradients instead. The torch path filters in both modes; the Triton backend in speed mode only
-    (``mode="speed"``, or ``"auto"``, which then takes speed mode: ``filtered_mode``), so where speed mode cannot
-    run the call (``mode="memory"``, ``reduction="none"``, ``return_lse``, fp16) ``impl="auto"`` takes the torch
-    path (warning on CUDA: slower than the fused kernels) and ``impl="triton"`` is refused, before any launch."""
+    compute exact gradients instead. The torch path filters in both modes; the Triton backend in both modes for
+    bf16 and fp32 inputs (``mode="speed"`` only where speed mode can run the call; ``"auto"`` takes speed mode
+    where it can, memory mode otherwise: ``filtered_mode``). Where it cannot (fp16, or ``mode="speed"`` with
+    ``reduction="none"`` or ``return_lse``) ``impl="auto"`` takes the torch path (warning on CUDA: slower than
+    the fused kernels) and ``impl="triton"`` is refused, before any launch."""
     choice = resolve_impl(impl, device, dtype)
     if choice in MEMORY_FILTERING_BACKENDS:
         return choice
@@ -142,29 +149,37 @@ def _filtering_impl(impl: str, device: torch.device, dtype: torch.dtype | None, 
         return choice
     if impl == "auto":
         warnings.warn(
-            f"filter_eps: the triton backend filters gradients in speed mode only, and this call cannot use it "
-            f"({problem}); impl='auto' takes the torch path for this call (slower on a GPU than the fused kernels)",
+            f"filter_eps: the triton backend cannot filter this call ({problem}); impl='auto' takes the torch "
+            "path for this call (slower on a GPU than the fused kernels)",
             stacklevel=4,
         )
         return "torch"
     raise ValueError(
-        f"filter_eps with impl='triton' filters in speed mode only, and this call cannot use it ({problem}); use "
-        "mode='speed' or 'auto' (with reduction='mean' or 'sum', no return_lse, bf16 or fp32 inputs), or "
-        "impl='torch' (which filters in both modes), or filter_eps=None"
+        f"filter_eps with impl='triton' cannot filter this call ({problem}); use bf16 or fp32 inputs, mode='memory' "
+        "or 'auto' for reduction='none' or return_lse, impl='torch' (which filters everything it computes), or "
+        "filter_eps=None"
     )
 
 
 def _triton_filter_problem(dtype: torch.dtype | None, mode: str, reduction: str, return_lse: bool) -> str | None:
-    """Why the Triton backend cannot filter this call (it filters in speed mode only), or None: memory mode, or
-    whatever keeps speed mode from the call (``options.speed_mode_problem``; softcap with label smoothing never
-    gets here: the filter refuses it first)."""
-    if mode == "memory":
-        return "mode='memory'"
+    """Why the Triton backend cannot filter this call, or None: fp16 inputs (memory mode's fp16 dS scaling is its
+    exact path's only, and speed mode refuses fp16), or, with ``mode="speed"``, whatever keeps speed mode from
+    the call (``options.speed_mode_problem``; softcap with label smoothing never gets here: the filter refuses
+    it first)."""
+    if dtype == torch.float16:
+        return "fp16 inputs"
+    if mode != "speed":
+        return None
     problem = speed_mode_problem(dtype, reduction, return_lse, None, 0.0) if dtype is not None else None
-    return problem.reason if problem is not None else None  # not its advice: memory mode cannot filter
+    return problem.reason if problem is not None else None
 
 
-def filtered_mode(mode: str, backend: str, filtered: bool) -> str:
-    """The mode of a call: ``mode="auto"`` with ``filter_eps`` on the Triton backend is speed mode, the one
-    mode in which that backend filters (:func:`_filtering_impl` has checked that speed mode can run the call)."""
-    return "speed" if filtered and backend == "triton" and mode == "auto" else mode
+def filtered_mode(mode: str, backend: str, filtered: bool, dtype: torch.dtype | None = None,
+                  reduction: str = "mean", return_lse: bool = False) -> str:
+    """The mode of a call: ``mode="auto"`` with ``filter_eps`` on the Triton backend is speed mode where speed
+    mode can run the call (its filter is decided per row chunk, with no host sync in the steady state), memory
+    mode otherwise (``reduction="none"``, ``return_lse``); other calls keep their mode."""
+    if not (filtered and backend == "triton" and mode == "auto"):
+        return mode
+    blocked = dtype is not None and speed_mode_problem(dtype, reduction, return_lse, None, 0.0) is not None
+    return "memory" if blocked else "speed"

@@ -77,8 +77,10 @@ the entropy of their tile masses,
 decide, and block-sparse kernels (``fused/sparse_grads.py``) form dE and dC from the kept (block, tile) pairs
 only, or, where most pairs are kept, cuBLAS forms them exactly from all of q (no faster skipped, so not skipped;
 the counter says so). dbias is exact on both (one column sum of all of q costs what a filtered one would).
-Triton's memory mode does not filter (its recompute has no block-sparse backward), so a filtered call there is
-refused or, with ``impl="auto"``, takes the torch path (``backends._filtering_impl``).
+Triton's memory mode (``fused/memory_filter.py``) decides from the log tile masses its forward leaves (the LSE
+is not known while it streams), over all rows at once, and recomputes and multiplies only the kept pairs, with
+e gathered into the row order (``fused/pair_grads.py``); fp16 inputs take the torch path
+(``backends._filtering_impl``).
 
 Vocabulary order. The rule reads tiles of consecutive entries, and the proof holds for any order of the
 vocabulary; what it can skip depends on the order. The op visits the classifier in decreasing mean logit over

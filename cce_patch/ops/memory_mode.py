@@ -28,19 +28,23 @@ class MemoryModeFunction(torch.autograd.Function):
     def forward(ctx, e2d, c, bias, targets_flat, spec: LossSpec, backend: Backend,
                 grad_filter: GradFilter | None = None):
         ctx.set_materialize_grads(False)
+        tile_stats = None  # what a backend's filter decides from (Backend.filter_forward), if it needs any
         if e2d.shape[0] == 0:
             loss = torch.zeros(0, dtype=torch.float32, device=e2d.device)
             lse = torch.zeros(0, dtype=torch.float32, device=e2d.device)
         else:
             with autocast_off(e2d.device):
-                loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
-        ctx.save_for_backward(e2d, c, bias, targets_flat, lse)
+                if grad_filter is not None and backend.filter_forward is not None:
+                    loss, lse, tile_stats = backend.filter_forward(e2d, c, bias, targets_flat, spec)
+                else:
+                    loss, lse = backend.forward(e2d, c, bias, targets_flat, spec)
+        ctx.save_for_backward(e2d, c, bias, targets_flat, lse, tile_stats)
         ctx.spec, ctx.backend, ctx.filter = spec, backend, grad_filter
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        e2d, c, bias, targets_flat, lse = ctx.saved_tensors
+        e2d, c, bias, targets_flat, lse, tile_stats = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if not any(needs):
             return None, None, None, None, None, None, None
@@ -53,6 +57,8 @@ class MemoryModeFunction(torch.autograd.Function):
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
         filtered = {} if ctx.filter is None else {"grad_filter": ctx.filter}
+        if tile_stats is not None:
+            filtered["tile_stats"] = tile_stats
         with torch.no_grad(), autocast_off(e2d.device):
             grads = ctx.backend.backward(
                 e2d, c, bias, targets_flat, ctx.spec, lse,

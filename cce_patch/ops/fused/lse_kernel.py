@@ -138,8 +138,19 @@ def online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM: tl.const
     zt_i += tl.sum(tl.where(offs_n[None, :] == tgt[:, None], z, 0.0), axis=1)
     z = tl.where(col_ok, z, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(z, axis=1))
-    s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-    return m_new, s_i, zt_i, zsum_i
+    tile_s = tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    s_i = s_i * tl.exp(m_i - m_new) + tile_s
+    return m_new, s_i, zt_i, zsum_i, tile_s
+
+
+@triton.jit
+def store_tile_log_mass(MASS, stride_mass, m_new, tile_s, offs_m, n0, row_ok, BLOCK_N: tl.constexpr):
+    """Gradient filtering in memory mode (``memory_filter.py``): MASS[i, n0 // BLOCK_N] = log of row i's sum of
+    exp(z_ij) over the tile, as m_i + log(sum_j exp(z_ij - m_i)) with m_i the running max after the tile. The
+    LSE is not known yet (the max still moves), so the mass exp(that - lse_i) is formed after the launch; one
+    log per row and tile, on sums the kernel forms for the LSE anyway. A tile whose exps all underflow gets
+    -inf (mass 0: each of its entries is below e^-87 of the row's max, far inside the decision's margin)."""
+    tl.store(MASS + offs_m.to(tl.int64) * stride_mass + n0 // BLOCK_N, m_new + tl.log(tile_s), mask=row_ok)
 
 
 @triton.jit
@@ -195,7 +206,8 @@ def lse_forward_kernel(
     Q, ANCHOR, stride_q,  # speed mode only (STORE_Q): Q (N, V) in the input dtype (descriptor or pointer), ANCHOR (N,)
     N, V, D, stride_e, stride_c, shift_period, ignore_index, softcap, tiles_per_split, n_splits, GROUP_M,
     logit_scale,  # per-token statistics only (HAS_SCALE): the fp32 factor alpha of ops/stats.py
-    MASS, stride_mass,  # gradient filtering only (STORE_MASS): (N, cdiv(V, BLOCK_N)) fp32 tile sums of q
+    MASS, stride_mass,  # gradient filtering only (STORE_MASS): (N, cdiv(V, BLOCK_N)) fp32 tile sums of q, or
+    # without STORE_Q (memory mode) the tiles' log sums of exp(z) (``store_tile_log_mass``)
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_ZSUM: tl.constexpr, STORE_Q: tl.constexpr,
     Q_IS_DESC: tl.constexpr, UPCAST: tl.constexpr,
     IEEE_FP32: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FLAT_LOOP: tl.constexpr,
@@ -255,7 +267,10 @@ def lse_forward_kernel(
                         z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
                         NEED_ZSUM, NEED_ENTROPY, NEED_SQ, NEED_TOP1)
                 else:
-                    m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+                    m_i, s_i, zt_i, zsum_i, tile_s = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i,
+                                                                   NEED_ZSUM)
+                    if STORE_MASS:
+                        store_tile_log_mass(MASS, stride_mass, m_i, tile_s, offs_m, n0, row_ok, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for tile in range(0, n_tiles):
@@ -277,7 +292,9 @@ def lse_forward_kernel(
                     z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, x_i, sq_i, mbt_i,
                     NEED_ZSUM, NEED_ENTROPY, NEED_SQ, NEED_TOP1)
             else:
-                m_i, s_i, zt_i, zsum_i = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+                m_i, s_i, zt_i, zsum_i, tile_s = online_update(z, offs_n, tgt, V, m_i, s_i, zt_i, zsum_i, NEED_ZSUM)
+                if STORE_MASS:
+                    store_tile_log_mass(MASS, stride_mass, m_i, tile_s, offs_m, n0, row_ok, BLOCK_N)
     if STORE_Q:
         m_i = anchor  # s_i is relative to the fixed anchor
         if valid_in_block == 0:
@@ -367,9 +384,10 @@ def launch_lse_forward(e2d, c, bias, targets_flat, spec: LossSpec, q: torch.Tens
     With ``q`` and ``anchor`` (speed mode), the kernel also writes q = exp(z - anchor) for every logit into ``q``
     (rows x V view, unit column stride). With ``stats`` (per-token statistics, never with ``q``), the logits are
     ``softcap(stats.logit_scale * (e . c + b))`` and the partials hold the planes ``combine_stats`` reads. With
-    ``mass`` (gradient filtering, only with ``q``): (rows, cdiv(V, store_block_n)) fp32, filled with each row's
-    mass of q over each BLOCK_N-wide column tile (``store_tile_mass``; times ``tile_mass_margin`` a bound of the
-    stored q's)."""
+    ``mass`` (gradient filtering; never with ``stats``): (rows, cdiv(V, block_n)) fp32 of the launch's tile
+    config, filled with each row's mass of q over each BLOCK_N-wide column tile with ``q`` (``store_tile_mass``;
+    times ``tile_mass_margin`` a bound of the stored q's), or without ``q`` (memory mode) with each row's log sum
+    of exp(z) over the tile (``store_tile_log_mass``; rows of blocks without a counted row are not written)."""
     n, d = e2d.shape
     v = c.shape[0]
     cfg = tiles.tile_config(e2d.dtype, "forward" if q is None else "store")
