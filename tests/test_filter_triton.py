@@ -1,8 +1,9 @@
 """Gradient filtering (``filter_eps``) on the Triton backend's speed mode (``fused/filter_plan.py``,
-``fused/sparse_grads.py``; memory mode's is test_memory_filter_triton.py): the proven bound of ``ops/filtering.py`` against the fp64 oracle, row by row for dE
-and in norm for dC and dbias; that skipping happens where it should (and the row order groups confident rows),
-and not on flat rows; the block-sparse and the dense-with-zeroed-tiles products agree; the tile masses of the
-storing kernel; the routing of filtered calls.
+``fused/sparse_grads.py``; memory mode's is test_memory_filter_triton.py): the proven bound of
+``ops/filtering.py`` against the fp64 oracle, row by row for dE and in norm for dC and dbias; that skipping
+happens where it should (and the row order groups confident rows), and not on flat rows; the block-sparse and
+the dense-with-zeroed-tiles products agree; the tile masses of the storing kernel; the routing of filtered
+calls.
 
 The Triton path groups rows by confidence, the torch path by position, so their filtered gradients differ;
 each is compared with the exact fp64 gradient and its bound, not with the other.
@@ -62,8 +63,9 @@ def _triton_grads(e, c, t, b, mode: str = "speed", **kw):
 def check_triton_bound(e, c, t, b, *, eps: float, reduction: str = "mean", shift: bool = False, softcap=None,
                        label_smoothing: float = 0.0, speed_chunk_bytes: int | None = None,
                        vocab_order: str = "natural", mode: str = "speed"):
-    """Filtered Triton ``mode`` (speed by default; ``test_memory_filter_triton.py`` passes memory) vs the fp64 oracle: every dE row within w_i eps max||c_v||, dC within
-    eps sum_i w_i ||e_i||, dbias within eps sum_i w_i, each plus the dtype's rounding (``test_ops_filter.RTOL``).
+    """Filtered Triton ``mode`` (speed by default; ``test_memory_filter_triton.py`` passes memory) vs the fp64
+    oracle: every dE row within w_i eps max||c_v||, dC within eps sum_i w_i ||e_i||, dbias within
+    eps sum_i w_i, each plus the dtype's rounding (``test_ops_filter.RTOL``).
     Returns the counter and the gradients. The vocabulary stays in the given order by default, so that the
     tile counts these tests assert are those of the inputs as written (the op's own reordering is tested
     in test_filter_order.py, and here by ``test_vocabulary_order_on_triton_keeps_the_bound``)."""
