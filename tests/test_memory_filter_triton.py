@@ -194,3 +194,37 @@ def test_filtered_backward_without_the_forwards_masses_is_refused():
     with pytest.raises(ValueError, match="tile masses"):
         memory_filter.backward(e.detach(), c.detach(), None, t, LossSpec(), lse, g, None, (True, True, False),
                                grad_filter=GradFilter(0.01))
+
+
+def test_shapes_with_nothing_to_skip_run_as_the_exact_call(monkeypatch):
+    """Memory mode shares speed mode's bypass: after a deciding call kept most pairs (the exact backward ran),
+    the same shape runs as the exact call (no tile masses written, nothing decided; bit for bit the exact
+    gradients, counted as seen with nothing skipped) until the probe decides again and skips."""
+    from cce_patch.ops.fused import filter_plan
+
+    decisions, forwards = [], []
+    real_decide, real_forward = memory_filter._decide, memory_filter.forward
+    monkeypatch.setattr(memory_filter, "_decide", lambda *a, **k: decisions.append(1) or real_decide(*a, **k))
+    monkeypatch.setattr(filter_plan, "PROBE_EVERY", 4)
+    from cce_patch.ops import backends as be
+
+    be.get_backend.cache_clear()  # the record holds the forward: rebuild it around the counting one
+    monkeypatch.setattr(memory_filter, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    try:
+        flat = make_inputs((256,), 32, 1000, torch.float32, device=DEVICE)[:3]
+        confident = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, ignore_frac=0.0)[:3]
+        first, _ = check_triton_bound(*flat, None, eps=2.0**-8, mode="memory")
+        assert decisions == [1] and forwards == [1] and first.tiles_skipped == 0
+        decisions.clear()
+        forwards.clear()
+        for _ in range(4):  # bypassed (PROBE_EVERY calls): exact, no masses, nothing decided, yet counted
+            counter, got = check_triton_bound(*confident, None, eps=2.0**-8, mode="memory")
+            assert (counter.tiles_seen, counter.tiles_skipped) == (first.tiles_seen, 0)
+        assert not decisions and not forwards
+        leaves = [x.detach().clone().requires_grad_() for x in confident[:2]]
+        (linear_cross_entropy(*leaves, confident[2], impl="triton", mode="memory") * 1.7).backward()
+        assert all(torch.equal(x.grad, y) for x, y in zip(leaves, got[:2], strict=True))
+        probe, _ = check_triton_bound(*confident, None, eps=2.0**-8, mode="memory")  # the probe decides again
+        assert decisions == [1] and probe.tiles_skipped > 0
+    finally:
+        be.get_backend.cache_clear()

@@ -6,7 +6,7 @@ Per regime (``regimes.py``: flat, peaked, lm) at one shape, bf16, it measures th
 ``ours[mode=speed]``; ``ours[mode=memory]``), the compiled plain loss (``torch.compile``; plain ``torch`` on CPU,
 where compiling needs a C++ toolchain and minutes), apple's ``cce`` when its package imports (its default gradient
 filtering: the comparison issue 23 quotes), and ours with ``filter_eps`` in ``--eps`` (default 2^-12, 2^-10) in
-mode auto and speed. The exact and peer methods are the kernel benchmark's own (``methods.build``) and every cell
+mode auto, speed and memory. The exact and peer methods are the kernel benchmark's own (``methods.build``) and every cell
 is measured by its loop (``runner.measure``: median fwd+bwd ms with warm-up, peak MB above the inputs, dE and dC
 relative Frobenius error against the chunked fp32 ground truth), so the numbers compare with ``cce-patch bench``.
 Each row also carries ``logit_stats`` (``regimes.describe`` on the first 256 rows: mean target probability, share
@@ -58,7 +58,7 @@ DEFAULT_EPS = (2.0**-12, 2.0**-10)
 #: compiled loss where it ran, else plain torch (CPU).
 EXACT_CUDA = ("ours", "ours[mode=speed]", "ours[mode=memory]", "torch.compile", "cce")
 EXACT_CPU = ("ours", "ours[mode=speed]", "ours[mode=memory]", "torch")
-FILTER_MODES = ("auto", "speed")
+FILTER_MODES = ("auto", "speed", "memory")
 SPEED_BASELINE = "ours[mode=speed]"
 COMPILE_BASELINES = ("torch.compile", "torch")
 

@@ -172,9 +172,9 @@ def linear_cross_entropy(
         mode = choose_mode(e2d, c_in, backend_name, wants_grad=wants_grad, reduction=reduction, return_lse=return_lse,
                            softcap=softcap, label_smoothing=label_smoothing, speed_chunk_bytes=speed_chunk_bytes)
     speed = mode == "speed" and wants_grad and e2d.shape[0] > 0
-    if grad_filter is not None and speed and not compiling:  # nothing worth skipping last time: the exact call
+    if grad_filter is not None and wants_grad and e2d.shape[0] and not compiling:  # nothing to skip last time
         bypass = get_backend(backend_name).filter_bypass
-        if bypass is not None and bypass(e2d, c_in, grad_filter, speed_chunk_bytes):
+        if bypass is not None and bypass(e2d, c_in, grad_filter, speed_chunk_bytes, "speed" if speed else "memory"):
             grad_filter = None
     targets_ok = None  # the target check: here (a host sync), or at the Triton speed path's own sync
     if check_targets and not compiling:

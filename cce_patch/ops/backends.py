@@ -47,9 +47,10 @@ class Backend:
     #: ignored), so the op may check the targets at that path's one host sync instead of before it
     #: (``validation.scored_targets_ok``): a bad target still raises before the caller sees any result.
     speed_checks_targets_late: bool = False
-    #: ``(e2d, c, grad_filter, speed_chunk_bytes) -> bool``: whether a filtered speed-mode call of this shape can
-    #: run as the exact call (its last deciding call found nothing worth skipping; it counts the call's pairs as
-    #: seen, none skipped), asked once per call before the vocabulary is ordered. None: always filter.
+    #: ``(e2d, c, grad_filter, speed_chunk_bytes, mode) -> bool``: whether a filtered call of this shape and mode
+    #: ("speed" or "memory") can run as the exact call (its last deciding call found nothing worth skipping; it
+    #: counts the call's pairs as seen, none skipped), asked once per call before the vocabulary is ordered.
+    #: None: always filter.
     filter_bypass: Callable | None = None
     #: ``(e2d, c, bias, targets_flat, spec) -> (loss_rows, lse_rows, tile_stats)``: memory mode's forward for a
     #: filtered call, leaving what the backward's filter decides from (``backward(..., grad_filter=,
@@ -71,9 +72,14 @@ def get_backend(name: str) -> Backend:
     if name == "triton":
         from .fused import memory_filter, memory_mode, speed_mode
 
+        def filter_bypass(e2d, c, grad_filter, speed_chunk_bytes, mode: str) -> bool:
+            if mode == "speed":
+                return speed_mode.filter_bypass(e2d, c, grad_filter, speed_chunk_bytes)
+            return memory_filter.filter_bypass(e2d, c, grad_filter)
+
         return Backend("triton", memory_mode.forward, memory_filter.backward, speed_mode.forward_with_grads,
                        speed_mode.speed_plan, memory_mode.stats_forward, speed_checks_targets_late=True,
-                       filter_bypass=speed_mode.filter_bypass, filter_forward=memory_filter.forward)
+                       filter_bypass=filter_bypass, filter_forward=memory_filter.forward)
     raise ValueError(f"unknown backend {name!r}; expected 'torch' or 'triton'")
 
 

@@ -255,7 +255,7 @@ if want filter; then
   # shellcheck disable=SC2086  # CCE_FILTER_ARGS is a list of words on purpose
   run_section filter "${CCE_TIMEOUT_FILTER:-360}" \
     "$PY" -m cce_patch.bench.filter_bench --out "$SCRATCH/filter" --name filter_bench \
-    ${CCE_FILTER_ARGS:---eps 2^-12 --filter-modes auto --vocab-order mean_logit,natural --rep-ms 25 --warmup-ms 10}
+    ${CCE_FILTER_ARGS:---eps 2^-12 --filter-modes auto,memory --vocab-order mean_logit,natural --rep-ms 25 --warmup-ms 10}
   keep "$SCRATCH/filter/filter_bench.json" "$SCRATCH/filter/filter_bench.png"
 fi
 if want filter_trained; then

@@ -25,7 +25,8 @@ of ``ops/filtering.py`` and the index lists the block-sparse gradient kernels (`
 6. Where the last deciding call of a shape ran every chunk dense (nothing worth skipping), the next calls run as
    the exact call (no tile masses, no decisions: ``skip_filter_work``), counted as seen with nothing skipped,
    except every ``PROBE_EVERY``-th, which decides again, so that a model that becomes confident as it trains
-   gets the filter back within that many steps.
+   gets the filter back within that many steps. Memory mode shares this (``memory_filter.filter_bypass``, its
+   call one "chunk" of all rows, its counts given by ``remember_counts``).
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def chunk_counts(plan: ChunkFilter, key: tuple) -> tuple[int, int]:
     if len(_last_counts) > MAX_REMEMBERED_CHUNKS:
         _last_counts.popitem(last=False)
     return kept, most_kept
+
+
+def remember_counts(key: tuple, kept: int, most_kept: int) -> None:
+    """Record a decision whose counts the host already holds (memory mode reads them for its batches), for
+    ``skip_filter_work`` on the next call of the shape."""
+    _last_counts[key] = (torch.tensor([kept, most_kept]), None)
+    _last_counts.move_to_end(key)
+    if len(_last_counts) > MAX_REMEMBERED_CHUNKS:
+        _last_counts.popitem(last=False)
 
 
 def _read_now(counts: torch.Tensor) -> list[int]:

@@ -28,7 +28,8 @@ the rule's own ``BUDGET_FACTOR``.
 
 Cost: one host sync per call (the per-tile pair counts size the batches and the grids), the gather of e (N x D)
 and the scatter of dE, and the decision's small ops; where nothing can be skipped the exact backward runs after
-the decision.
+the decision, and the shape's next calls run as the exact call (``filter_bypass``: no masses, no decision) but
+for a probe every ``filter_plan.PROBE_EVERY`` calls, as speed mode's do.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import triton
 from ..filtering import BM, BV, GradFilter
 from ..spec import LossSpec, effective_targets, valid_rows
 from . import memory_mode, tiles
-from .filter_plan import ChunkFilter, decide_chunk
+from .filter_plan import ChunkFilter, decide_chunk, remember_counts, skip_filter_work
 from .lse_kernel import combine_partials, launch_lse_forward
 from .pair_grads import pair_dc, pair_de, pair_logit_grads
 
@@ -89,6 +90,25 @@ def _decide(log_mass: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, va
                         LOG_MASS_MARGIN)
 
 
+def _shape_key(n: int, vocab: int, eps: float) -> tuple:
+    """What identifies a memory-mode decision across calls (``filter_plan``'s remembered counts)."""
+    return "memory", n, vocab, eps
+
+
+def filter_bypass(e2d: torch.Tensor, c: torch.Tensor, grad_filter: GradFilter) -> bool:
+    """Whether this filtered memory-mode call can run as the exact call: the shape's last deciding call kept more
+    than ``DENSE_KEPT_FRACTION`` of its pairs (so it ran the exact backward) and no probe is due
+    (``filter_plan.skip_filter_work``). Then the forward writes no tile masses and the backward decides nothing;
+    the pairs are counted as seen, none skipped. Asked by the op before it orders the vocabulary."""
+    n, v = e2d.shape[0], c.shape[0]
+    pairs = triton.cdiv(n, BM) * triton.cdiv(v, BV)
+    if not skip_filter_work([_shape_key(n, v, grad_filter.eps)], [pairs], DENSE_KEPT_FRACTION):
+        return False
+    if grad_filter.counter is not None:
+        grad_filter.counter.add_unskipped(pairs, e2d.device)
+    return True
+
+
 def tile_batches(block_counts: list[int], pairs_per_batch: int) -> list[tuple[int, int]]:
     """Consecutive ranges of tiles covering all of them, each holding at most ``pairs_per_batch`` kept pairs (or
     one tile, whatever its count: a tile has at most N / BM pairs). Why whole tiles: dC of a tile is then complete
@@ -113,6 +133,7 @@ def _filtered_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_los
     plan = _decide(log_mass, lse, targets, valid, v, grad_filter, e2d.dtype)
     block_counts = plan.block_counts.tolist()  # the one host sync: sizes the batches and the grids
     kept = sum(block_counts)
+    remember_counts(_shape_key(n, v, grad_filter.eps), kept, int(plan.tile_counts.max()) if n else 0)
     if kept > DENSE_KEPT_FRACTION * plan.skipped.numel():  # exact, and faster than the pair kernels
         plan.count(grad_filter.counter, applied=False)
         return memory_mode.backward(e2d, c, bias, targets_flat, spec, lse, grad_loss, grad_lse, needs)
