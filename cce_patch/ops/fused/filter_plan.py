@@ -170,9 +170,10 @@ def chunk_counts(plan: ChunkFilter, key: tuple) -> tuple[int, int]:
     return kept, most_kept
 
 
-def remember_counts(key: tuple, kept: int, most_kept: int) -> None:
+def remember_counts(key: tuple, kept: int, most_kept: int = 0) -> None:
     """Record a decision whose counts the host already holds (memory mode reads them for its batches), for
-    ``skip_filter_work`` on the next call of the shape."""
+    ``skip_filter_work`` on the next call of the shape (which reads ``kept`` only; ``most_kept`` sizes speed
+    mode's dE split)."""
     _last_counts[key] = (torch.tensor([kept, most_kept]), None)
     _last_counts.move_to_end(key)
     if len(_last_counts) > MAX_REMEMBERED_CHUNKS:

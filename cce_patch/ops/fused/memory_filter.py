@@ -133,7 +133,7 @@ def _filtered_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_los
     plan = _decide(log_mass, lse, targets, valid, v, grad_filter, e2d.dtype)
     block_counts = plan.block_counts.tolist()  # the one host sync: sizes the batches and the grids
     kept = sum(block_counts)
-    remember_counts(_shape_key(n, v, grad_filter.eps), kept, int(plan.tile_counts.max()) if n else 0)
+    remember_counts(_shape_key(n, v, grad_filter.eps), kept)  # for filter_bypass on the next call
     if kept > DENSE_KEPT_FRACTION * plan.skipped.numel():  # exact, and faster than the pair kernels
         plan.count(grad_filter.counter, applied=False)
         return memory_mode.backward(e2d, c, bias, targets_flat, spec, lse, grad_loss, grad_lse, needs)
