@@ -59,11 +59,12 @@ class CCEConfig:
             warning). What it skipped accumulates in ``config.filter_counter``, which the Trainer callback logs
             as ``cce_filter_skipped_fraction``.
         filter_vocab_order: with ``filter_eps``, the order the op visits the vocabulary in: ``"mean_logit"``
-            (default: decreasing mean logit over each call's rows, so that the low-mass entries fill whole tiles
-            the filter can skip; the bound is unchanged, one extra copy of the head's weight per call) or
-            ``"natural"`` (the tokenizer's order: no copy, fewer tiles skip; H100, paper shape, LM-like
-            logits: 78.5% skipped and 40.0 ms against 83.9% and 35.6 ms, at 1.2 GB less; BENCHMARKS.md). A
-            non-default value needs ``filter_eps``.
+            (decreasing mean logit over each call's rows, so that the low-mass entries fill whole tiles the filter
+            can skip; the bound is unchanged, one extra copy of the head's weight per call), ``"natural"`` (the
+            tokenizer's order: no copy, fewer tiles skip; H100, paper shape, LM-like logits, speed mode: 78.5%
+            skipped and 40.0 ms against 83.9% and 35.6 ms, at 1.2 GB less; BENCHMARKS.md) or ``"auto"``
+            (default: mean_logit in speed mode, natural in memory mode, which would hold the copy until its
+            backward). A non-default value needs ``filter_eps``.
     """
 
     impl: str = "auto"

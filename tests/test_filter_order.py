@@ -137,7 +137,8 @@ def test_nothing_skipped_is_the_exact_call(options):
     lse_upstream = torch.randn(t.shape, generator=gen)
 
     counter = FilterCounter()
-    got_out, got = _run(e, c, t, b, upstream, lse_upstream, filter_eps=1e-30, filter_counter=counter, **options)
+    got_out, got = _run(e, c, t, b, upstream, lse_upstream, filter_eps=1e-30, filter_counter=counter,
+                        filter_vocab_order="mean_logit", **options)  # explicit: "auto" keeps memory mode's order
     assert counter.tiles_seen > 0 and counter.tiles_skipped == 0
 
     # the exact op on the problem permuted by hand, gradients of c and bias gathered back
@@ -205,7 +206,8 @@ def test_bound_holds_with_the_order(options):
     upstream = torch.tensor(1.7) if reduction != "none" else torch.randn(t.shape, generator=gen)
 
     counter = FilterCounter()
-    (loss, _), got = _run(e, c, t, b, upstream, None, filter_eps=eps, filter_counter=counter, **options)
+    (loss, _), got = _run(e, c, t, b, upstream, None, filter_eps=eps, filter_counter=counter,
+                          filter_vocab_order="mean_logit", **options)  # explicit: memory mode's "auto" is natural
     assert counter.skipped_fraction > 0.4 and 0 < counter.max_row_dropped_mass <= eps  # it filters, within eps
 
     kw = {k: v for k, v in options.items() if k != "mode"}
@@ -264,8 +266,30 @@ def test_a_non_default_order_needs_the_filter():
         linear_cross_entropy(e, c, t, filter_vocab_order="natural")
     with pytest.raises(ValueError, match="needs filter_eps"):
         CCEConfig(filter_vocab_order="natural")
+    with pytest.raises(ValueError, match="needs filter_eps"):
+        linear_cross_entropy(e, c, t, filter_vocab_order="mean_logit")
     exact = linear_cross_entropy(e, c, t)  # the default without the filter: nothing reordered, nothing refused
-    assert torch.equal(linear_cross_entropy(e, c, t, filter_vocab_order="mean_logit"), exact)
+    assert torch.equal(linear_cross_entropy(e, c, t, filter_vocab_order="auto"), exact)
+
+
+def test_auto_order_is_the_modes_own():
+    """"auto" orders by mean logit in speed mode and keeps the given order in memory mode, whose autograd node
+    would hold the ordered copy of c until its backward: a natural-order call gives the same gradients."""
+    from cce_patch.ops.filter_order import resolve_vocab_order
+
+    assert resolve_vocab_order("auto", speed=True) == "mean_logit"
+    assert resolve_vocab_order("auto", speed=False) == "natural"
+    assert resolve_vocab_order("natural", speed=True) == "natural"
+    e, c, t, _ = lm_inputs(bias=False)
+    grads = {}
+    for how in ("auto", "natural", "mean_logit"):
+        leaves = [x.detach().clone().requires_grad_() for x in (e, c)]
+        counter = FilterCounter()
+        linear_cross_entropy(*leaves, t, mode="memory", filter_eps=2.0**-8, filter_counter=counter,
+                             filter_vocab_order=how).backward()
+        grads[how] = (leaves[0].grad, leaves[1].grad, counter.skipped_fraction)
+    assert all(torch.equal(x, y) for x, y in zip(grads["auto"][:2], grads["natural"][:2], strict=True))
+    assert grads["mean_logit"][2] > grads["natural"][2]  # the explicit order still reorders in memory mode
 
 
 def test_config_passes_the_order_to_the_op():
@@ -286,7 +310,8 @@ def test_patched_model_with_the_order_matches_stock():
     """Through the interception (shift, a masked prompt, padding): nothing skipped, the reordered loss and every
     gradient are the stock model's."""
     stock = tiny_model("llama").train()
-    patched = patch(copy.deepcopy(stock), impl="torch", filter_eps=1e-30)
+    assert config_of(patch(copy.deepcopy(stock), impl="torch", filter_eps=1e-30)).filter_vocab_order == "auto"
+    patched = patch(copy.deepcopy(stock), impl="torch", filter_eps=1e-30, filter_vocab_order="mean_logit")
     assert config_of(patched).filter_vocab_order == "mean_logit"
     ids, mask, labels = batch()
     results = []

@@ -16,7 +16,7 @@ from . import compiled
 from .autocast import autocast_inputs
 from .backends import filtered_mode, get_backend, resolve_impl
 from .dtensor_layouts import has_dtensor, replicated_local, vocab_dim
-from .filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order, order_vocabulary
+from .filter_order import DEFAULT_FILTER_VOCAB_ORDER, check_filter_vocab_order, order_vocabulary, resolve_vocab_order
 from .filtering import FilterCounter, make_grad_filter
 from .memory_mode import MemoryModeFunction
 from .mode_choice import choose_mode, note_speed_oom
@@ -111,10 +111,11 @@ def linear_cross_entropy(
         filter_counter: a ``cce_patch.ops.filtering.FilterCounter`` that accumulates what the filter skipped
             (tiles seen and skipped, largest dropped mass of a row); needs ``filter_eps``.
         filter_vocab_order: with ``filter_eps``, the order the vocabulary is visited in (``filter_order.py``):
-            ``"mean_logit"`` (default): decreasing mean logit over the call's counted rows, so that high-mass
-            entries share tiles and the rest can be skipped (the loss, the bound and the gradients' meaning are
-            unchanged; one extra copy of ``c`` for the call); ``"natural"``: as given. A non-default value
-            needs ``filter_eps``.
+            ``"mean_logit"``: decreasing mean logit over the call's counted rows, so that high-mass entries
+            share tiles and the rest can be skipped (the loss, the bound and the gradients' meaning are
+            unchanged; one extra copy of ``c`` for the call, which memory mode would hold until its backward);
+            ``"natural"``: as given; ``"auto"`` (default): ``"mean_logit"`` in speed mode, ``"natural"`` in
+            memory mode. A non-default value needs ``filter_eps``.
 
     Returns:
         The fp32 loss (a scalar, or per-token for ``reduction="none"``), and the LSE if ``return_lse``.
@@ -183,7 +184,8 @@ def linear_cross_entropy(
         else:
             check_scored_targets(targets_flat, c_in.shape[0], spec.ignore_index, spec.shift_period)
     if grad_filter is not None:  # high-mass vocabulary entries side by side (filter_order.py); loss unchanged
-        c_in, bias_in, targets_flat = order_vocabulary(e2d, c_in, bias_in, targets_flat, spec, filter_vocab_order)
+        c_in, bias_in, targets_flat = order_vocabulary(e2d, c_in, bias_in, targets_flat, spec,
+                                                       resolve_vocab_order(filter_vocab_order, speed))
     if compiling:  # one custom op node per direction (compiled.py); the target check runs inside it
         if speed:
             return compiled.speed_loss(e2d, c_in, bias_in, targets_flat, spec, backend_name, reduction,
