@@ -82,7 +82,7 @@ EOF
 gpu_tests() {
   "$PY" -m pytest -m gpu tests -q -ra --continue-on-collection-errors -p no:cacheprovider || return $?
   # shellcheck disable=SC2086  # a list of files on purpose
-  "$PY" -m pytest -q -ra -p no:cacheprovider ${CCE_NATIVE_TESTS:-tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py tests/test_filter_triton.py tests/test_ops_validation.py}
+  "$PY" -m pytest -q -ra -p no:cacheprovider ${CCE_NATIVE_TESTS:-tests/test_ops_speed.py tests/test_ops_triton.py tests/test_models_patch.py tests/test_filter_triton.py tests/test_memory_filter_triton.py tests/test_ops_validation.py}
 }
 if want tests; then
   export -f gpu_tests
