@@ -228,3 +228,22 @@ def test_shapes_with_nothing_to_skip_run_as_the_exact_call(monkeypatch):
         assert decisions == [1] and probe.tiles_skipped > 0
     finally:
         be.get_backend.cache_clear()
+
+
+def test_filtered_backward_reads_back_only_the_counts():
+    """The filtered backward's one read of the device is the per-tile pair counts (``tolist``): no ``nonzero``
+    (boolean indexing), no ``item``; the pair lists are built from those counts on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    e, c, t, _ = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, ignore_frac=0.2)
+    spec = LossSpec()
+    e, c = e.detach(), c.detach()
+    _, lse, log_mass = memory_filter.forward(e, c, None, t, spec)
+    g = torch.full((256,), 1.0 / 256, device=DEVICE)
+    counter = FilterCounter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        de, dc, _ = memory_filter.backward(e, c, None, t, spec, lse, g, None, (True, True, False),
+                                           grad_filter=GradFilter(2.0**-8, counter), tile_stats=log_mass)
+    reads = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}
+    assert not [ev.key for ev in prof.key_averages() if ev.key in reads]
+    assert counter.tiles_skipped > 0 and de is not None and dc is not None

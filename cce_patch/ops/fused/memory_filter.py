@@ -26,7 +26,7 @@ estimate exp(log_mass - lse) is then within a relative few * 2^-24 * (|m| + |lse
 mass of the backward's p, below 2^-13 for logits up to 2^8; ``LOG_MASS_MARGIN`` = 1 + 2^-12 covers it, on top of
 the rule's own ``BUDGET_FACTOR``.
 
-Cost: one host sync per call (the per-tile pair counts size the batches and the grids), the gather of e (N x D)
+Cost: one host sync per call (the per-tile pair counts size the batches, the grids and the pair lists), the gather of e (N x D)
 and the scatter of dE, and the decision's small ops; where nothing can be skipped the exact backward runs after
 the decision, and the shape's next calls run as the exact call (``filter_bypass``: no masses, no decision) but
 for a probe every ``filter_plan.PROBE_EVERY`` calls, as speed mode's do.
@@ -146,10 +146,14 @@ def _filtered_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_los
     h_rows = grad_lse[order].contiguous() if grad_lse is not None else None
     tiles_n = plan.skipped.shape[1]
     kept_mask = ~plan.skipped  # (B, T)
-    pair_tile, pair_block = kept_mask.T.nonzero(as_tuple=True)  # tile-major: tile k's kept blocks, ascending
-    pair_tile, pair_block = pair_tile.to(torch.int32), pair_block.to(torch.int32)
     tile_start = torch.zeros(tiles_n + 1, dtype=torch.int64, device=e2d.device)
     tile_start[1:] = plan.block_counts.cumsum(0)
+    # the pairs tile-major (tile k's kept blocks, ascending), sized from the host's counts: no second sync
+    pair_tile = torch.repeat_interleave(torch.arange(tiles_n, device=e2d.device), plan.block_counts.long(),
+                                        output_size=kept)
+    rank = torch.arange(kept, device=e2d.device) - tile_start[pair_tile]
+    pair_block = plan.blocks_of_tile[pair_tile, rank].to(torch.int32)
+    pair_tile = pair_tile.to(torch.int32)
     # slot of pair (block b, tile k) = tile_start[k] + rank of b among tile k's kept blocks
     slot_grid = tile_start[:-1, None] + kept_mask.T.cumsum(1) - 1  # (T, B), meaningful where kept
     slots_of_block = slot_grid.T.gather(1, plan.tiles_of_block.long()).to(torch.int32).contiguous()
