@@ -345,6 +345,21 @@ def test_patch_through_torch_compile():
     assert not is_patched(compiled._orig_mod)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_patched_forward_traces_as_one_graph_like_stock(family):
+    """Under torch.compile (the Trainer's ``torch_compile=True``) the patched forward is one graph, as the stock
+    one is: Gemma 2's soft cap scales the deferred logits, and working out the scaled dtype with
+    ``torch.result_type`` (a dtype from a torch call) once split its forward into 6 graphs."""
+    from cce_patch.bench.e2e.compile import graph_breaks
+
+    stock, patched = _pair(family)
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    assert graph_breaks(stock, inputs)["graph_breaks"] == 0
+    report = graph_breaks(patched, inputs)
+    assert (report["graphs"], report["graph_breaks"]) == (1, 0), report
+
+
 class _SoftmaxLoss(transformers.LlamaForCausalLM):
     """A forward whose loss CCE cannot reproduce: it needs the probabilities themselves."""
 

@@ -202,12 +202,22 @@ class DeferredLogits:
             setattr(self, k, getattr(other, k))
 
     # ----- scales and the soft cap ----------------------------------------------------------------------------
+    def _product_dtype(self, factor: Any) -> torch.dtype:
+        """The dtype of ``logits * factor`` by torch's promotion rules, for floating logits: a scalar (a Python
+        number or a 0-dim tensor, of a category no higher than floating: complex factors never reach here) keeps
+        the logits' dtype; a tensor that broadcasts promotes with it. Why not ``torch.result_type``: it returns a
+        dtype from a torch call, which breaks ``torch.compile``'s graph at every scaled head (Gemma 2's soft cap:
+        5 breaks per forward); ``torch.promote_types`` is folded to a constant while tracing."""
+        if isinstance(factor, torch.Tensor) and factor.dim() > 0:
+            return torch.promote_types(self.dtype, factor.dtype)
+        return self.dtype
+
     def _scaled(self, factor: Any, divide: bool) -> DeferredLogits:
         op = torch.div if divide else torch.mul
         shape = self.shape
         if isinstance(factor, DeferredLogits):
             return self._refused("mul" if not divide else "div", "a product of two logit tensors")
-        if isinstance(factor, bool) or not isinstance(factor, numbers.Number | torch.Tensor):
+        if isinstance(factor, bool | complex) or not isinstance(factor, numbers.Number | torch.Tensor):
             return self._refused("mul" if not divide else "div", f"by {type(factor).__name__}")
         if isinstance(factor, torch.Tensor):
             if not factor.is_floating_point() and factor.dtype not in (torch.int64, torch.int32):
@@ -217,9 +227,7 @@ class DeferredLogits:
                     return self._refused("mul", f"by a tensor of shape {tuple(factor.shape)} that broadcasts the logits")
             except RuntimeError:
                 return self._refused("mul", f"by a tensor of shape {tuple(factor.shape)}")
-            dtype = torch.result_type(torch.empty(1, dtype=self.dtype, device="meta"), factor.to("meta"))
-        else:
-            dtype = torch.result_type(torch.empty(1, dtype=self.dtype, device="meta"), factor)
+        dtype = self._product_dtype(factor)
         scalar = not isinstance(factor, torch.Tensor) or factor.dim() == 0
         if self.softcap is not None:
             return self._refused("mul" if not divide else "div", "a scale applied after the soft cap")
