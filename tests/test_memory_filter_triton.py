@@ -247,3 +247,32 @@ def test_filtered_backward_reads_back_only_the_counts():
     reads = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}
     assert not [ev.key for ev in prof.key_averages() if ev.key in reads]
     assert counter.tiles_skipped > 0 and de is not None and dc is not None
+
+
+@pytest.mark.parametrize("mode", ["memory", "speed"])
+def test_bound_under_autocast(mode):
+    """fp32 leaves under bf16 autocast, on the Triton backend in either mode: the op casts to bf16 and the bound
+    holds against the fp64 oracle of those bf16 values, with bf16's rounding on top; the gradients come back in
+    the leaves' fp32."""
+    e, c, t, b = confident_inputs(256, 32, 1000, torch.float32, alpha=24.0, hot=100, bias=True, ignore_frac=0.2)
+    eps, upstream = 2.0**-8, 1.7
+    e16, c16, b16 = (x.detach().to(torch.bfloat16) for x in (e, c, b))
+    ref, _, (e64, c64, b64) = dense_reference(e16, c16, t, bias=b16)
+    (ref * upstream).backward()
+    leaves = [x.detach().clone().requires_grad_() for x in (e, c, b)]
+    counter = FilterCounter()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], impl="triton", mode=mode,
+                                    filter_eps=eps, filter_counter=counter, filter_vocab_order="natural")
+    (loss * upstream).backward()
+    assert all(x.grad.dtype == torch.float32 for x in leaves)
+    valid = t != -100
+    w = upstream / int(valid.sum()) * valid.double()
+    rt = RTOL[torch.bfloat16]
+    de, de_ref = leaves[0].grad.double(), e64.grad
+    row_err = (de - de_ref).norm(dim=1)
+    row_bound = w * eps * c16.double().norm(dim=1).max()
+    assert torch.all(row_err <= row_bound + rt * (de_ref.norm(dim=1) + de.norm(dim=1)) + rt * 1e-3 * de_ref.norm(dim=1).max())
+    dc_err = (leaves[1].grad.double() - c64.grad).norm()
+    assert dc_err <= eps * (w * e16.double().norm(dim=1)).sum() + rt * c64.grad.norm()
+    assert counter.skipped_fraction > 0.3 and counter.max_row_dropped_mass <= eps
