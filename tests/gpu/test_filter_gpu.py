@@ -1,9 +1,10 @@
-"""Gradient filtering on the Triton backend (``fused/filter_plan.py``, ``fused/sparse_grads.py``) on CUDA, bf16,
+"""Gradient filtering on the Triton backend, in speed mode (``fused/filter_plan.py``, ``fused/sparse_grads.py``)
+and memory mode (``fused/memory_filter.py``, ``fused/pair_grads.py``), on CUDA, bf16,
 at a shape where the kernels run their GPU tiles (128x256 store tiles, 128-row blocks, 128x64 sparse steps):
 each dE row, dC and the counter against the proven bound of ``ops/filtering.py`` (fp64 oracle on the GPU),
 on LM-like logits (as drawn: the op orders the vocabulary and groups the rows itself)
 and on confident rows (nearly every tile skipped: the block-sparse kernels); and flat logits, where nothing is
-skipped and the result is the exact speed mode's bit for bit.
+skipped and the result is the exact mode's bit for bit.
 
     python -m pytest -q tests/gpu/test_filter_gpu.py
 """
@@ -39,20 +40,21 @@ def _inputs(kind: str):
     return regime_inputs(kind, n, d, v, device="cuda", dtype=torch.bfloat16)
 
 
-def _op_grads(e, c, t, **kw):
+def _op_grads(e, c, t, mode, **kw):
     e, c = e.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
-    loss = linear_cross_entropy(e, c, t, impl="triton", mode="speed", **kw)
+    loss = linear_cross_entropy(e, c, t, impl="triton", mode=mode, **kw)
     loss.backward()
     return loss.detach(), e.grad, c.grad
 
 
+@pytest.mark.parametrize("mode", ["speed", "memory"])
 @pytest.mark.parametrize("kind,min_skipped", [("confident", 0.9), ("lm", 0.1), ("flat", None)])
-def test_filter_bound_and_skips_gpu(kind, min_skipped):
+def test_filter_bound_and_skips_gpu(kind, min_skipped, mode):
     e, c, t = _inputs(kind)
     counter = FilterCounter()
     # flat: the given vocabulary order, so that "nothing skipped" can be compared with exact bit for bit
     order = "natural" if min_skipped is None else "mean_logit"
-    loss, de, dc = _op_grads(e, c, t, filter_eps=EPS, filter_counter=counter, filter_vocab_order=order)
+    loss, de, dc = _op_grads(e, c, t, mode, filter_eps=EPS, filter_counter=counter, filter_vocab_order=order)
     ref, _, (e64, c64, _) = dense_reference(e, c, t)
     ref.backward()
     assert abs(float(loss) - float(ref.detach())) <= 1e-3 * abs(float(ref.detach()))
@@ -70,7 +72,7 @@ def test_filter_bound_and_skips_gpu(kind, min_skipped):
     assert stats.max_row_dropped_mass <= EPS
     if min_skipped is None:
         assert stats.tiles_skipped == 0
-        _, de_x, dc_x = _op_grads(e, c, t)
+        _, de_x, dc_x = _op_grads(e, c, t, mode)
         assert torch.equal(de, de_x) and torch.equal(dc, dc_x)
     else:
         assert stats.skipped_fraction >= min_skipped
