@@ -213,6 +213,17 @@ def skip_filter_work(chunk_keys: list[tuple], pairs: list[int], dense_fraction: 
     return dense
 
 
+def bypass_if_dense(chunk_keys: list[tuple], pairs: list[int], dense_fraction: float, counter: FilterCounter | None,
+                    device: torch.device) -> bool:
+    """``skip_filter_work`` for a call about to run (either mode's ``filter_bypass``), and, when it is skipped,
+    its pairs counted as seen with none skipped (the call's gradients are the exact ones)."""
+    if not skip_filter_work(chunk_keys, pairs, dense_fraction):
+        return False
+    if counter is not None:
+        counter.add_unskipped(sum(pairs), device)
+    return True
+
+
 def forget_chunk_counts() -> None:
     """Drop every remembered count and probe countdown (tests that need each call to decide from its own data)."""
     _last_counts.clear()

@@ -34,14 +34,15 @@ for a probe every ``filter_plan.PROBE_EVERY`` calls, as speed mode's do.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 
 from ..filtering import BM, BV, GradFilter
-from ..spec import LossSpec, effective_targets, valid_rows
+from ..spec import LossSpec, effective_targets
 from . import memory_mode, tiles
-from .filter_plan import ChunkFilter, decide_chunk, remember_counts, skip_filter_work
-from .lse_kernel import combine_partials, launch_lse_forward
+from .filter_plan import ChunkFilter, bypass_if_dense, decide_chunk, remember_counts
 from .pair_grads import pair_dc, pair_de, pair_logit_grads
 
 #: Factor on the masses from the forward's log sums: bounds the backward's recomputed ones (module docstring).
@@ -59,9 +60,7 @@ def forward(e2d: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, targe
     n, v = e2d.shape[0], c.shape[0]
     cfg = tiles.tile_config(e2d.dtype, "forward")
     log_mass = torch.empty((n, triton.cdiv(v, cfg.block_n)), dtype=torch.float32, device=e2d.device)
-    part, zt = launch_lse_forward(e2d, c, bias, targets_flat, spec, mass=log_mass)
-    valid = valid_rows(targets_flat, spec)[:n]
-    loss, lse = combine_partials(part, zt, valid, spec.label_smoothing, v)
+    loss, lse = memory_mode.forward(e2d, c, bias, targets_flat, spec, log_mass=log_mass)
     return loss, lse, log_mass
 
 
@@ -102,11 +101,8 @@ def filter_bypass(e2d: torch.Tensor, c: torch.Tensor, grad_filter: GradFilter) -
     the pairs are counted as seen, none skipped. Asked by the op before it orders the vocabulary."""
     n, v = e2d.shape[0], c.shape[0]
     pairs = triton.cdiv(n, BM) * triton.cdiv(v, BV)
-    if not skip_filter_work([_shape_key(n, v, grad_filter.eps)], [pairs], DENSE_KEPT_FRACTION):
-        return False
-    if grad_filter.counter is not None:
-        grad_filter.counter.add_unskipped(pairs, e2d.device)
-    return True
+    return bypass_if_dense([_shape_key(n, v, grad_filter.eps)], [pairs], DENSE_KEPT_FRACTION, grad_filter.counter,
+                           e2d.device)
 
 
 def tile_batches(block_counts: list[int], pairs_per_batch: int) -> list[tuple[int, int]]:
@@ -146,8 +142,8 @@ def _filtered_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_los
     h_rows = grad_lse[order].contiguous() if grad_lse is not None else None
     tiles_n = plan.skipped.shape[1]
     kept_mask = ~plan.skipped  # (B, T)
-    tile_start = torch.zeros(tiles_n + 1, dtype=torch.int64, device=e2d.device)
-    tile_start[1:] = plan.block_counts.cumsum(0)
+    tile_start_host = [0, *itertools.accumulate(block_counts)]  # tile k's first pair; the last entry is `kept`
+    tile_start = torch.tensor(tile_start_host, dtype=torch.int64, device=e2d.device)
     # the pairs tile-major (tile k's kept blocks, ascending), sized from the host's counts: no second sync
     pair_tile = torch.repeat_interleave(torch.arange(tiles_n, device=e2d.device), plan.block_counts.long(),
                                         output_size=kept)
@@ -158,9 +154,6 @@ def _filtered_backward(e2d, c, bias, targets_flat, spec: LossSpec, lse, grad_los
     slot_grid = tile_start[:-1, None] + kept_mask.T.cumsum(1) - 1  # (T, B), meaningful where kept
     slots_of_block = slot_grid.T.gather(1, plan.tiles_of_block.long()).to(torch.int32).contiguous()
     kept_before = kept_mask.to(torch.int32).cumsum(1, dtype=torch.int32)  # (B, T): kept tiles up to k, inclusive
-    tile_start_host = [0]
-    for count in block_counts:
-        tile_start_host.append(tile_start_host[-1] + count)
 
     eps = spec.label_smoothing
     g_counted = torch.where(t_rows != spec.ignore_index, g_rows, 0.0)  # the uniform term's g_i (times a / V)

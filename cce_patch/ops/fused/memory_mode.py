@@ -33,9 +33,10 @@ from .tiles import TileConfig
 DS_CHUNK_BYTES = 128 * 1024 * 1024
 
 
-def forward(e2d, c, bias, targets_flat, spec: LossSpec):
-    """Per-row (loss, lse), fp32 (N,), zero on ignored rows."""
-    part, zt = launch_lse_forward(e2d, c, bias, targets_flat, spec)
+def forward(e2d, c, bias, targets_flat, spec: LossSpec, log_mass=None):
+    """Per-row (loss, lse), fp32 (N,), zero on ignored rows. ``log_mass``: a buffer the kernel fills with the
+    rows' log tile masses on the way (``memory_filter.forward``: the filter's statistics), or None."""
+    part, zt = launch_lse_forward(e2d, c, bias, targets_flat, spec, mass=log_mass)
     valid = valid_rows(targets_flat, spec)[: e2d.shape[0]]
     return combine_partials(part, zt, valid, spec.label_smoothing, c.shape[0])
 

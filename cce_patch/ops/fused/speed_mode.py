@@ -53,7 +53,7 @@ from ..filtering import BM, BV, GradFilter
 from ..spec import LossSpec, loss_weight
 from ..speed_plan import MAX_ROUNDED_DC_CHUNKS, SpeedPlan, plan_triton
 from . import tiles
-from .filter_plan import chunk_counts, chunk_key, decide_chunk, skip_filter_work
+from .filter_plan import bypass_if_dense, chunk_counts, chunk_key, decide_chunk
 from .gemm import mm_accumulate, mm_fp32
 from .lse_kernel import launch_lse_forward, tile_mass_margin
 from .row_prep_kernel import prepare_rows
@@ -246,11 +246,7 @@ def filter_bypass(e2d: torch.Tensor, c: torch.Tensor, grad_filter: GradFilter, c
     chunks = row_chunks(n, speed_plan(n, d, v, e2d.dtype, chunk_bytes).rows)
     keys = [chunk_key(r1 - r0, v, grad_filter.eps, k) for k, (r0, r1) in enumerate(chunks)]
     pairs = [triton.cdiv(r1 - r0, BM) * triton.cdiv(v, BV) for r0, r1 in chunks]
-    if not skip_filter_work(keys, pairs, DENSE_KEPT_FRACTION):
-        return False
-    if grad_filter.counter is not None:
-        grad_filter.counter.add_unskipped(sum(pairs), e2d.device)
-    return True
+    return bypass_if_dense(keys, pairs, DENSE_KEPT_FRACTION, grad_filter.counter, e2d.device)
 
 
 def row_chunks(n: int, rows: int) -> list[tuple[int, int]]:
